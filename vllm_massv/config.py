@@ -1,0 +1,255 @@
+"""The `massv` block of a MASSV drafter's `config.json`, and the checks that run before serving.
+
+A MASSV drafter checkpoint is an HF-style directory whose `config.json` is the text LM's own config
+(e.g. `model_type: "qwen2"`) with `architectures: ["MassvQwen2ForCausalLM"]` and one extra block,
+`"massv": {...}`, described by :class:`MassvConfig`. The block makes the checkpoint describe itself:
+serving (the plugin) and training (`vllm_massv.training`) read the same fields.
+
+All checks raise :class:`MassvConfigError` (a `ValueError`) whose message names the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+MASSV_CONFIG_KEY = "massv"
+ProjectorKind = Literal["mlp2x_gelu", "linear", "identity", "none"]
+PositionScheme = Literal["1d", "mrope"]
+
+
+class MassvConfigError(ValueError):
+    """A MASSV drafter checkpoint or its pairing with a target is invalid."""
+
+
+class MassvConfig(BaseModel):
+    """What serving and training need to know about a MASSV drafter (MASSV, arXiv 2505.10526 §3).
+
+    Serialized as the `massv` block of the drafter's `config.json`.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format_version: int = Field(1, description="Version of this block's schema.")
+    vision_feature_dim: int = Field(
+        ..., gt=0,
+        description="Width of the target's image embeddings fed to the projector: the post-merger "
+        "vision output that vLLM caches (Qwen2.5-VL: vision_config.out_hidden_size, 3584 for 7B).",
+    )
+    projector: ProjectorKind = Field(
+        "mlp2x_gelu",
+        description="Projector from target image embeddings to drafter embeddings: 'mlp2x_gelu' "
+        "(Linear-GELU-Linear, LLaVA-1.5 style), 'linear', 'identity' (dims must match) or 'none' "
+        "(text-only drafter: image placeholders keep their token embedding).",
+    )
+    projector_hidden_size: int | None = Field(
+        None, gt=0, description="Hidden width of 'mlp2x_gelu' (default: the drafter hidden size)."
+    )
+    orig_vocab_size: int = Field(
+        ..., gt=0,
+        description="Vocabulary size of the base text LM before padding to the target's size. "
+        "Logits of padded rows are -inf, so they are never proposed.",
+    )
+    image_token_id: int = Field(..., ge=0, description="The target's image placeholder token id.")
+    video_token_id: int | None = Field(None, ge=0, description="The target's video placeholder id.")
+    positions: PositionScheme = Field(
+        "1d",
+        description="Drafter RoPE positions: '1d' = absolute token index over the whole sequence "
+        "(image placeholders included; what a text LM was trained with) or 'mrope' = the target's "
+        "own M-RoPE positions (needs an M-RoPE LM, e.g. the target's language model).",
+    )
+    target: str = Field("", description="Name or path of the target VLM the drafter was built for.")
+    target_architecture: str = Field("", description="The target's architecture class name.")
+    feature_tap: Literal["post_merger"] = Field(
+        "post_merger",
+        description="Which target vision output the projector consumes. Only the post-merger "
+        "output is cached by vLLM, so it is the only supported tap.",
+    )
+
+    @property
+    def uses_projector(self) -> bool:
+        """False for a text-only (`projector: none`) drafter."""
+        return self.projector != "none"
+
+    @classmethod
+    def from_hf_config(cls, hf_config: Any) -> "MassvConfig":
+        """Read the block from a transformers `PretrainedConfig` (or a plain dict).
+
+        Raises:
+            MassvConfigError: the block is missing or malformed.
+        """
+        raw = hf_config.get(MASSV_CONFIG_KEY) if isinstance(hf_config, dict) else getattr(
+            hf_config, MASSV_CONFIG_KEY, None)
+        if raw is None:
+            raise MassvConfigError(
+                "config.json has no 'massv' block; this is not a MASSV drafter. "
+                "Create one with `massv init --target TARGET --draft-lm LM --out DIR`.")
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as e:
+            raise MassvConfigError(f"invalid 'massv' block in config.json: {e}") from e
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def is_massv_hf_config(hf_config: Any) -> bool:
+    """True when a drafter's HF config names a MASSV architecture."""
+    from vllm_massv.models import MASSV_ARCHITECTURES
+
+    archs = getattr(hf_config, "architectures", None) or []
+    return any(a in MASSV_ARCHITECTURES for a in archs)
+
+
+def target_image_embedding_dim(target_hf_config: Any) -> int:
+    """Width of the image embeddings vLLM caches for a target VLM (the projector's input).
+
+    Qwen2-VL / Qwen2.5-VL: `vision_config.out_hidden_size` (post-merger; vLLM
+    `models/qwen2_5_vl.py::embed_multimodal`). Others: the text hidden size (the VLM's own
+    multimodal projector maps into it, e.g. Gemma3).
+
+    Raises:
+        MassvConfigError: the target has no vision tower (a text-only model).
+    """
+    vision = getattr(target_hf_config, "vision_config", None)
+    if vision is None:
+        raise MassvConfigError(
+            f"the target ({_archs(target_hf_config)}) is a text-only model: MASSV drafts for "
+            "vision-language targets. For a text-only target use a plain draft model "
+            "(`method: draft_model` with a stock architecture) instead of a MASSV drafter.")
+    out = getattr(vision, "out_hidden_size", None)
+    if out is not None:
+        return int(out)
+    return int(target_hf_config.get_text_config().hidden_size)
+
+
+def target_token_ids(target_hf_config: Any) -> tuple[int, int | None]:
+    """(image_token_id, video_token_id) of a target VLM config."""
+    image = getattr(target_hf_config, "image_token_id", None)
+    if image is None:
+        image = getattr(target_hf_config, "image_token_index", None)
+    if image is None:
+        raise MassvConfigError(
+            f"the target ({_archs(target_hf_config)}) declares no image_token_id; "
+            "MASSV needs a vision-language target.")
+    return int(image), getattr(target_hf_config, "video_token_id", None)
+
+
+def validate_pair(draft_hf_config: Any, target_hf_config: Any, *, target_vocab_size: int,
+                  draft_vocab_size: int) -> MassvConfig:
+    """Check that a MASSV drafter can serve a target. Runs before the engine starts.
+
+    Checks, in order: the `massv` block; the target is a VLM; projector input width == the
+    target's image-embedding width; vocabularies reconcile; image/video token ids agree;
+    the position scheme matches the drafter's RoPE config.
+
+    Returns:
+        The parsed :class:`MassvConfig`.
+    Raises:
+        MassvConfigError: with a message that names the fix.
+    """
+    cfg = MassvConfig.from_hf_config(draft_hf_config)
+    feat_dim = target_image_embedding_dim(target_hf_config)
+    image_id, video_id = target_token_ids(target_hf_config)
+    if cfg.uses_projector and cfg.vision_feature_dim != feat_dim:
+        raise MassvConfigError(
+            f"projector input dim {cfg.vision_feature_dim} != the target's image-embedding dim "
+            f"{feat_dim} ({_archs(target_hf_config)}). The drafter was built for another target "
+            f"({cfg.target or 'unknown'}); rebuild it with `massv init --target <this target>` "
+            "and retrain the projector.")
+    if draft_vocab_size != target_vocab_size:
+        hint = ("pad the drafter's vocabulary to the target's with `massv init`"
+                if cfg.orig_vocab_size <= target_vocab_size else
+                "the drafter's tokenizer is larger than the target's; use a drafter that shares "
+                "the target's tokenizer")
+        raise MassvConfigError(
+            f"vocab sizes cannot be reconciled: drafter vocab_size={draft_vocab_size}, target "
+            f"vocab_size={target_vocab_size} (drafter's original vocab {cfg.orig_vocab_size}); "
+            f"{hint}.")
+    if cfg.orig_vocab_size > draft_vocab_size:
+        raise MassvConfigError(
+            f"massv.orig_vocab_size={cfg.orig_vocab_size} exceeds vocab_size={draft_vocab_size}; "
+            "the checkpoint is corrupt, rebuild it with `massv init`.")
+    if cfg.image_token_id != image_id or (
+            video_id is not None and cfg.video_token_id is not None
+            and cfg.video_token_id != video_id):
+        raise MassvConfigError(
+            f"image/video token ids differ: drafter has image={cfg.image_token_id} "
+            f"video={cfg.video_token_id}, target has image={image_id} video={video_id}. "
+            "The drafter must use the target's tokenizer; rebuild it with `massv init` "
+            "against this target.")
+    draft_mrope = _has_mrope(draft_hf_config)
+    if cfg.positions == "mrope" and not draft_mrope:
+        raise MassvConfigError(
+            "massv.positions='mrope' but the drafter's rope config has no mrope_section; set "
+            "positions to '1d' or copy the target's rope parameters (massv init does).")
+    if cfg.positions == "1d" and draft_mrope:
+        raise MassvConfigError(
+            "massv.positions='1d' but the drafter's rope config has an mrope_section; remove it "
+            "or set positions to 'mrope'.")
+    return cfg
+
+
+def check_checkpoint_weights(model_dir: str | os.PathLike, cfg: MassvConfig) -> None:
+    """Check that a local drafter directory holds the projector weights its config promises.
+
+    Reads only safetensors headers. Remote (hub) names are skipped: vLLM downloads them later and
+    the model's `load_weights` repeats the check.
+
+    Raises:
+        MassvConfigError: no safetensors files, an unreadable (e.g. truncated) file, or missing
+            projector weights.
+    """
+    from vllm_massv.projector import expected_projector_weight_names
+
+    path = Path(model_dir)
+    if not path.is_dir():
+        return
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise MassvConfigError(f"{path} has no *.safetensors weights; re-export the drafter.")
+    names: set[str] = set()
+    for f in files:
+        names |= _safetensors_keys(f)
+    missing = sorted(n for n in expected_projector_weight_names(cfg) if n not in names)
+    if missing:
+        raise MassvConfigError(
+            f"{path}: missing projector weights {missing} (massv.projector={cfg.projector!r}). "
+            "Re-export the drafter with `massv init` / `massv train`, or set the projector kind "
+            "that matches the weights.")
+
+
+def _safetensors_keys(file: Path) -> set[str]:
+    """Tensor names in a safetensors file, from its JSON header (validated against file size)."""
+    size = file.stat().st_size
+    try:
+        with open(file, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if n <= 0 or 8 + n > size:
+                raise ValueError("header length exceeds file size")
+            header = json.loads(fh.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
+                  default=0)
+        if 8 + n + end > size:
+            raise ValueError(f"data ends at byte {8 + n + end} but file has {size} bytes")
+    except (ValueError, KeyError, json.JSONDecodeError) as e:
+        raise MassvConfigError(
+            f"{file}: unreadable safetensors file ({e}); it is truncated or corrupt. "
+            "Re-download or re-export the drafter.") from e
+    return {k for k in header if k != "__metadata__"}
+
+
+def _has_mrope(hf_config: Any) -> bool:
+    for key in ("rope_parameters", "rope_scaling"):
+        params = getattr(hf_config, key, None)
+        if isinstance(params, dict) and params.get("mrope_section"):
+            return True
+    return False
+
+
+def _archs(hf_config: Any) -> str:
+    return ",".join(getattr(hf_config, "architectures", None) or ["?"])

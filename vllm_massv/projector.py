@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vllm_massv.config import MassvConfig
+from vllm_massv.config import MassvConfig, MassvConfigError
 
 PROJECTOR_PREFIX = "mm_projector"
 
@@ -45,13 +45,13 @@ def build_projector(cfg: MassvConfig, drafter_hidden_size: int) -> nn.Module | N
     """The projector a config describes; `None` for a text-only (`projector: none`) drafter.
 
     Raises:
-        ValueError: `identity` with vision_feature_dim != drafter hidden size.
+        MassvConfigError: `identity` with vision_feature_dim != drafter hidden size.
     """
     if cfg.projector == "none":
         return None
     if cfg.projector == "identity":
         if cfg.vision_feature_dim != drafter_hidden_size:
-            raise ValueError(
+            raise MassvConfigError(
                 f"projector 'identity' needs vision_feature_dim ({cfg.vision_feature_dim}) == "
                 f"drafter hidden size ({drafter_hidden_size}); use 'linear' or 'mlp2x_gelu'.")
         return nn.Identity()

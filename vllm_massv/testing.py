@@ -11,7 +11,7 @@ seeds, so two builds with the same arguments produce byte-identical files.
 * :func:`build_text_lm` -- a tiny random ``Qwen2ForCausalLM`` (the stand-in for an off-the-shelf
   small text LM that MASSV turns into a multimodal drafter).
 * :func:`image_prompt` / :func:`text_prompt` -- chat-formatted prompt strings.
-* :func:`test_images` -- a fixed set of RGB test images of different sizes.
+* :func:`sample_images` -- a fixed set of RGB test images of different sizes.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ __all__ = [
     "build_text_lm",
     "build_tokenizer",
     "image_prompt",
-    "test_images",
+    "sample_images",
     "text_prompt",
 ]
 
@@ -616,7 +616,7 @@ def text_prompt(tokenizer_or_dir: PreTrainedTokenizerBase | str | Path, text: st
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def test_images() -> dict[str, Image.Image]:
+def sample_images() -> dict[str, Image.Image]:
     """Deterministic RGB test images of different sizes (PIL sizes are width x height).
 
     ``red``: solid red 320x240; ``gradient``: 200x200 colour gradient; ``noise``: 150x250

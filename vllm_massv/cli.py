@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="drafter positions (default: 1d for a text LM, mrope for the target's LM)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_init)
+
+    from vllm_massv.training.cli import add_commands
+    add_commands(sub)
     return parser
 
 

@@ -1,0 +1,224 @@
+"""`massv` training subcommands. `vllm_massv.cli.build_parser()` calls :func:`add_commands`; each
+subcommand has an ``_add_<name>(subparsers)`` that registers its parser and a ``_cmd_<name>(args)``
+that runs it (returns the exit status; raise ``MassvConfigError`` for a user error)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+from typing import Any
+
+from vllm_massv.config import MassvConfigError
+
+__all__ = ["add_commands", "engine_kwargs_from_args", "generate_kwargs_from_args",
+           "records_from_args"]
+
+
+def add_commands(subparsers: Any) -> None:
+    """Register the training subcommands on the `massv` parser's subparsers."""
+    _add_generate(subparsers)
+    _add_train(subparsers)
+
+
+# ----------------------------------------------------------------------------------------------
+# massv generate
+# ----------------------------------------------------------------------------------------------
+
+
+def _add_generate(subparsers: Any) -> None:
+    from vllm_massv.training.data import DEFAULT_MAX_PIXELS
+
+    p = subparsers.add_parser(
+        "generate", help="self-distillation data: the target answers image prompts (vLLM)",
+        description="The target VLM answers image prompts through vLLM's offline engine; the "
+        "answers are written as Parquet parts under OUT/train/ (resumable, shardable).")
+    p.add_argument("--target", required=True, help="target VLM (directory or hub name)")
+    p.add_argument("--out", required=True, help="output directory (rerun to resume)")
+
+    src = p.add_argument_group("input (one of)")
+    ex = src.add_mutually_exclusive_group(required=True)
+    ex.add_argument("--llava-json", metavar="FILE",
+                    help="LLaVA conversation JSON/JSONL (first human turn, first gpt turn)")
+    ex.add_argument("--dataset", metavar="PATH",
+                    help="HF datasets save_to_disk folder, or a local file/folder that "
+                    "datasets.load_dataset reads (parquet, json, csv, imagefolder...)")
+    ex.add_argument("--image-folder", metavar="DIR",
+                    help="folder of images (recursive) answered with --prompt templates")
+    src.add_argument("--image-root", metavar="DIR",
+                     help="base of relative image paths (default: the input's folder)")
+    src.add_argument("--image-column", default="image")
+    src.add_argument("--prompt-column", default="prompt",
+                     help="a string or a LLaVA/OpenAI conversation (default: prompt)")
+    src.add_argument("--reference-column", default=None)
+    src.add_argument("--id-column", default=None, help="default: the row index")
+    src.add_argument("--split", default=None, help="data set split (default: train or the first)")
+    src.add_argument("--dataset-format", default=None,
+                     help="datasets builder for --dataset (parquet, json, csv, imagefolder...)")
+    src.add_argument("--prompt", action="append", default=None, metavar="TEXT",
+                     help="prompt template (repeatable); each image gets one chosen by a seeded "
+                     "hash of its name (or all with --all-prompts)")
+    src.add_argument("--all-prompts", action="store_true",
+                     help="every template for every image")
+    src.add_argument("--limit", type=int, default=None,
+                     help="only the first N input entries (images for --image-folder)")
+    src.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                     help=f"downsize larger images (default {DEFAULT_MAX_PIXELS})")
+
+    gen = p.add_argument_group("sampling")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--max-tokens", type=int, default=256)
+    gen.add_argument("--seed", type=int, default=0,
+                     help="sampling seed (per request: seed + id), also picks prompt templates")
+    gen.add_argument("--logprobs", type=int, default=0, metavar="K",
+                     help="also keep the target's top-K log-probabilities per response token")
+
+    run = p.add_argument_group("run")
+    run.add_argument("--shard", type=int, default=0, help="this worker's shard (0-based)")
+    run.add_argument("--num-shards", type=int, default=1)
+    run.add_argument("--shard-size", type=int, default=256,
+                     help="records per chunk (one Parquet part each)")
+    run.add_argument("--batch-size", type=int, default=None,
+                     help="requests handed to vLLM at once (default: a whole chunk)")
+    run.add_argument("--max-chunks", type=int, default=None,
+                     help="stop after N chunks (rerun to continue)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    eng = p.add_argument_group("vLLM engine")
+    eng.add_argument("--max-model-len", type=int, default=None)
+    eng.add_argument("--dtype", default=None, help="auto, bfloat16, float16, float32")
+    eng.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs / compile")
+    eng.add_argument("--max-num-seqs", type=int, default=None)
+    eng.add_argument("--max-num-batched-tokens", type=int, default=None)
+    eng.add_argument("--gpu-memory-utilization", type=float, default=None)
+    eng.add_argument("--tensor-parallel-size", type=int, default=None)
+    eng.add_argument("--trust-remote-code", action="store_true")
+    eng.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
+                     help="any other vllm.LLM argument; VALUE is JSON if it parses "
+                     "(e.g. --engine-arg enable_prefix_caching=false)")
+    p.set_defaults(func=_cmd_generate)
+
+
+def engine_kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {}
+    for name in ("max_model_len", "dtype", "max_num_seqs", "max_num_batched_tokens",
+                 "gpu_memory_utilization", "tensor_parallel_size"):
+        value = getattr(args, name)
+        if value is not None:
+            kwargs[name] = value
+    if args.enforce_eager:
+        kwargs["enforce_eager"] = True
+    if args.trust_remote_code:
+        kwargs["trust_remote_code"] = True
+    for item in args.engine_arg:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise MassvConfigError(f"--engine-arg {item!r}: expected KEY=VALUE")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        kwargs[key.strip().replace("-", "_")] = parsed
+    return kwargs
+
+
+def records_from_args(args: argparse.Namespace, skipped: Counter | None = None) -> Any:
+    """The record iterator the input options describe (this shard's records only)."""
+    from pathlib import Path
+
+    from vllm_massv.training import data
+
+    common = dict(limit=args.limit, shard=args.shard, num_shards=args.num_shards,
+                  skipped=skipped)
+    if args.llava_json:
+        return data.read_llava_json(args.llava_json, image_root=args.image_root, **common)
+    if args.image_folder:
+        if not args.prompt:
+            raise MassvConfigError("--image-folder needs at least one --prompt template")
+        return data.read_image_folder(args.image_folder, args.prompt,
+                                      all_prompts=args.all_prompts, seed=args.seed, **common)
+    return data.read_dataset(
+        args.dataset, image_column=args.image_column, prompt_column=args.prompt_column,
+        reference_column=args.reference_column, id_column=args.id_column,
+        prompts=args.prompt, seed=args.seed, all_prompts=args.all_prompts, split=args.split,
+        data_format=args.dataset_format, image_root=args.image_root,
+        image_dir=Path(args.out) / "images", **common)
+
+
+def generate_kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """`generate()` keyword arguments for the parsed options (records excluded)."""
+    if args.num_shards < 1 or not 0 <= args.shard < args.num_shards:
+        raise MassvConfigError(f"--shard {args.shard} must be in [0, --num-shards "
+                               f"{args.num_shards})")
+    for name in ("shard_size", "max_tokens"):
+        if getattr(args, name) < 1:
+            raise MassvConfigError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.logprobs < 0:
+        raise MassvConfigError("--logprobs must be >= 0")
+    return dict(target=args.target, out_dir=args.out, temperature=args.temperature,
+                top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed,
+                logprobs=args.logprobs, shard=args.shard, num_shards=args.num_shards,
+                shard_size=args.shard_size, batch_size=args.batch_size,
+                max_image_pixels=args.max_image_pixels, max_chunks=args.max_chunks,
+                engine_kwargs=engine_kwargs_from_args(args), progress=not args.no_progress)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from vllm_massv.training import generate as gen
+
+    kwargs = generate_kwargs_from_args(args)
+    read_skipped: Counter = Counter()
+    try:
+        records = list(records_from_args(args, read_skipped))
+    except (ValueError, FileNotFoundError) as e:  # bad input options or files
+        raise MassvConfigError(str(e)) from e
+    summary = gen.generate(records, read_skipped=read_skipped, **kwargs)
+    return 0 if summary.complete or args.max_chunks is not None else 1
+
+
+# ----------------------------------------------------------------------------------------------
+# massv train
+# ----------------------------------------------------------------------------------------------
+
+
+def _add_train(subparsers: Any) -> None:
+    from vllm_massv.training.train import TrainConfig
+
+    d = TrainConfig.__dataclass_fields__
+    p = subparsers.add_parser(
+        "train", help="train a MASSV drafter: --phase align (projector) or sdvit (projector + LM)",
+        description="Phase 1 (align): projector only, LM frozen, on the data set's reference "
+        "answers. Phase 2 (sdvit): projector + LM on the target's own responses. Input: a "
+        "`massv generate` output directory; output: a drafter directory vLLM serves. Rerun the "
+        "same command to resume from the newest checkpoint. Multi-GPU: `accelerate launch -m "
+        "vllm_massv.cli train ...`.")
+    p.add_argument("--phase", required=True, choices=["align", "sdvit"])
+    p.add_argument("--drafter", required=True, help="drafter dir (massv init or a previous phase)")
+    p.add_argument("--data", required=True, help="`massv generate` output directory")
+    p.add_argument("--target", required=True, help="target VLM dir (frozen vision tower)")
+    p.add_argument("--out", required=True, help="output drafter directory")
+    for name in ("epochs", "max_steps", "batch_size", "grad_accum", "lr", "weight_decay",
+                 "warmup_steps", "max_seq_len", "eval_fraction", "eval_every", "save_every",
+                 "seed"):
+        f = d[name]
+        kind = float if f.type in ("float", float) else int
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=f.default)
+    p.add_argument("--loss", choices=["ce", "kl"], default="ce",
+                   help="ce: cross-entropy to the target's tokens; kl: KL to its stored top-k "
+                   "logprobs (generate with --logprobs K)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--feature-cache", default=None,
+                   help="directory caching target image embeddings across epochs")
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from vllm_massv.training.train import TrainConfig, train
+
+    fields = TrainConfig.__dataclass_fields__
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    final = train(cfg)
+    print(json.dumps(final, indent=2))
+    print(f"drafter written to {cfg.out}")
+    return 0

@@ -67,8 +67,10 @@ def test_training_image_features_match_vllm(llm, models, encoder, vllm_outputs):
 
     images = mt.sample_images()
     for name in ("astronaut", "chelsea", "red", "noise", "gradient"):
-        generate(llm, {name: {"prompt": mt.image_prompt(models.target, "Describe this."),
-                              "multi_modal_data": {"image": images[name]}}}, greedy(1))
+        # text before the image: no prefix-cache hit can skip the encoder for this image
+        prompt = mt.image_prompt(models.target, f"Probe {name} now.", image_first=False)
+        generate(llm, {name: {"prompt": prompt, "multi_modal_data": {"image": images[name]}}},
+                 greedy(1))
         cached = llm.collective_rpc(mt.vllm_encoder_cache)[0].values()
         trained = encoder.encode([images[name]])
         errs = [(c - trained).abs().max().item() for c in cached if c.shape == trained.shape]

@@ -1,7 +1,13 @@
 """Other drafters through the MASSV proposer: a small text LM with a different KV head shape
-(k=1, lossless), and the ablations that must collapse acceptance while staying lossless."""
+(k=1, lossless), and the ablations that must collapse acceptance while staying lossless
+(garbage weights, zeroed image features, a forced wrong last draft)."""
 
 from __future__ import annotations
+
+import shutil
+
+import torch
+from safetensors.torch import load_file, save_file
 
 from conftest import (IMAGE_PROMPTS, acceptance, engine, generate, mixed_batch, spec_config,
                       spec_counters, token_ids)
@@ -15,6 +21,28 @@ def test_blind_text_lm_k1_lossless(models, reference):
     assert token_ids(outs) == reference
     assert sum(sum(o.outputs[0].spec_decode_metrics.per_step_drafted)
                for o in outs.values()) > 0
+
+
+def test_garbage_drafter_weights_lossless(models, reference, tmp_path):
+    """Every weight of the drafter (projector and LM: embeddings, attention, MLP, norms, head)
+    replaced by torch.randn * 0.5: answers stay identical to no speculation, only acceptance
+    drops."""
+    draft = tmp_path / "garbage"
+    shutil.copytree(models.blind, draft)
+    state = load_file(draft / "model.safetensors")
+    gen = torch.Generator().manual_seed(1234)
+    assert any(k.startswith("mm_projector.") for k in state)
+    garbage = {k: (torch.randn(v.shape, generator=gen) * 0.5).to(v.dtype)
+               for k, v in state.items()}
+    save_file(garbage, draft / "model.safetensors", metadata={"format": "pt"})
+    with engine(models.target, spec_config(draft, 3)) as llm:
+        outs = generate(llm, mixed_batch(models.target))
+    assert token_ids(outs) == reference
+    drafted = sum(sum(o.outputs[0].spec_decode_metrics.per_step_drafted) for o in outs.values())
+    rate = acceptance(outs)
+    print(f"garbage drafter: {drafted} draft tokens, acceptance {rate:.4f}")
+    assert drafted > 0
+    assert rate < 0.2          # the sanity drafter: >= 0.99
 
 
 def test_zeroed_image_features_accept_clearly_less(models, reference):

@@ -18,7 +18,6 @@ token-identical to the target's own.
 from __future__ import annotations
 
 import gc
-import json
 import os
 import sys
 import time
@@ -34,21 +33,8 @@ MAX_TOKENS = 32
 
 def build_models() -> dict[str, Path]:
     from vllm_massv import testing as mt
-    from vllm_massv.init_drafter import init_drafter
 
-    paths = {"target": CACHE / "target", "massv": CACHE / "massv-sanity",
-             "stock": CACHE / "stock-draft"}
-    if all((p / "config.json").is_file() for p in paths.values()):
-        return paths
-    mt.build_target(paths["target"])
-    init_drafter(paths["target"], paths["target"], paths["massv"], projector="identity")
-    init_drafter(paths["target"], paths["target"], paths["stock"], projector="identity",
-                 positions="1d")
-    cfg = json.loads((paths["stock"] / "config.json").read_text())
-    cfg.pop("massv")
-    cfg["architectures"] = ["Qwen2ForCausalLM"]
-    (paths["stock"] / "config.json").write_text(json.dumps(cfg, indent=2))
-    return paths
+    return mt.build_tiny_testbed(CACHE)
 
 
 def run(target: Path, draft: Path | None, prompts: list[dict]) -> dict:
@@ -94,7 +80,7 @@ def main() -> int:
                 {"image": imgs[name]}} for name, q in questions]
     results = {label: run(paths["target"], draft, prompts) for label, draft in
                [("no speculation", None), ("stock draft_model", paths["stock"]),
-                ("MASSV (sanity drafter)", paths["massv"])]}
+                ("MASSV (sanity drafter)", paths["sanity"])]}
     base = results["no speculation"]
     ref_ids = [list(o.outputs[0].token_ids) for o in base["outputs"]]
     print("\nAnswers of the target (random tiny weights: gibberish by design):")

@@ -503,17 +503,11 @@ def format_table(summaries: dict[str, dict[str, Any]]) -> str:
 
 # --- CLI ------------------------------------------------------------------------------------------
 def build_tiny_testbed(cache: Path = TINY_CACHE) -> tuple[Path, Path]:
-    """The tiny CPU testbed: a random Qwen2.5-VL target and its MASSV sanity drafter (the
-    target's own LM, identity projector)."""
+    """The tiny CPU testbed: a random Qwen2.5-VL target and its MASSV sanity drafter."""
     from vllm_massv import testing as mt
-    from vllm_massv.init_drafter import init_drafter
 
-    target, drafter = cache / "target", cache / "massv-sanity"
-    if not (target / "config.json").is_file():
-        mt.build_target(target)
-    if not (drafter / "config.json").is_file():
-        init_drafter(target, target, drafter, projector="identity")
-    return target, drafter
+    paths = mt.build_tiny_testbed(cache)
+    return paths["target"], paths["sanity"]
 
 
 def _run_on_server(label: str, args: argparse.Namespace, workload: list[RequestSpec],

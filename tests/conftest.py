@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,16 +54,6 @@ def _zero_projector(src: Path, dst: Path) -> Path:
     return dst
 
 
-def _stock_copy(massv_dir: Path, dst: Path) -> Path:
-    """The same weights as a stock `Qwen2ForCausalLM` draft (no massv block, 1-D RoPE)."""
-    init_drafter(massv_dir, massv_dir, dst, projector="identity", positions="1d")
-    cfg = json.loads((dst / "config.json").read_text())
-    cfg.pop("massv")
-    cfg["architectures"] = ["Qwen2ForCausalLM"]
-    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
-    return dst
-
-
 @pytest.fixture(scope="session")
 def models(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
     root = tmp_path_factory.mktemp("models")
@@ -76,7 +65,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
     blind = init_drafter(target, text_lm, root / "blind", projector="mlp2x_gelu").out_dir
     return TinyModels(target, text_lm, sanity, sanity_1d,
                       _zero_projector(target, root / "sanity_zeroed"), blind,
-                      _stock_copy(target, root / "stock"))
+                      mt.build_stock_drafter(target, root / "stock"))
 
 
 def spec_config(draft: Path, k: int) -> dict[str, Any]:

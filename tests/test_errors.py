@@ -12,7 +12,6 @@ Broken drafters are copies of the session's tiny models (`conftest.models`) with
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path

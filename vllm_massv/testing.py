@@ -653,6 +653,37 @@ def sample_images() -> dict[str, Image.Image]:
 
 
 
+
+def build_stock_drafter(target_dir: str | Path, out_dir: str | Path) -> Path:
+    """The target's language model as a plain `Qwen2ForCausalLM` draft (1-D RoPE, no `massv`
+    block): what stock vLLM `draft_model` serves, with the sanity drafter's weights."""
+    from vllm_massv.init_drafter import init_drafter
+
+    out_dir = Path(out_dir)
+    init_drafter(target_dir, target_dir, out_dir, projector="identity", positions="1d")
+    cfg = json.loads((out_dir / "config.json").read_text())
+    cfg.pop("massv")
+    cfg["architectures"] = ["Qwen2ForCausalLM"]
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+    return out_dir
+
+
+def build_tiny_testbed(cache_dir: str | Path) -> dict[str, Path]:
+    """A random tiny target with its MASSV sanity drafter and the stock drafter of the same
+    weights, built once into `cache_dir` (reused when present). Keys: target, sanity, stock."""
+    from vllm_massv.init_drafter import init_drafter
+
+    cache_dir = Path(cache_dir)
+    paths = {"target": cache_dir / "target", "sanity": cache_dir / "massv-sanity",
+             "stock": cache_dir / "stock-draft"}
+    if all((p / "config.json").is_file() for p in paths.values()):
+        return paths
+    build_target(paths["target"])
+    init_drafter(paths["target"], paths["target"], paths["sanity"], projector="identity")
+    build_stock_drafter(paths["target"], paths["stock"])
+    return paths
+
+
 def vllm_encoder_cache(worker: Any) -> dict[str, torch.Tensor]:
     """The image embeddings a vLLM worker has cached (what the drafter is handed), by mm hash.
 

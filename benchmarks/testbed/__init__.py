@@ -1,0 +1,1 @@
+"""The CPU testbed for MASSV (issue 4): a synthetic image-question task (:mod:`testbed.task`)."""

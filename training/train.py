@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from vllm_massv.config import MassvConfigError
-from vllm_massv.init_drafter import TOKENIZER_FILES
+from vllm_massv.init_drafter import copy_tokenizer_files
 
 Phase = Literal["align", "sdvit"]
 IGNORE = -100
@@ -381,6 +381,4 @@ def _export(model, cfg: TrainConfig, out: Path) -> None:
     config = json.loads(cfg_path.read_text())
     config["architectures"] = ["MassvQwen2ForCausalLM"]
     cfg_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    for name in TOKENIZER_FILES:
-        if (Path(cfg.drafter) / name).is_file():
-            shutil.copy2(Path(cfg.drafter) / name, out / name)
+    copy_tokenizer_files(Path(cfg.drafter), out)

@@ -124,11 +124,16 @@ def init_drafter(target: str | Path, draft_lm: str | Path, out: str | Path, *,
     (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     state = {k: v.contiguous() for k, v in {**lm_state, **proj_state}.items()}
     save_file(state, out / "model.safetensors", metadata={"format": "pt"})
-    for name in TOKENIZER_FILES:
-        if (target / name).is_file():
-            shutil.copy2(target / name, out / name)
+    copy_tokenizer_files(target, out)
     return InitReport(out, massv, sum(v.numel() for v in lm_state.values()),
                       sum(v.numel() for v in proj_state.values()), padded)
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> None:
+    """Copy the tokenizer / chat-template files present in `src` (a drafter uses the target's)."""
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
 
 
 def _local_dir(name_or_path: str | Path) -> Path:

@@ -234,12 +234,23 @@ def test_init_identity_projector_dim_mismatch(models: TinyModels, tmp_path: Path
     assert "use 'linear' or 'mlp2x_gelu'" in err
 
 
-def test_init_positions_mrope_on_text_lm(models: TinyModels, tmp_path: Path, capsys) -> None:
-    """The text LM's head_dim (32) cannot hold the target's mrope_section (sum 32 -> 64)."""
-    err = _init_fails(capsys, models.target, models.text_lm, tmp_path / "out",
-                      "--positions", "mrope")
-    assert "--positions mrope" in err and "use --positions 1d" in err
+def test_init_positions_mrope_scales_sections(models: TinyModels, tmp_path: Path,
+                                              capsys) -> None:
+    """The text LM's head_dim is 32, the target's 64: the M-RoPE split [8, 12, 12] of the
+    target's half-dim (32) is scaled to the drafter's 16 as [4, 6, 6]; an impossible split
+    is refused with a clear message."""
+    from vllm_massv.config import MassvConfigError
+    from vllm_massv.init_drafter import scale_mrope_section
 
+    out = tmp_path / "mrope"
+    assert massv_main(["init", "--target", str(models.target), "--draft-lm",
+                       str(models.text_lm), "--out", str(out), "--positions", "mrope"]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["rope_parameters"]["mrope_section"] == [4, 6, 6]
+    assert cfg["massv"]["positions"] == "mrope"
+    assert scale_mrope_section([16, 24, 24], 64) == [16, 24, 24]
+    with pytest.raises(MassvConfigError, match="use --positions 1d"):
+        scale_mrope_section([8, 12, 12], 2)
 
 
 def test_heterogeneous_vocab_does_not_bypass_checks(models: TinyModels, tmp_path: Path) -> None:

@@ -7,15 +7,13 @@ import itertools
 import json
 import random
 import re
-import sys
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-from testbed import task  # noqa: E402
+from benchmarks.testbed import task
 
 SIZES = dict(n_train=120, n_val=40, n_test=40)
 

@@ -90,3 +90,77 @@ def test_sdvit_raises_heldout_agreement(models, dataset, tmp_path):
     # no held-out split here (eval_fraction 0): training agreement must rise on memorizable data
     assert log[-1]["agreement"] > log[1]["agreement"] + 0.2, (log[1], log[-1])
     assert final["steps"] == 40
+
+
+# ------------------------------------------------------------------------------------------
+# M-RoPE drafters (massv.positions == "mrope") on the transformers side
+# ------------------------------------------------------------------------------------------
+
+
+def test_mrope_positions_match_transformers(models) -> None:
+    """Our M-RoPE positions equal transformers' Qwen2.5-VL `get_rope_index` (two images of
+    different grids, text before, between and after), and the encoder's grids equal the
+    processor's."""
+    from PIL import Image
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    from vllm_massv.hf.modeling_massv_qwen2 import mrope_positions
+    from vllm_massv.training.features import TargetImageEncoder
+
+    processor = AutoProcessor.from_pretrained(models.target)
+    target = Qwen2_5_VLForConditionalGeneration.from_pretrained(models.target)
+    prompt = mt.image_prompt(models.target, "compare these two", num_images=2,
+                             image_first=False) + "an answer"
+    images = [Image.new("RGB", (451, 300)), Image.new("RGB", (140, 140))]
+    batch = processor(text=[prompt], images=images, return_tensors="pt",
+                      return_mm_token_type_ids=True)
+    ref, _ = target.model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"],
+                                         image_grid_thw=batch["image_grid_thw"],
+                                         attention_mask=batch["attention_mask"])
+    merge = torch.tensor([1, 2, 2])
+    grids = [tuple((g // merge).tolist()) for g in batch["image_grid_thw"]]
+    assert grids == [(1, 6, 9), (1, 5, 5)]
+    encoder = TargetImageEncoder(models.target)
+    assert [encoder.grid(im) for im in images] == grids
+    ours = mrope_positions(batch["input_ids"][0].tolist(), mt.IMAGE_TOKEN_ID, grids)
+    assert torch.equal(ours, ref[:, 0])
+    with pytest.raises(ValueError, match="more image grids"):
+        mrope_positions([1, 2, 3], mt.IMAGE_TOKEN_ID, grids[:1])
+
+
+def test_mrope_drafter_on_text_equals_1d(models, tmp_path: Path) -> None:
+    """With every axis equal (text), the M-RoPE drafter computes exactly the 1-D drafter's
+    logits: the section split only matters where the axes differ (image tokens)."""
+    from vllm_massv.hf import MassvQwen2ForCausalLM
+    from vllm_massv.init_drafter import init_drafter
+
+    one_d = init_drafter(models.target, models.text_lm, tmp_path / "d1").out_dir
+    three_d = init_drafter(models.target, models.text_lm, tmp_path / "d3",
+                           positions="mrope").out_dir
+    ids = torch.tensor([[5, 300, 301, 302, 77, 2, 400]])
+    with torch.no_grad():
+        a = MassvQwen2ForCausalLM.from_pretrained(one_d).eval()(input_ids=ids).logits
+        pos = torch.arange(ids.shape[1]).expand(3, 1, -1)
+        b = MassvQwen2ForCausalLM.from_pretrained(three_d).eval()(
+            input_ids=ids, position_ids=pos).logits
+        pos_img = pos.clone()
+        pos_img[1, 0, 3:] += 5  # axes that differ change the result
+        c = MassvQwen2ForCausalLM.from_pretrained(three_d).eval()(
+            input_ids=ids, position_ids=pos_img).logits
+    assert torch.equal(a, b)
+    assert not torch.allclose(b[0, 3:], c[0, 3:])
+
+
+def test_train_mrope_drafter(models, dataset, tmp_path: Path) -> None:
+    """sdvit trains an M-RoPE drafter (3-D positions from the image grids) and exports it with
+    its mrope_section intact."""
+    from vllm_massv.init_drafter import init_drafter
+
+    drafter = init_drafter(models.target, models.text_lm, tmp_path / "init",
+                           positions="mrope").out_dir
+    out = tmp_path / "out"
+    final = train(_cfg(models, dataset, out, drafter=str(drafter), save_every=0, max_steps=4))
+    assert final["step"] == 4 and final["eval_loss"] == final["eval_loss"]  # not NaN
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["massv"]["positions"] == "mrope"
+    assert cfg["rope_parameters"]["mrope_section"] == [4, 6, 6]

@@ -73,6 +73,21 @@ class TargetImageEncoder:
                     torch.save(f.clone(), self.cache_dir / f"{keys[i]}.pt")
         return torch.cat(out)  # type: ignore[arg-type]
 
+    def grid(self, image) -> tuple[int, int, int]:
+        """(t, h, w) of `image`'s embedding grid in merged-token units (t = 1 for an image), as
+        the image processor resizes it (`smart_resize`, vLLM and transformers alike); the
+        image gets t*h*w `<|image_pad|>` tokens."""
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+        proc = self.image_processor
+        size = proc.size
+        min_px = getattr(size, "shortest_edge", None) or getattr(proc, "min_pixels", None)
+        max_px = getattr(size, "longest_edge", None) or getattr(proc, "max_pixels", None)
+        factor = proc.patch_size * proc.merge_size
+        h, w = smart_resize(image.height, image.width, factor=factor, min_pixels=min_px,
+                            max_pixels=max_px)
+        return (1, h // factor, w // factor)
+
     def _key(self, image) -> str:
         h = hashlib.sha256(self._cache_salt.encode())
         h.update(f"{image.size}{image.mode}".encode())

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from vllm_massv.config import MassvConfigError
+from vllm_massv.hf.modeling_massv_qwen2 import mrope_positions
 from vllm_massv.init_drafter import copy_tokenizer_files
 
 Phase = Literal["align", "sdvit"]
@@ -144,9 +145,9 @@ class Batcher:
     """Pads examples, loads their images and computes the target image embeddings."""
 
     def __init__(self, encoder, pad_id: int, image_token_id: int,
-                 max_pixels: int | None) -> None:
+                 max_pixels: int | None, mrope: bool = False) -> None:
         self.encoder, self.pad_id, self.image_token_id = encoder, pad_id, image_token_id
-        self.max_pixels = max_pixels
+        self.max_pixels, self.mrope = max_pixels, mrope
 
     def __call__(self, batch: list[Example]) -> dict[str, torch.Tensor | None]:
         from vllm_massv.training.data import load_image
@@ -157,6 +158,7 @@ class Batcher:
         attention = torch.zeros_like(input_ids)
         image_mask = torch.zeros_like(input_ids, dtype=torch.bool)
         images = []
+        positions = torch.zeros(3, len(batch), width, dtype=torch.long) if self.mrope else None
         for i, e in enumerate(batch):
             ids = torch.tensor(e.input_ids)
             input_ids[i, : len(ids)] = ids
@@ -164,17 +166,27 @@ class Batcher:
             # position t predicts token t+1: label the response tokens at their own position
             labels[i, e.prompt_len: len(ids)] = ids[e.prompt_len:]
             image_mask[i, : e.prompt_len] = ids[: e.prompt_len] == self.image_token_id
+            own = []
             for path in e.images:
                 image = load_image(path, self.max_pixels)
                 if image is None:
                     raise ValueError(f"{e.id}: image {path} is no longer readable")
-                images.append(image)
+                own.append(image)
+            images += own
+            if positions is not None:
+                # the target's M-RoPE positions over the prompt; the response continues as text
+                grids = [self.encoder.grid(im) for im in own]
+                prompt_pos = mrope_positions(e.input_ids[: e.prompt_len], self.image_token_id,
+                                             grids)
+                start = int(prompt_pos.max()) + 1 if e.prompt_len else 0
+                positions[:, i, : e.prompt_len] = prompt_pos
+                positions[:, i, e.prompt_len:] = start + torch.arange(width - e.prompt_len)
         embeds = self.encoder.encode(images) if images else None
         if embeds is not None and embeds.shape[0] != int(image_mask.sum()):
             raise ValueError(f"{embeds.shape[0]} image embeddings for {int(image_mask.sum())} "
                              f"placeholders in batch {[e.id for e in batch]}")
         return {"input_ids": input_ids, "attention_mask": attention, "labels": labels,
-                "image_mask": image_mask, "image_embeds": embeds}
+                "image_mask": image_mask, "image_embeds": embeds, "position_ids": positions}
 
 
 def compute_loss(model, batch: dict, examples: list[Example], kind: str
@@ -182,7 +194,8 @@ def compute_loss(model, batch: dict, examples: list[Example], kind: str
     """(mean loss over response tokens, #response tokens, #tokens where the drafter's argmax
     equals the target's token)."""
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                image_embeds=batch["image_embeds"], image_mask=batch["image_mask"])
+                image_embeds=batch["image_embeds"], image_mask=batch["image_mask"],
+                position_ids=batch.get("position_ids"))
     logits = out.logits[:, :-1].float()
     labels = batch["labels"][:, 1:]
     valid = labels != IGNORE
@@ -261,7 +274,7 @@ def train(cfg: TrainConfig) -> dict:
         p.requires_grad = cfg.phase == "sdvit" or name.startswith("mm_projector.")
     encoder = TargetImageEncoder(cfg.target, cache_dir=cfg.feature_cache)
     batcher = Batcher(encoder, tokenizer.pad_token_id or 0, model.massv_config.image_token_id,
-                      image_max_pixels(cfg.data))
+                      image_max_pixels(cfg.data), mrope=model.massv_config.positions == "mrope")
 
     train_set, eval_set = split_examples(load_examples(cfg, tokenizer), cfg.eval_fraction,
                                          cfg.seed)
@@ -306,7 +319,7 @@ def train(cfg: TrainConfig) -> dict:
                 optimizer.step()   # accelerate skips these until gradients are synced
                 scheduler.step()
                 optimizer.zero_grad()
-            loss_sum += float(loss)
+            loss_sum += float(loss.detach())
             tokens += n
             agree += a
         step += 1

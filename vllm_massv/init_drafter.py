@@ -206,12 +206,32 @@ def _rope_for_positions(cfg: dict[str, Any], target_text: Any,
         return rope
     section = (target_text.to_dict().get("rope_parameters") or {}).get("mrope_section")
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    if not section or sum(section) * 2 != head_dim:
-        raise MassvConfigError(
-            f"--positions mrope needs the target's mrope_section ({section}) to fit the draft "
-            f"LM's head_dim {head_dim}; use --positions 1d for this LM.")
-    rope["mrope_section"] = list(section)
+    if not section:
+        raise MassvConfigError("--positions mrope needs an M-RoPE target (its rope_parameters "
+                               "have no mrope_section); use --positions 1d.")
+    rope["mrope_section"] = scale_mrope_section(section, head_dim // 2)
     return rope
+
+
+def scale_mrope_section(section: list[int], half_dim: int) -> list[int]:
+    """The target's M-RoPE (temporal, height, width) split of the rotary half-dimension, scaled
+    to a drafter whose head_dim is ``2 * half_dim`` (unchanged when the sizes agree, e.g.
+    Qwen2.5-VL-7B [16, 24, 24] for Qwen2.5-1.5B, both head_dim 128). The position *values* are
+    the target's either way; only the number of frequencies given to each axis changes.
+
+    Raises:
+        MassvConfigError: the scaled split would leave an axis without frequencies.
+    """
+    total = sum(section)
+    if total == half_dim:
+        return list(section)
+    scaled = [round(s * half_dim / total) for s in section[:-1]]
+    scaled.append(half_dim - sum(scaled))
+    if min(scaled) < 1:
+        raise MassvConfigError(
+            f"--positions mrope: the target's mrope_section {section} cannot be scaled to the "
+            f"draft LM's head_dim {2 * half_dim}; use --positions 1d for this LM.")
+    return scaled
 
 
 def _read_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:

@@ -249,8 +249,9 @@ def _corpus(num_sentences: int = 4000) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
-def _train_tokenizer_object():
-    """Train the byte-level BPE (``tokenizers.Tokenizer``) on the generated corpus."""
+def _train_tokenizer_object(corpus: list[str] | None = None, vocab_size: int = TOKENIZER_VOCAB_SIZE):
+    """Train the byte-level BPE (``tokenizers.Tokenizer``) on ``corpus`` (default: the generic
+    generated corpus), with exactly ``vocab_size`` entries."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(byte_fallback=False))
@@ -263,16 +264,17 @@ def _train_tokenizer_object():
     )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=TOKENIZER_VOCAB_SIZE,
+        vocab_size=vocab_size,
         min_frequency=2,
         show_progress=False,
         special_tokens=list(SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tok.train_from_iterator(_corpus(), trainer=trainer)
-    vocab_size = tok.get_vocab_size(with_added_tokens=True)
-    if vocab_size != TOKENIZER_VOCAB_SIZE:
-        raise RuntimeError(f"tokenizer vocab is {vocab_size}, expected {TOKENIZER_VOCAB_SIZE}")
+    tok.train_from_iterator(_corpus() if corpus is None else corpus, trainer=trainer)
+    got = tok.get_vocab_size(with_added_tokens=True)
+    if got != vocab_size:
+        raise RuntimeError(f"tokenizer vocab is {got}, expected {vocab_size}: the corpus has "
+                           "too few distinct pairs; lower vocab_size or enlarge the corpus")
     for i, special in enumerate(SPECIAL_TOKENS):
         if tok.token_to_id(special) != i:
             got = tok.token_to_id(special)
@@ -291,12 +293,19 @@ def _write_chat_template(out_dir: Path) -> None:
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def build_tokenizer(out_dir: str | Path) -> PreTrainedTokenizerFast:
+def build_tokenizer(
+    out_dir: str | Path,
+    *,
+    corpus: list[str] | None = None,
+    vocab_size: int = TOKENIZER_VOCAB_SIZE,
+) -> PreTrainedTokenizerFast:
     """Train and save the shared tiny tokenizer into ``out_dir``; return it.
 
     A byte-level BPE (Qwen2's pre-tokenisation regex, digits split individually) trained with the
-    ``tokenizers`` library on a corpus generated with ``random.Random(0)``. The vocabulary has
-    exactly 2048 entries; ids 0..13 are :data:`SPECIAL_TOKENS` in order. ``eos`` is
+    ``tokenizers`` library on ``corpus`` (default: a generic corpus generated with
+    ``random.Random(0)``; the testbed passes its task text). The vocabulary has exactly
+    ``vocab_size`` entries (default 2048; ``RuntimeError`` if the corpus cannot fill it); ids
+    0..13 are :data:`SPECIAL_TOKENS` in order. ``eos`` is
     ``<|im_end|>`` (2), ``pad`` is ``<|endoftext|>`` (0), no bos is added to inputs (as in Qwen).
 
     Writes ``tokenizer.json``, ``tokenizer_config.json`` (with ``chat_template``),
@@ -307,7 +316,7 @@ def build_tokenizer(out_dir: str | Path) -> PreTrainedTokenizerFast:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=_train_tokenizer_object(),
+        tokenizer_object=_train_tokenizer_object(corpus, vocab_size),
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         unk_token=None,
@@ -350,10 +359,13 @@ def _scale_weights(model: torch.nn.Module, factor: float = 4.0) -> None:
                 param.mul_(factor)
 
 
-def _init_model(model_cls: Any, config: Any, seed: int, dtype: torch.dtype) -> Any:
+def _init_model(
+    model_cls: Any, config: Any, seed: int, dtype: torch.dtype, weight_scale: float = 4.0
+) -> Any:
     torch.manual_seed(seed)
     model = model_cls(config).to(torch.float32)
-    _scale_weights(model)
+    if weight_scale != 1.0:
+        _scale_weights(model, weight_scale)
     model = model.to(dtype).eval()
     model.config.dtype = dtype
     return model
@@ -383,9 +395,22 @@ def build_target(
     vocab_size: int = 2112,
     hidden_size: int = 256,
     num_layers: int = 4,
+    num_heads: int = 4,
+    intermediate_size: int | None = None,
+    vision_hidden_size: int = 128,
+    vision_depth: int = 2,
+    max_pixels: int = 224 * 224,
+    tokenizer_corpus: list[str] | None = None,
+    tokenizer_vocab_size: int = TOKENIZER_VOCAB_SIZE,
+    weight_scale: float = 4.0,
     dtype: torch.dtype = torch.float32,
 ) -> Path:
     """Build a tiny random ``Qwen2_5_VLForConditionalGeneration`` (the target VLM) in ``out_dir``.
+
+    The defaults give the random test target described below; the CPU testbed
+    (``benchmarks/testbed/build.py``) overrides the sizes, trains the tokenizer on its own task
+    text (``tokenizer_corpus``, ``tokenizer_vocab_size``, see :func:`build_tokenizer`) and keeps
+    transformers' initialisation (``weight_scale=1``) before training the model.
 
     Text model: ``hidden_size`` (256), ``num_layers`` (4), 4 attention heads of
     ``hidden_size // 4`` (64), 2 KV heads, intermediate ``2 * hidden_size``, M-RoPE with
@@ -413,9 +438,10 @@ def build_target(
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(out_dir)
+    tokenizer = build_tokenizer(
+        out_dir, corpus=tokenizer_corpus, vocab_size=tokenizer_vocab_size
+    )
 
-    num_heads = 4
     head_dim = hidden_size // num_heads
     half = head_dim // 2
     # Qwen2.5-VL splits the rotary half-dim into (temporal, height, width) sections; 8/12/12 for
@@ -427,7 +453,7 @@ def build_target(
     text_config = {
         "vocab_size": vocab_size,
         "hidden_size": hidden_size,
-        "intermediate_size": 2 * hidden_size,
+        "intermediate_size": intermediate_size or 2 * hidden_size,
         "num_hidden_layers": num_layers,
         "num_attention_heads": num_heads,
         "num_key_value_heads": 2,
@@ -447,10 +473,10 @@ def build_target(
         "tie_word_embeddings": False,
     }
     vision_config = {
-        "depth": 2,
-        "hidden_size": 128,
+        "depth": vision_depth,
+        "hidden_size": vision_hidden_size,
         "num_heads": 2,
-        "intermediate_size": 256,
+        "intermediate_size": 2 * vision_hidden_size,
         "hidden_act": "silu",
         "in_channels": 3,
         "patch_size": 14,
@@ -459,7 +485,7 @@ def build_target(
         "tokens_per_second": 2,
         "window_size": 112,
         "out_hidden_size": hidden_size,
-        "fullatt_block_indexes": [1],
+        "fullatt_block_indexes": [vision_depth - 1],
     }
     config = Qwen2_5_VLConfig(
         text_config=text_config,
@@ -473,12 +499,12 @@ def build_target(
         pad_token_id=PAD_TOKEN_ID,
         tie_word_embeddings=False,
     )
-    model = _init_model(Qwen2_5_VLForConditionalGeneration, config, seed, dtype)
+    model = _init_model(Qwen2_5_VLForConditionalGeneration, config, seed, dtype, weight_scale)
     _save_model(model, out_dir)
 
     pixel_kwargs = {
         "min_pixels": 56 * 56,
-        "max_pixels": 224 * 224,
+        "max_pixels": max_pixels,
         "patch_size": 14,
         "merge_size": 2,
         "temporal_patch_size": 2,
@@ -539,9 +565,14 @@ def build_text_lm(
     num_kv_heads: int = 2,
     intermediate_size: int = 256,
     tie_word_embeddings: bool = True,
+    tokenizer_corpus: list[str] | None = None,
+    tokenizer_vocab_size: int = TOKENIZER_VOCAB_SIZE,
+    weight_scale: float = 4.0,
     dtype: torch.dtype = torch.float32,
 ) -> Path:
     """Build a tiny random ``Qwen2ForCausalLM`` (stand-in for a small off-the-shelf text LM).
+
+    ``tokenizer_corpus``/``tokenizer_vocab_size``/``weight_scale``: as for :func:`build_target`.
 
     Defaults: hidden 128, 2 layers, 4 heads (head_dim 32, unlike the target's 64), 2 KV heads,
     intermediate 256, tied embeddings, vocab 2048, rope_theta 1e6, max positions 4096. Weights:
@@ -554,7 +585,7 @@ def build_text_lm(
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    build_tokenizer(out_dir)
+    build_tokenizer(out_dir, corpus=tokenizer_corpus, vocab_size=tokenizer_vocab_size)
     config = Qwen2Config(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -574,7 +605,7 @@ def build_text_lm(
         eos_token_id=EOS_TOKEN_ID,
         pad_token_id=PAD_TOKEN_ID,
     )
-    model = _init_model(Qwen2ForCausalLM, config, seed, dtype)
+    model = _init_model(Qwen2ForCausalLM, config, seed, dtype, weight_scale)
     _save_model(model, out_dir)
     return out_dir
 

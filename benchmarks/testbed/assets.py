@@ -1,0 +1,127 @@
+"""The testbed's files: checked-in models, the padded target and the data splits.
+
+``benchmarks/testbed/models/`` holds the trained models (built once by
+``benchmarks/testbed/build.sh``; small enough to live in git):
+
+* ``target/``             -- the trained Qwen2.5-VL target (6 decoder layers);
+* ``blind/``              -- the blind Qwen2 text LM (2 layers), trained on the same
+                             conversations without pixels;
+* ``drafter-distilled/``  -- ``massv init --projector none`` of the blind LM after
+                             ``massv train --phase sdvit`` on the target's own answers: phrasing
+                             alignment without vision (the control);
+* ``drafter-phase1/``     -- MASSV after phase 1 (projector alignment, LM frozen);
+* ``drafter-massv/``      -- MASSV after phases 1 + 2 (self-distilled visual instruction tuning);
+* ``drafter-massv-mrope/`` -- the same recipe with the target's M-RoPE positions in the drafter
+                             (the ablation; the others use 1-D positions).
+
+The untrained text-only baseline, ``massv init --projector none`` of the blind LM, has no
+trained weights of its own; :func:`ensure` derives it into the cache.
+
+:func:`pad_target` makes the target as expensive per token, relative to the 2-layer drafter, as
+Qwen2.5-VL-7B is to Qwen2.5-1.5B (c ≈ 0.2), without changing a single output: it appends decoder
+layers whose attention output projection (``o_proj``) and MLP down projection (``down_proj``) are
+all zeros. Each such layer computes its attention and MLP in full, then adds exactly ``0.0`` to
+the residual stream, and ``x + 0.0 == x`` bit for bit in IEEE arithmetic, so hidden states,
+logits and tokens are identical to the unpadded target's (``tests/test_testbed_models.py``
+checks the logits). The other weights of a padding layer are copies of the last real layer, so
+the kernels see ordinary data.
+
+:func:`ensure` materialises what the benchmark and the demo need under ``.cache/testbed``: the
+padded target and the held-out test split (images + metadata).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+TESTBED = Path(__file__).resolve().parent
+MODELS = TESTBED / "models"
+CACHE = ROOT / ".cache" / "testbed"
+#: Zero-output decoder layers appended to the 6-layer target (see module docstring); chosen so
+#: that c = drafter ITL / target ITL is about 0.2 on the 2-core CPU (benchmark output has c).
+PAD_LAYERS = 30
+#: Held-out split sizes built by :func:`ensure` (train/val are not needed to benchmark).
+TEST_SPLIT = {"n_train": 0, "n_val": 0, "n_test": 200}
+_LAYER_PREFIX = "model.layers."
+_ZEROED = ("self_attn.o_proj.weight", "mlp.down_proj.weight")
+
+
+def pad_target(src: str | Path, dst: str | Path, extra_layers: int) -> Path:
+    """Write ``src`` (a Qwen2.5-VL checkpoint) to ``dst`` with ``extra_layers`` zero-output
+    decoder layers appended after the last one. Returns ``dst``.
+
+    Raises:
+        ValueError: ``extra_layers`` < 0 or ``src`` is not a single-file Qwen2.5-VL checkpoint.
+    """
+    from safetensors.torch import load_file, save_file
+
+    src, dst = Path(src), Path(dst)
+    if extra_layers < 0:
+        raise ValueError(f"extra_layers must be >= 0, got {extra_layers}")
+    config = json.loads((src / "config.json").read_text())
+    text = config.get("text_config")
+    if text is None or not (src / "model.safetensors").is_file():
+        raise ValueError(f"{src} is not a single-file Qwen2.5-VL checkpoint")
+    n = text["num_hidden_layers"]
+    tensors = load_file(str(src / "model.safetensors"))
+    last = f"{_LAYER_PREFIX}{n - 1}."
+    template = {k[len(last):]: v for k, v in tensors.items() if k.startswith(last)}
+    if not all(z in template for z in _ZEROED):
+        raise ValueError(f"{src}: layer {n - 1} lacks {_ZEROED}")
+    for i in range(n, n + extra_layers):
+        for name, value in template.items():
+            value = value.clone()
+            if name in _ZEROED:
+                value.zero_()
+            tensors[f"{_LAYER_PREFIX}{i}.{name}"] = value
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("model.safetensors", "train_*"))
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    total = n + extra_layers
+    text["num_hidden_layers"] = total
+    text["max_window_layers"] = total
+    if "layer_types" in text:
+        text["layer_types"] = (text["layer_types"] + [text["layer_types"][-1]] * extra_layers)
+    config["massv_testbed_padding"] = {
+        "real_layers": n, "zero_output_layers": extra_layers,
+        "note": "layers >= real_layers have zero o_proj and down_proj: outputs are unchanged"}
+    (dst / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return dst
+
+
+def ensure(testbed: str | Path = TESTBED, cache: str | Path = CACHE,
+           pad_layers: int = PAD_LAYERS) -> dict[str, Path]:
+    """Paths of the testbed: ``models`` (checked in), ``target`` (padded, built into ``cache``
+    when missing or stale), ``data`` (the test split) and ``drafter-blind`` (the text-only
+    baseline), the last two built when missing.
+
+    Raises:
+        FileNotFoundError: ``testbed/models/target`` does not exist (run build.sh first).
+    """
+    from benchmarks.testbed import task
+
+    models, cache = Path(testbed) / "models", Path(cache)
+    src = models / "target"
+    if not (src / "config.json").is_file():
+        raise FileNotFoundError(f"{src} is missing: build the testbed models with "
+                                "benchmarks/testbed/build.sh")
+    padded = cache / f"target-pad{pad_layers}"
+    stamp = padded / ".source-sha256"
+    digest = hashlib.sha256((src / "model.safetensors").read_bytes()).hexdigest()
+    if not stamp.is_file() or stamp.read_text() != digest:
+        pad_target(src, padded, pad_layers)
+        stamp.write_text(digest)
+    data = cache / "data"
+    if not (data / "metadata.jsonl").is_file():
+        task.build_splits(data, seed=0, **TEST_SPLIT)
+    blind = cache / "drafter-blind"
+    if not (blind / "model.safetensors").is_file():
+        from vllm_massv.init_drafter import init_drafter
+
+        init_drafter(src, models / "blind", blind, projector="none")
+    return {"models": models, "target": padded, "data": data, "drafter-blind": blind}

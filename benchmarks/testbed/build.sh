@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Build the CPU testbed's models from scratch (about 75 min on a 2-core CPU; run it on an idle
+# machine: two trainings at once are each ~3x slower). The results are checked in under
+# benchmarks/testbed/models/, so `make demo` and the benchmark never need this.
+#
+#   bash benchmarks/testbed/build.sh            # everything
+#   STAGES="drafters" bash benchmarks/testbed/build.sh   # only the MASSV drafters
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PY=${PY:-.venv/bin/python}
+MASSV=${MASSV:-.venv/bin/massv}
+M=benchmarks/testbed/models
+W=${WORK:-.cache/testbed/build}
+STAGES=${STAGES:-"target blind data generate drafters"}
+TARGET_MINUTES=${TARGET_MINUTES:-36}
+BLIND_MINUTES=${BLIND_MINUTES:-6}
+N_DISTILL=${N_DISTILL:-8000}
+export PYTHONPATH=.
+export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-2}
+export VLLM_CPU_OMP_THREADS_BIND=${VLLM_CPU_OMP_THREADS_BIND:-auto}
+mkdir -p "$W" "$M"
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+
+# 1. The target VLM and the blind text LM (plain PyTorch + transformers, fresh samples).
+has target && $PY -m benchmarks.testbed.models target --out $M/target --minutes "$TARGET_MINUTES"
+has blind && $PY -m benchmarks.testbed.models blind --out $M/blind --minutes "$BLIND_MINUTES"
+
+# 2. Distillation prompts: the train split (held-out scenes never appear in it).
+has data && $PY benchmarks/testbed/task.py --out "$W/data" --train "$N_DISTILL" --val 200 --test 200
+
+# 3. Self-distillation data: the target answers every train prompt (greedy), in vLLM.
+has generate && $MASSV generate --target $M/target --llava-json "$W/data/train.json" \
+  --out "$W/distill" --max-tokens 96 --dtype float32 --enforce-eager --max-num-seqs 64 \
+  --max-num-batched-tokens 4096 --shard-size 1000 --no-progress
+
+# 4. Drafters, with massv itself (1-D positions; the M-RoPE variant is the ablation).
+if has drafters; then
+  FEAT="$W/features"
+  for POS in 1d mrope; do
+    SUFFIX=$([[ $POS == mrope ]] && echo "-mrope" || echo "")
+    $MASSV init --target $M/target --draft-lm $M/blind --out "$W/init-massv$SUFFIX" \
+      --projector mlp2x_gelu --positions $POS
+    $MASSV train --phase align --drafter "$W/init-massv$SUFFIX" --data "$W/distill" \
+      --target $M/target --out "$W/phase1$SUFFIX" --epochs 1 --batch-size 32 --lr 2e-3 \
+      --feature-cache "$FEAT"
+    $MASSV train --phase sdvit --drafter "$W/phase1$SUFFIX" --data "$W/distill" \
+      --target $M/target --out "$W/massv$SUFFIX" --epochs 3 --batch-size 32 --lr 1e-3 \
+      --feature-cache "$FEAT"
+  done
+  # The text-only baseline (the blind LM through the MASSV proposer, no projector) is derived
+  # from blind/ at run time (assets.ensure); its distilled twin is the control.
+  $MASSV init --target $M/target --draft-lm $M/blind --out "$W/drafter-blind" --projector none
+  $MASSV train --phase sdvit --drafter "$W/drafter-blind" --data "$W/distill" \
+    --target $M/target --out "$W/distilled" --epochs 3 --batch-size 32 --lr 1e-3 \
+    --feature-cache "$FEAT"
+  for pair in phase1:drafter-phase1 massv:drafter-massv massv-mrope:drafter-massv-mrope \
+              distilled:drafter-distilled; do
+    rm -rf "$M/${pair#*:}"
+    mkdir -p "$M/${pair#*:}"
+    cp "$W/${pair%%:*}"/{config.json,generation_config.json,model.safetensors,tokenizer.json,tokenizer_config.json,train_summary.json,train_log.jsonl} "$M/${pair#*:}/"
+    cp "$W/${pair%%:*}"/chat_template.* "$M/${pair#*:}/" 2>/dev/null || true
+  done
+fi
+du -sh $M/*

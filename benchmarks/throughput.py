@@ -1,0 +1,662 @@
+"""Offline throughput of speculative decoding methods, side by side in one run (vLLM engine).
+
+Every method runs the same prompts through vLLM's offline engine with the same target:
+
+* ``none``                 -- the target alone (the baseline every speedup refers to);
+* ``ngram``                -- vLLM's prompt-lookup proposer;
+* ``draft_model:PATH``     -- a stock vLLM draft model (for a text LM: its positions shift after
+                              images, because stock vLLM feeds it the target's token layout);
+* ``massv:PATH``           -- a MASSV drafter through the plugin's proposer (a drafter made with
+                              ``massv init --projector none`` is the fair text-only baseline).
+
+For each method and each k (``--k``), one engine is started; inside it every batch size
+(``--batch-sizes``: requests kept in flight, continuous batching) and temperature
+(``--temperatures``) is run. Reported per run: output tokens/s, request latency p50/p90, τ
+(vLLM's convention, 1 + accepted/drafts), acceptance rate, per-position acceptance, speedup over
+no speculation (same batch size and temperature) and over the ``--reference`` method (the blind
+drafter), and the analytic bound τ/(1 + k·c) (Leviathan et al. 2023, eq. 1 with the drafter's
+step cost counted k times per verification) where c = drafter ITL / target ITL, both measured
+alone at batch 1 in this run. At batch 1 the counters are read after every request, which gives τ
+per prompt kind. Greedy outputs of every method are compared token by token with no
+speculation at the same batch size; a mismatch is reported and makes the run exit with status 1.
+
+Outputs (``--out``): ``results.json`` (every run and setting), ``results.md`` (tables) and PNG
+plots (τ vs k, speedup vs batch size, per-position acceptance). On the CPU testbed
+(``--testbed DIR``, see ``benchmarks/testbed/``) the methods default to the testbed's models.
+On a GPU pass real models instead, e.g.::
+
+    python benchmarks/throughput.py --target Qwen/Qwen2.5-VL-7B-Instruct \\
+        --method blind=massv:./qwen2.5-1.5b-massv-none --method massv=massv:./massv-drafter \\
+        --drafter-lm Qwen/Qwen2.5-1.5B-Instruct --llava-json eval.json --reference blind
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "auto")
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+METRIC_NAMES = {
+    "vllm:spec_decode_num_drafts": "drafts",
+    "vllm:spec_decode_num_draft_tokens": "draft_tokens",
+    "vllm:spec_decode_num_accepted_tokens": "accepted",
+    "vllm:spec_decode_num_accepted_tokens_per_pos": "accepted_per_pos",
+}
+
+
+@dataclass(frozen=True)
+class Method:
+    """One way of decoding: ``kind`` is none | ngram | draft_model | massv."""
+
+    label: str
+    kind: str
+    model: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Method:
+        """``LABEL=none``, ``LABEL=ngram``, ``LABEL=draft_model:PATH`` or ``LABEL=massv:PATH``.
+
+        Raises:
+            ValueError: malformed text or unknown kind.
+        """
+        label, sep, spec = text.partition("=")
+        if not sep or not label:
+            raise ValueError(f"--method {text!r}: expected LABEL=SPEC")
+        kind, _, model = spec.partition(":")
+        if kind in ("none", "ngram"):
+            if model:
+                raise ValueError(f"--method {text!r}: {kind} takes no model")
+            return cls(label, kind)
+        if kind in ("draft_model", "massv"):
+            if not model:
+                raise ValueError(f"--method {text!r}: {kind} needs a model path")
+            return cls(label, kind, model)
+        raise ValueError(f"--method {text!r}: kind must be none, ngram, draft_model or massv")
+
+    def speculative_config(self, k: int) -> dict[str, Any] | None:
+        """vLLM's ``speculative_config`` for ``k`` speculative tokens (None: no speculation)."""
+        if self.kind == "none":
+            return None
+        if self.kind == "ngram":
+            return {"method": "ngram", "num_speculative_tokens": k,
+                    "prompt_lookup_min": 2, "prompt_lookup_max": 5}
+        # A MASSV drafter is a draft_model whose config has a `massv` block; the plugin's
+        # proposer takes it from there. A stock draft model goes through vLLM unchanged.
+        if self.kind == "massv":
+            _require_massv_block(self.model)
+        return {"method": "draft_model", "model": self.model, "num_speculative_tokens": k}
+
+
+def _require_massv_block(model: str | None) -> None:
+    config = Path(str(model)) / "config.json"
+    if config.is_file() and "massv" not in json.loads(config.read_text()):
+        raise ValueError(f"{model} has no `massv` block in config.json: not a MASSV drafter "
+                         "(use draft_model:PATH for a stock draft model)")
+
+
+@dataclass
+class PromptItem:
+    """One request: ``inputs`` is what vLLM's ``generate`` accepts; ``kind`` groups results."""
+
+    id: str
+    kind: str
+    inputs: dict[str, Any]
+    has_image: bool
+
+
+@dataclass
+class RunResult:
+    method: str
+    k: int
+    batch_size: int
+    temperature: float
+    seconds: float
+    output_tokens: int
+    tokens_per_s: float
+    latency_p50_s: float
+    latency_p90_s: float
+    tau: float | None
+    acceptance_rate: float | None
+    acceptance_per_position: list[float] | None
+    tau_per_kind: dict[str, float] = field(default_factory=dict)
+    speedup_vs_none: float | None = None
+    speedup_vs_reference: float | None = None
+    analytic_bound: float | None = None
+    greedy_equal: bool | None = None
+    greedy_mismatches: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------
+# Prompts
+# --------------------------------------------------------------------------------------------
+
+
+def testbed_prompts(data_dir: Path, n: int, split: str = "test") -> list[PromptItem]:
+    """The first ``n`` samples of a testbed split (``benchmarks/testbed/task.py`` output)."""
+    from benchmarks.testbed import task
+
+    samples = task.load_split(data_dir, split)[:n]
+    if not samples:
+        raise ValueError(f"{data_dir} has no {split!r} samples (build it with "
+                         "benchmarks/testbed/task.py)")
+    return [_chat_item(s.id, s.kind, task.messages(s), task.render(s.scene) if s.has_image
+                       else None) for s in samples]
+
+
+def llava_prompts(path: Path, n: int, image_root: Path | None = None) -> list[PromptItem]:
+    """The first ``n`` entries of a LLaVA JSON file (kind: ``image`` or ``text``)."""
+    from vllm_massv.training.data import load_image, read_llava_json
+
+    items = []
+    for rec in read_llava_json(path, image_root=image_root):
+        if len(items) >= n:
+            break
+        image = load_image(rec.image) if rec.image is not None else None
+        content = ([{"type": "image"}] if image is not None else []) + [
+            {"type": "text", "text": rec.prompt}]
+        items.append(_chat_item(rec.id, "image" if image is not None else "text",
+                                [{"role": "user", "content": content}], image))
+    return items
+
+
+def _chat_item(item_id: str, kind: str, messages: list[dict[str, Any]], image: Any) -> PromptItem:
+    inputs: dict[str, Any] = {"messages": messages}
+    if image is not None:
+        inputs["image"] = image
+    return PromptItem(item_id, kind, inputs, image is not None)
+
+
+def render_prompts(items: list[PromptItem], tokenizer: Any) -> list[PromptItem]:
+    """Apply the target's chat template: ``inputs`` becomes ``{"prompt", "multi_modal_data"}``."""
+    out = []
+    for it in items:
+        prompt = tokenizer.apply_chat_template(it.inputs["messages"], tokenize=False,
+                                               add_generation_prompt=True)
+        inputs: dict[str, Any] = {"prompt": prompt}
+        if "image" in it.inputs:
+            inputs["multi_modal_data"] = {"image": it.inputs["image"]}
+        out.append(PromptItem(it.id, it.kind, inputs, it.has_image))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Engine runs
+# --------------------------------------------------------------------------------------------
+
+
+def counters(llm: Any) -> dict[str, Any]:
+    """Speculative-decoding counters of an offline engine (zeros without speculation)."""
+    out: dict[str, Any] = {"drafts": 0, "draft_tokens": 0, "accepted": 0, "accepted_per_pos": []}
+    for m in llm.get_metrics():
+        name = METRIC_NAMES.get(m.name)
+        if name == "accepted_per_pos":
+            out[name] = list(m.values)
+        elif name:
+            out[name] = m.value
+    return out
+
+
+def counter_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    d = {k: after[k] - before[k] for k in ("drafts", "draft_tokens", "accepted")}
+    b = before["accepted_per_pos"] or [0] * len(after["accepted_per_pos"])
+    d["accepted_per_pos"] = [a - x for a, x in zip(after["accepted_per_pos"], b)]
+    return d
+
+
+def tau_of(delta: dict[str, Any]) -> float | None:
+    """Acceptance length, vLLM convention: 1 + accepted / drafts (None without drafts)."""
+    return 1 + delta["accepted"] / delta["drafts"] if delta["drafts"] else None
+
+
+def run_requests(llm: Any, items: list[PromptItem], *, batch_size: int, temperature: float,
+                 max_tokens: int, seed: int = 0, per_request: bool = False) -> dict[str, Any]:
+    """Run ``items`` keeping ``batch_size`` requests in flight (continuous batching).
+
+    Returns ``{"seconds", "records": [{id, kind, token_ids, latency_s, delta?}], "delta"}`` where
+    ``delta`` is the change of the speculative counters; with ``per_request`` (meaningful at
+    batch size 1) each record also carries its own counter delta.
+    """
+    from vllm import SamplingParams
+
+    engine = llm.llm_engine
+    queue = list(enumerate(items))
+    inflight: dict[str, tuple[int, float]] = {}
+    records: dict[int, dict[str, Any]] = {}
+    start_counters = last = counters(llm)
+    t0 = time.perf_counter()
+    while queue or inflight:
+        while queue and len(inflight) < batch_size:
+            i, item = queue.pop(0)
+            params = SamplingParams(temperature=temperature, max_tokens=max_tokens,
+                                    seed=None if temperature == 0 else seed + i)
+            rid = engine.add_request(f"{i}-{uuid.uuid4().hex[:8]}", item.inputs, params)
+            inflight[rid] = (i, time.perf_counter())
+        for out in engine.step():
+            if not out.finished or out.request_id not in inflight:
+                continue
+            i, t_in = inflight.pop(out.request_id)
+            rec = {"id": items[i].id, "kind": items[i].kind, "has_image": items[i].has_image,
+                   "token_ids": list(out.outputs[0].token_ids),
+                   "latency_s": time.perf_counter() - t_in}
+            if per_request:
+                now = counters(llm)
+                rec["delta"] = counter_delta(last, now)
+                last = now
+            records[i] = rec
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "records": [records[i] for i in range(len(items))],
+            "delta": counter_delta(start_counters, counters(llm))}
+
+
+def make_llm(target: str, spec: dict[str, Any] | None, *, max_num_seqs: int,
+             engine_args: dict[str, Any]) -> Any:
+    from vllm import LLM
+
+    kwargs = dict(model=target, max_model_len=2048, max_num_seqs=max_num_seqs, seed=0,
+                  disable_log_stats=False, limit_mm_per_prompt={"image": 1, "video": 0},
+                  speculative_config=spec)
+    kwargs.update(engine_args)
+    return LLM(**kwargs)
+
+
+def shutdown(llm: Any) -> None:
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+
+
+def decode_itl(model: str, engine_args: dict[str, Any], prompt: str, tokens: int = 96,
+               repeats: int = 3) -> float:
+    """Inter-token latency (s) of ``model`` alone at batch 1: (total - first token) / (n - 1),
+    median of ``repeats`` runs of ``tokens`` tokens (``ignore_eos``) after one warm-up."""
+    from vllm import SamplingParams
+
+    llm = make_llm(model, None, max_num_seqs=1, engine_args=engine_args)
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
+        first = SamplingParams(temperature=0.0, max_tokens=1)
+        llm.generate([prompt], params, use_tqdm=False)
+        itls = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            llm.generate([prompt], first, use_tqdm=False)
+            t1 = time.perf_counter()
+            llm.generate([prompt], params, use_tqdm=False)
+            t2 = time.perf_counter()
+            itls.append(((t2 - t1) - (t1 - t0)) / (tokens - 1))
+        return statistics.median(itls)
+    finally:
+        shutdown(llm)
+
+
+def percentile(values: list[float], q: float) -> float:
+    s = sorted(values)
+    idx = min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))
+    return s[idx]
+
+
+def summarize(method: str, k: int, batch_size: int, temperature: float,
+              run: dict[str, Any]) -> RunResult:
+    recs = run["records"]
+    n_tokens = sum(len(r["token_ids"]) for r in recs)
+    lat = [r["latency_s"] for r in recs]
+    delta = run["delta"]
+    tau = tau_of(delta)
+    per_pos = ([a / delta["drafts"] for a in delta["accepted_per_pos"]]
+               if delta["drafts"] else None)
+    per_kind: dict[str, float] = {}
+    if recs and "delta" in recs[0]:
+        for kind in sorted({r["kind"] for r in recs}):
+            drafts = sum(r["delta"]["drafts"] for r in recs if r["kind"] == kind)
+            acc = sum(r["delta"]["accepted"] for r in recs if r["kind"] == kind)
+            if drafts:
+                per_kind[kind] = 1 + acc / drafts
+        img = [r for r in recs if r["has_image"]]
+        drafts = sum(r["delta"]["drafts"] for r in img)
+        if drafts:
+            per_kind["all image prompts"] = 1 + sum(r["delta"]["accepted"] for r in img) / drafts
+    return RunResult(
+        method=method, k=k, batch_size=batch_size, temperature=temperature,
+        seconds=run["seconds"], output_tokens=n_tokens, tokens_per_s=n_tokens / run["seconds"],
+        latency_p50_s=percentile(lat, 0.5), latency_p90_s=percentile(lat, 0.9), tau=tau,
+        acceptance_rate=delta["accepted"] / delta["draft_tokens"] if delta["draft_tokens"]
+        else None, acceptance_per_position=per_pos, tau_per_kind=per_kind)
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+
+
+def _f(x: float | None, digits: int = 2, suffix: str = "") -> str:
+    return "-" if x is None else f"{x:.{digits}f}{suffix}"
+
+
+def markdown(results: list[RunResult], meta: dict[str, Any]) -> str:
+    lines = [f"# Speculative decoding throughput ({meta['device']})", "",
+             f"Target `{meta['target']}`; {meta['num_prompts']} prompts "
+             f"({meta['num_image_prompts']} with an image), max {meta['max_tokens']} new tokens; "
+             f"c = {_f(meta.get('c'), 3)} (drafter ITL {_f(meta.get('drafter_itl_ms'), 2)} ms / "
+             f"target ITL {_f(meta.get('target_itl_ms'), 2)} ms, batch 1).", "",
+             "| method | k | batch | temp | tok/s | p50 s | p90 s | τ | accept | per position "
+             "| speedup vs none | vs reference | bound τ/(1+kc) | greedy = none |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        pos = " ".join(f"{p:.2f}" for p in r.acceptance_per_position or []) or "-"
+        eq = "-" if r.greedy_equal is None else ("yes" if r.greedy_equal else "**NO**")
+        lines.append(
+            f"| {r.method} | {r.k if r.tau is not None or r.method != 'none' else '-'} | "
+            f"{r.batch_size} | {r.temperature:g} | {r.tokens_per_s:.1f} | "
+            f"{r.latency_p50_s:.2f} | {r.latency_p90_s:.2f} | {_f(r.tau)} | "
+            f"{_f(r.acceptance_rate)} | {pos} | {_f(r.speedup_vs_none, 2, '×')} | "
+            f"{_f(r.speedup_vs_reference, 2, '×')} | {_f(r.analytic_bound, 2, '×')} | {eq} |")
+    kinds = sorted({k for r in results for k in r.tau_per_kind})
+    if kinds:
+        lines += ["", "τ per prompt kind (batch 1):", "",
+                  "| method | k | temp | " + " | ".join(kinds) + " |",
+                  "|---|---|---|" + "---|" * len(kinds)]
+        for r in results:
+            if r.tau_per_kind:
+                lines.append(f"| {r.method} | {r.k} | {r.temperature:g} | " + " | ".join(
+                    _f(r.tau_per_kind.get(k)) for k in kinds) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plots(results: list[RunResult], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    spec = [r for r in results if r.tau is not None]
+    methods = list(dict.fromkeys(r.method for r in spec))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m in methods:
+        pts = sorted({(r.k, r.tau) for r in spec if r.method == m and r.batch_size == 1
+                      and r.temperature == 0})
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+    ax.set_xlabel("k (num_speculative_tokens)")
+    ax.set_ylabel("τ (1 + accepted / drafts)")
+    ax.set_title("Acceptance length, batch 1, greedy")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "tau_vs_k.png", dpi=120)
+    written.append("tau_vs_k.png")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m in methods:
+        for temp in sorted({r.temperature for r in spec}):
+            rows = [r for r in spec if r.method == m and r.temperature == temp
+                    and r.speedup_vs_none is not None]
+            ks = {r.k for r in rows}
+            if not rows:
+                continue
+            k = max(ks, key=lambda kk: sum(1 for r in rows if r.k == kk))
+            pts = sorted((r.batch_size, r.speedup_vs_none) for r in rows if r.k == k)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                    linestyle="-" if temp == 0 else "--", label=f"{m} k={k} T={temp:g}")
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.set_xlabel("batch size (requests in flight)")
+    ax.set_ylabel("speedup vs no speculation (tokens/s)")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out / "speedup_vs_batch.png", dpi=120)
+    written.append("speedup_vs_batch.png")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m in methods:
+        rows = [r for r in spec if r.method == m and r.batch_size == 1 and r.temperature == 0
+                and r.acceptance_per_position]
+        if rows:
+            r = max(rows, key=lambda r: r.k)
+            ax.plot(range(1, len(r.acceptance_per_position) + 1), r.acceptance_per_position,
+                    marker="o", label=f"{m} (k={r.k})")
+    ax.set_xlabel("draft position")
+    ax.set_ylabel("accepted / drafts")
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "acceptance_per_position.png", dpi=120)
+    written.append("acceptance_per_position.png")
+    plt.close(fig)
+    return written
+
+
+# --------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------
+
+
+def testbed_methods(paths: dict[str, Path]) -> list[Method]:
+    """The testbed's methods (:func:`benchmarks.testbed.assets.ensure` paths)."""
+    models = paths["models"]
+    methods = [Method("none", "none"), Method("ngram", "ngram"),
+               Method("blind, stock draft_model", "draft_model", str(models / "blind")),
+               Method("blind (projector none)", "massv", str(paths["drafter-blind"])),
+               Method("blind distilled, no image", "massv", str(models / "drafter-distilled")),
+               Method("MASSV phase 1", "massv", str(models / "drafter-phase1")),
+               Method("MASSV", "massv", str(models / "drafter-massv"))]
+    if (models / "drafter-massv-mrope").is_dir():
+        methods.append(Method("MASSV, M-RoPE positions", "massv",
+                              str(models / "drafter-massv-mrope")))
+    return methods
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--target", help="target VLM (default with --testbed: its padded target)")
+    p.add_argument("--method", action="append", default=[], metavar="LABEL=SPEC",
+                   help="none | ngram | draft_model:PATH | massv:PATH (repeatable; default with "
+                        "--testbed: every testbed method)")
+    p.add_argument("--reference", default=None,
+                   help="label of the method speedups are also measured against (default: the "
+                        "first massv method, on the testbed the blind LM with projector none)")
+    p.add_argument("--drafter-lm", default=None,
+                   help="model whose batch-1 ITL gives c (default: the reference's model)")
+    src = p.add_argument_group("prompts (one of)")
+    src.add_argument("--testbed", type=Path, default=None,
+                     help="testbed folder (models/ and data/; see benchmarks/testbed/README.md)")
+    src.add_argument("--llava-json", type=Path, default=None)
+    src.add_argument("--image-root", type=Path, default=None)
+    p.add_argument("--num-prompts", type=int, default=32)
+    p.add_argument("--max-tokens", type=int, default=96)
+    p.add_argument("--k", default="4", help="comma-separated k values (default 4)")
+    p.add_argument("--k-sweep", default="",
+                   help="extra k values run at batch 1, temperature 0 only (e.g. 1,2,3,5,6)")
+    p.add_argument("--sweep-methods", default="",
+                   help="comma-separated labels the k sweep runs for (default: all spec methods)")
+    p.add_argument("--batch-sizes", default="1,4,8")
+    p.add_argument("--temperatures", default="0,1")
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / "throughput")
+    p.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra vllm.LLM argument (VALUE parsed as JSON when it parses)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _engine_args(args: argparse.Namespace) -> dict[str, Any]:
+    from vllm.platforms import current_platform
+
+    engine_args: dict[str, Any] = {}
+    if current_platform.is_cpu():
+        engine_args.update(dtype="float32", enforce_eager=True, block_size=32)
+    for item in args.engine_arg:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--engine-arg {item!r}: expected KEY=VALUE")
+        try:
+            engine_args[key] = json.loads(value)
+        except json.JSONDecodeError:
+            engine_args[key] = value
+    return engine_args
+
+
+def resolve(args: argparse.Namespace) -> tuple[str, list[Method], list[PromptItem]]:
+    """Target, methods and prompts from the arguments (``SystemExit`` with a message on error)."""
+    from transformers import AutoTokenizer
+
+    methods = [Method.parse(m) for m in args.method]
+    if args.testbed is not None:
+        from benchmarks.testbed import assets
+
+        paths = assets.ensure(args.testbed)
+        target = args.target or str(paths["target"])
+        methods = methods or testbed_methods(paths)
+        items = testbed_prompts(paths["data"], args.num_prompts)
+    elif args.llava_json is not None:
+        if not args.target or not methods:
+            raise SystemExit("--llava-json needs --target and at least one --method")
+        target = args.target
+        items = llava_prompts(args.llava_json, args.num_prompts, args.image_root)
+    else:
+        raise SystemExit("give --testbed DIR or --llava-json FILE (see --help)")
+    if not any(m.kind == "none" for m in methods):
+        methods.insert(0, Method("none", "none"))
+    labels = [m.label for m in methods]
+    if len(set(labels)) != len(labels):
+        raise SystemExit(f"duplicate method labels: {labels}")
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    return target, methods, render_prompts(items, tokenizer)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from tqdm import tqdm
+
+    target, methods, items = resolve(args)
+    engine_args = _engine_args(args)
+    ks, sweep = _ints(args.k), [k for k in _ints(args.k_sweep) if k not in _ints(args.k)]
+    batch_sizes, temps = _ints(args.batch_sizes), [float(t) for t in args.temperatures.split(",")]
+    spec_methods = [m for m in methods if m.kind != "none"]
+    reference = args.reference or next((m.label for m in spec_methods if m.kind == "massv"),
+                                       None)
+    sweep_labels = ([s.strip() for s in args.sweep_methods.split(",") if s.strip()]
+                    or [m.label for m in spec_methods])
+    plan: list[tuple[Method, int, list[tuple[int, float]]]] = []
+    for m in methods:
+        if m.kind == "none":
+            plan.append((m, 0, [(b, t) for t in temps for b in batch_sizes]))
+            continue
+        for k in ks:
+            plan.append((m, k, [(b, t) for t in temps for b in batch_sizes]))
+        if m.label in sweep_labels:
+            plan += [(m, k, [(1, 0.0)]) for k in sweep]
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    # c: the drafter's and the target's inter-token latency, each alone at batch 1.
+    ref_method = next((m for m in methods if m.label == reference), None)
+    drafter_lm = args.drafter_lm or (ref_method.model if ref_method else None)
+    text_prompt = next((it.inputs["prompt"] for it in items if not it.has_image),
+                       items[0].inputs["prompt"])
+    meta: dict[str, Any] = {"target": target, "num_prompts": len(items),
+                            "num_image_prompts": sum(it.has_image for it in items),
+                            "max_tokens": args.max_tokens, "engine_args": engine_args,
+                            "methods": [asdict(m) for m in methods], "reference": reference}
+    meta["device"] = _device_name()
+    bar = tqdm(total=len(plan) + (2 if drafter_lm else 0), disable=args.no_progress,
+               desc="engines")
+    if drafter_lm:
+        t_itl = decode_itl(target, engine_args, text_prompt)
+        bar.update()
+        d_itl = decode_itl(drafter_lm, engine_args, text_prompt)
+        bar.update()
+        meta.update(target_itl_ms=t_itl * 1e3, drafter_itl_ms=d_itl * 1e3, c=d_itl / t_itl,
+                    drafter_lm=drafter_lm)
+
+    results: list[RunResult] = []
+    outputs: dict[tuple[str, int, int], list[list[int]]] = {}
+    max_seqs = max(batch_sizes)
+    for method, k, settings in plan:
+        bar.set_postfix_str(f"{method.label} k={k}")
+        llm = make_llm(target, method.speculative_config(k), max_num_seqs=max_seqs,
+                       engine_args=engine_args)
+        try:
+            run_requests(llm, items[:2], batch_size=2, temperature=0.0, max_tokens=8)  # warm-up
+            for b, temp in settings:
+                run = run_requests(llm, items, batch_size=b, temperature=temp,
+                                   max_tokens=args.max_tokens, per_request=b == 1)
+                res = summarize(method.label, k, b, temp, run)
+                if temp == 0:
+                    outputs[(method.label, k, b)] = [r["token_ids"] for r in run["records"]]
+                results.append(res)
+        finally:
+            shutdown(llm)
+        bar.update()
+    bar.close()
+
+    _compare(results, outputs, items, meta, reference)
+    (args.out / "results.json").write_text(json.dumps(
+        {"meta": meta, "results": [asdict(r) for r in results]}, indent=2) + "\n")
+    md = markdown(results, meta)
+    (args.out / "results.md").write_text(md)
+    meta["plots"] = plots(results, args.out)
+    print(md)
+    bad = [r for r in results if r.greedy_equal is False]
+    for r in bad:
+        print(f"GREEDY MISMATCH: {r.method} k={r.k} batch {r.batch_size}: "
+              f"{', '.join(r.greedy_mismatches[:5])}", file=sys.stderr)
+    print(f"wrote {args.out}/results.json, results.md and {len(meta['plots'])} plots")
+    return 1 if bad else 0
+
+
+def _compare(results: list[RunResult], outputs: dict[tuple[str, int, int], list[list[int]]],
+             items: list[PromptItem], meta: dict[str, Any], reference: str | None) -> None:
+    """Fill speedups, analytic bounds and the greedy-equality verdicts in place."""
+    base = {(r.batch_size, r.temperature): r for r in results if r.method == "none"}
+    ref = {(r.k, r.batch_size, r.temperature): r for r in results if r.method == reference}
+    c = meta.get("c")
+    for r in results:
+        b = base.get((r.batch_size, r.temperature))
+        if b is not None and r.method != "none":
+            r.speedup_vs_none = r.tokens_per_s / b.tokens_per_s
+        rr = ref.get((r.k, r.batch_size, r.temperature))
+        if rr is not None and r.method != reference:
+            r.speedup_vs_reference = r.tokens_per_s / rr.tokens_per_s
+        if c is not None and r.tau is not None:
+            r.analytic_bound = r.tau / (1 + r.k * c)
+        if r.temperature == 0 and r.method != "none":
+            mine = outputs.get((r.method, r.k, r.batch_size))
+            theirs = outputs.get(("none", 0, r.batch_size))
+            if mine is not None and theirs is not None:
+                bad = [items[i].id for i, (a, o) in enumerate(zip(mine, theirs)) if a != o]
+                r.greedy_equal = not bad
+                r.greedy_mismatches = bad
+
+
+def _device_name() -> str:
+    import platform
+
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -5,7 +5,7 @@ STAMP := $(VENV)/.massv-setup
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export VLLM_CPU_OMP_THREADS_BIND ?= auto
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo test test-fast benchmark testbed clean
 
 setup: $(STAMP)
 
@@ -14,7 +14,17 @@ $(STAMP): setup.py pyproject.toml scripts/setup_venv.sh scripts/fix_torchvision.
 	touch $(STAMP)
 
 demo: setup
-	$(PY) benchmarks/demo.py
+	PYTHONPATH=. $(PY) benchmarks/demo.py
+
+# The side-by-side table in README (about 35 min on the 2-core CPU; results in runs/throughput).
+benchmark: setup
+	PYTHONPATH=. $(PY) benchmarks/throughput.py --testbed benchmarks/testbed --k 4 \
+		--k-sweep 1,2,3,5,6 --sweep-methods "blind (projector none),MASSV" \
+		--batch-sizes 1,4,8 --temperatures 0,1 --num-prompts 24 --out runs/throughput
+
+# Re-train the checked-in testbed models from scratch (about 75 min; see benchmarks/testbed/).
+testbed: setup
+	bash benchmarks/testbed/build.sh
 
 test: setup
 	$(PY) -m pytest -v --durations=15

@@ -17,7 +17,9 @@ no speculation (same batch size and temperature) and over the ``--reference`` me
 drafter), and the analytic bound τ/(1 + k·c) (Leviathan et al. 2023, eq. 1 with the drafter's
 step cost counted k times per verification) where c = drafter ITL / target ITL, both measured
 alone at batch 1 in this run. At batch 1 the counters are read after every request, which gives τ
-per prompt kind. Greedy outputs of every method are compared token by token with no
+per prompt kind, and the draft cost inside the speculative loop is estimated as
+(time per verification step - target ITL) / k, reported as ``c_in_loop`` (relative to the
+target ITL): on a CPU with tiny models it includes the proposer's fixed per-pass overhead. Greedy outputs of every method are compared token by token with no
 speculation at the same batch size; a mismatch is reported and makes the run exit with status 1.
 
 Outputs (``--out``): ``results.json`` (every run and setting), ``results.md`` (tables) and PNG
@@ -137,6 +139,9 @@ class RunResult:
     speedup_vs_none: float | None = None
     speedup_vs_reference: float | None = None
     analytic_bound: float | None = None
+    num_drafts: int = 0
+    draft_ms_in_loop: float | None = None
+    c_in_loop: float | None = None
     greedy_equal: bool | None = None
     greedy_mismatches: list[str] = field(default_factory=list)
 
@@ -244,7 +249,9 @@ def run_requests(llm: Any, items: list[PromptItem], *, batch_size: int, temperat
             i, item = queue.pop(0)
             params = SamplingParams(temperature=temperature, max_tokens=max_tokens,
                                     seed=None if temperature == 0 else seed + i)
-            rid = engine.add_request(f"{i}-{uuid.uuid4().hex[:8]}", item.inputs, params)
+            # outputs carry the id we pass (vLLM adds a suffix only internally)
+            rid = f"{i}-{uuid.uuid4().hex[:8]}"
+            engine.add_request(rid, item.inputs, params)
             inflight[rid] = (i, time.perf_counter())
         for out in engine.step():
             if not out.finished or out.request_id not in inflight:
@@ -335,7 +342,8 @@ def summarize(method: str, k: int, batch_size: int, temperature: float,
         seconds=run["seconds"], output_tokens=n_tokens, tokens_per_s=n_tokens / run["seconds"],
         latency_p50_s=percentile(lat, 0.5), latency_p90_s=percentile(lat, 0.9), tau=tau,
         acceptance_rate=delta["accepted"] / delta["draft_tokens"] if delta["draft_tokens"]
-        else None, acceptance_per_position=per_pos, tau_per_kind=per_kind)
+        else None, acceptance_per_position=per_pos, tau_per_kind=per_kind,
+        num_drafts=int(delta["drafts"]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -354,8 +362,8 @@ def markdown(results: list[RunResult], meta: dict[str, Any]) -> str:
              f"c = {_f(meta.get('c'), 3)} (drafter ITL {_f(meta.get('drafter_itl_ms'), 2)} ms / "
              f"target ITL {_f(meta.get('target_itl_ms'), 2)} ms, batch 1).", "",
              "| method | k | batch | temp | tok/s | p50 s | p90 s | τ | accept | per position "
-             "| speedup vs none | vs reference | bound τ/(1+kc) | greedy = none |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| speedup vs none | vs reference | bound τ/(1+kc) | c in loop | greedy = none |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         pos = " ".join(f"{p:.2f}" for p in r.acceptance_per_position or []) or "-"
         eq = "-" if r.greedy_equal is None else ("yes" if r.greedy_equal else "**NO**")
@@ -364,7 +372,8 @@ def markdown(results: list[RunResult], meta: dict[str, Any]) -> str:
             f"{r.batch_size} | {r.temperature:g} | {r.tokens_per_s:.1f} | "
             f"{r.latency_p50_s:.2f} | {r.latency_p90_s:.2f} | {_f(r.tau)} | "
             f"{_f(r.acceptance_rate)} | {pos} | {_f(r.speedup_vs_none, 2, '×')} | "
-            f"{_f(r.speedup_vs_reference, 2, '×')} | {_f(r.analytic_bound, 2, '×')} | {eq} |")
+            f"{_f(r.speedup_vs_reference, 2, '×')} | {_f(r.analytic_bound, 2, '×')} | "
+            f"{_f(r.c_in_loop, 3)} | {eq} |")
     kinds = sorted({k for r in results for k in r.tau_per_kind})
     if kinds:
         lines += ["", "τ per prompt kind (batch 1):", "",
@@ -450,13 +459,13 @@ def testbed_methods(paths: dict[str, Path]) -> list[Method]:
     """The testbed's methods (:func:`benchmarks.testbed.assets.ensure` paths)."""
     models = paths["models"]
     methods = [Method("none", "none"), Method("ngram", "ngram"),
-               Method("blind, stock draft_model", "draft_model", str(models / "blind")),
+               Method("blind (stock draft_model)", "draft_model", str(models / "blind")),
                Method("blind (projector none)", "massv", str(paths["drafter-blind"])),
-               Method("blind distilled, no image", "massv", str(models / "drafter-distilled")),
+               Method("blind distilled (no image)", "massv", str(models / "drafter-distilled")),
                Method("MASSV phase 1", "massv", str(models / "drafter-phase1")),
                Method("MASSV", "massv", str(models / "drafter-massv"))]
     if (models / "drafter-massv-mrope").is_dir():
-        methods.append(Method("MASSV, M-RoPE positions", "massv",
+        methods.append(Method("MASSV (M-RoPE positions)", "massv",
                               str(models / "drafter-massv-mrope")))
     return methods
 
@@ -639,6 +648,13 @@ def _compare(results: list[RunResult], outputs: dict[tuple[str, int, int], list[
             r.speedup_vs_reference = r.tokens_per_s / rr.tokens_per_s
         if c is not None and r.tau is not None:
             r.analytic_bound = r.tau / (1 + r.k * c)
+        t_itl = meta.get("target_itl_ms")
+        if r.batch_size == 1 and r.num_drafts and t_itl and r.k:
+            # One request at a time: each verification step costs one target step (k+1 tokens
+            # cost about one decode step here) plus k draft passes; the rest is the draft cost.
+            step_ms = r.seconds * 1e3 / r.num_drafts
+            r.draft_ms_in_loop = (step_ms - t_itl) / r.k
+            r.c_in_loop = r.draft_ms_in_loop / t_itl
         if r.temperature == 0 and r.method != "none":
             mine = outputs.get((r.method, r.k, r.batch_size))
             theirs = outputs.get(("none", 0, r.batch_size))

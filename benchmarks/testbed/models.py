@@ -183,30 +183,33 @@ def _save(model: Any, out_dir: Path) -> None:
 
 
 def build_target(out_dir: Path, *, minutes: float, batch_size: int = 32, lr: float = 2e-3,
-                 seed: int = 0) -> dict[str, Any]:
-    """Initialise (``testing.build_target`` with the testbed sizes) and train the target."""
+                 seed: int = 0, resume: bool = False) -> dict[str, Any]:
+    """Initialise (``testing.build_target`` with the testbed sizes) and train the target;
+    ``resume`` continues from the model in ``out_dir`` (a fresh schedule and sample stream)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    testing.build_target(out_dir, seed=seed, vocab_size=TARGET_VOCAB, weight_scale=1.0,
-                         tokenizer_corpus=tokenizer_corpus(),
-                         tokenizer_vocab_size=TOKENIZER_VOCAB, **TARGET_ARCH)
+    if not resume:
+        testing.build_target(out_dir, seed=seed, vocab_size=TARGET_VOCAB, weight_scale=1.0,
+                             tokenizer_corpus=tokenizer_corpus(),
+                             tokenizer_vocab_size=TOKENIZER_VOCAB, **TARGET_ARCH)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(out_dir), dtype=torch.float32)
-    summary = train(model, Batcher(out_dir, with_images=True), out_dir, minutes=minutes,
-                    batch_size=batch_size, lr=lr, seed=seed)
-    return summary
+    return train(model, Batcher(out_dir, with_images=True), out_dir, minutes=minutes,
+                 batch_size=batch_size, lr=lr, seed=seed + (100 if resume else 0))
 
 
 def build_blind(out_dir: Path, *, minutes: float, batch_size: int = 48, lr: float = 3e-3,
-                seed: int = 1) -> dict[str, Any]:
-    """Initialise (``testing.build_text_lm``) and train the blind text LM."""
+                seed: int = 1, resume: bool = False) -> dict[str, Any]:
+    """Initialise (``testing.build_text_lm``) and train the blind text LM (``resume``: as for
+    :func:`build_target`)."""
     from transformers import Qwen2ForCausalLM
 
-    testing.build_text_lm(out_dir, seed=seed, vocab_size=TOKENIZER_VOCAB, weight_scale=1.0,
-                          tokenizer_corpus=tokenizer_corpus(),
-                          tokenizer_vocab_size=TOKENIZER_VOCAB, **BLIND_ARCH)
+    if not resume:
+        testing.build_text_lm(out_dir, seed=seed, vocab_size=TOKENIZER_VOCAB, weight_scale=1.0,
+                              tokenizer_corpus=tokenizer_corpus(),
+                              tokenizer_vocab_size=TOKENIZER_VOCAB, **BLIND_ARCH)
     model = Qwen2ForCausalLM.from_pretrained(str(out_dir), dtype=torch.float32)
     return train(model, Batcher(out_dir, with_images=False), out_dir, minutes=minutes,
-                 batch_size=batch_size, lr=lr, seed=seed + 1000)
+                 batch_size=batch_size, lr=lr, seed=seed + 1000 + (100 if resume else 0))
 
 
 @torch.no_grad()
@@ -270,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--batch-size", type=int)
         p.add_argument("--lr", type=float)
         p.add_argument("--threads", type=int, default=2)
+        p.add_argument("--resume", action="store_true",
+                       help="continue training the model already in --out")
     p = sub.add_parser("eval")
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--n", type=int, default=80)
@@ -283,8 +288,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     kwargs = {k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr)) if v is not None}
     build = build_target if args.cmd == "target" else build_blind
-    summary = build(args.out, minutes=args.minutes, **kwargs)
-    (args.out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    summary = build(args.out, minutes=args.minutes, resume=args.resume, **kwargs)
+    path = args.out / "train_summary.json"
+    old = json.loads(path.read_text()) if args.resume and path.is_file() else {"runs": []}
+    runs = old.get("runs", [old])
+    runs.append({**summary, "lr": kwargs.get("lr"), "resumed": args.resume})
+    path.write_text(json.dumps({"runs": runs}, indent=2) + "\n")
     print(json.dumps(summary))
     return 0
 

@@ -2,107 +2,23 @@
 
 `MassvQwen2ForCausalLM` = vLLM's `Qwen2ForCausalLM` + a projector that maps the target VLM's
 cached image embeddings (post-merger vision output, width = target hidden size) into the
-drafter's embedding space at the image-placeholder positions. The drafter never runs a vision
-encoder: vLLM's speculative-decoding proposer hands it the embeddings the target already computed
-(see `vllm_massv.proposer`).
-
-Declaring `SupportsMultiModalEmbeddings` (not `SupportsMultiModal`) keeps the draft `ModelConfig`
-text-only (no multimodal processor) while making vLLM's proposer pass `multimodal_embeddings` and
-`is_multimodal` to `embed_input_ids` (vLLM `v1/spec_decode/llm_base_proposer.py`).
+drafter's embedding space at the image-placeholder positions (:class:`MassvDrafterMixin`). The
+drafter never runs a vision encoder: vLLM's speculative-decoding proposer hands it the
+embeddings the target already computed (see `vllm_massv.proposer`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
-import torch
-from vllm.config import VllmConfig
-from vllm.logger import init_logger
 from vllm.model_executor.models.interfaces import SupportsMultiModalEmbeddings
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
-from vllm.model_executor.models.utils import _merge_multimodal_embeddings
 
-from vllm_massv.config import MassvConfig, MassvConfigError
-from vllm_massv.projector import PROJECTOR_PREFIX, build_projector, expected_projector_weight_names
-
-logger = init_logger("vllm.massv.models.qwen2")
+from vllm_massv.models.base import MassvDrafterMixin
+from vllm_massv.projector import PROJECTOR_PREFIX
 
 
-class MassvQwen2ForCausalLM(Qwen2ForCausalLM, SupportsMultiModalEmbeddings):
+class MassvQwen2ForCausalLM(MassvDrafterMixin, Qwen2ForCausalLM, SupportsMultiModalEmbeddings):
     """Qwen2 text LM + MASSV projector. Checkpoint layout: Qwen2's own weight names plus
     `mm_projector.*`; `config.json` carries a `massv` block (:class:`MassvConfig`)."""
-
-    supports_multimodal_embeddings = True
-
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.massv_config = MassvConfig.from_hf_config(vllm_config.model_config.hf_config)
-        projector = build_projector(self.massv_config, self.config.hidden_size)
-        if projector is not None:
-            self.mm_projector = projector
-        else:
-            self.mm_projector = None
-            logger.info("MASSV drafter with projector 'none': text-only drafting by design "
-                        "(image placeholders keep their token embeddings).")
-        # Rows >= orig_vocab_size exist only to match the target's vocab size.
-        self.orig_vocab_size = self.massv_config.orig_vocab_size
-
-    def embed_input_ids(
-        self,
-        input_ids: torch.Tensor,
-        multimodal_embeddings: list[torch.Tensor] | None = None,
-        *,
-        is_multimodal: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Token embeddings with projected image embeddings placed at the image positions.
-
-        Args:
-            input_ids: [num_tokens] int32/int64 token ids.
-            multimodal_embeddings: per image item, a [n_i, vision_feature_dim] tensor (the
-                target's cached post-merger output, target dtype), in sequence order.
-            is_multimodal: [num_tokens] bool, True at the positions that take an image
-                embedding; sum must equal sum(n_i).
-        Returns:
-            [num_tokens, hidden_size] in the model dtype.
-        Raises:
-            ValueError: embeddings without a mask, or a count mismatch.
-        """
-        inputs_embeds = self.model.embed_input_ids(input_ids)
-        if not multimodal_embeddings or self.mm_projector is None:
-            return inputs_embeds
-        if is_multimodal is None:
-            raise ValueError("multimodal_embeddings given without is_multimodal")
-        dtype = inputs_embeds.dtype
-        projected = [self.mm_projector(e.to(dtype)) for e in multimodal_embeddings]
-        return _merge_multimodal_embeddings(inputs_embeds, projected, is_multimodal)
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        """[num_tokens, vocab_size] logits; padded vocab rows are -inf (never proposed)."""
-        logits = super().compute_logits(hidden_states)
-        if logits is not None and self.orig_vocab_size < logits.shape[-1]:
-            logits[..., self.orig_vocab_size:] = float("-inf")
-        return logits
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Load Qwen2 weights plus `mm_projector.*`.
-
-        Raises:
-            MassvConfigError: the checkpoint lacks projector weights its config promises.
-        """
-        seen: set[str] = set()
-
-        def track(it: Iterable[tuple[str, torch.Tensor]]):
-            for name, tensor in it:
-                seen.add(name)
-                yield name, tensor
-
-        loaded = super().load_weights(track(weights))
-        missing = [n for n in expected_projector_weight_names(self.massv_config) if n not in seen]
-        if missing:
-            raise MassvConfigError(
-                f"MASSV drafter checkpoint has no {missing} (projector "
-                f"{self.massv_config.projector!r}); re-export it with `massv init`/`massv train`.")
-        return loaded
 
 
 __all__ = ["MassvQwen2ForCausalLM", "PROJECTOR_PREFIX"]

@@ -1,0 +1,112 @@
+"""What every MASSV drafter architecture adds to its vLLM text LM (MASSV, arXiv 2505.10526 §3).
+
+:class:`MassvDrafterMixin` goes before the vLLM causal-LM class in the bases of a drafter, and
+the ``SupportsMultiModalEmbeddings`` interface after it
+(``class MassvQwen2ForCausalLM(MassvDrafterMixin, Qwen2ForCausalLM,
+SupportsMultiModalEmbeddings)``: a ``typing.Protocol`` placed before the LM class would make
+Python skip the LM's ``__init__``). It adds the projector
+that maps the target VLM's cached image embeddings into the drafter's embedding space, writes the
+projected rows at the image-placeholder positions, masks the padded vocabulary rows, and checks
+that the checkpoint has the projector weights its config promises.
+
+Declaring ``SupportsMultiModalEmbeddings`` (not ``SupportsMultiModal``) keeps the draft
+``ModelConfig`` text-only (no multimodal processor) while making vLLM's proposer pass
+``multimodal_embeddings`` and ``is_multimodal`` to ``embed_input_ids``
+(vLLM ``v1/spec_decode/llm_base_proposer.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from vllm.config import VllmConfig
+from vllm.logger import init_logger
+from vllm.model_executor.models.utils import _merge_multimodal_embeddings
+
+from vllm_massv.config import MassvConfig, MassvConfigError
+from vllm_massv.projector import build_projector, expected_projector_weight_names
+
+logger = init_logger("vllm.massv.models")
+
+
+class MassvDrafterMixin:
+    """Projector, embedding merge, padded-vocab masking and weight checks of a MASSV drafter.
+
+    The host class must be a vLLM causal LM with ``self.model.embed_input_ids`` (the LM's own
+    token embedding, including any scaling the LM applies, e.g. Gemma's √hidden),
+    ``compute_logits`` and ``load_weights``, and ``self.config`` (its HF text config).
+    """
+
+    supports_multimodal_embeddings = True
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.massv_config = MassvConfig.from_hf_config(vllm_config.model_config.hf_config)
+        self.mm_projector = build_projector(self.massv_config, self.config.hidden_size)
+        if self.mm_projector is None:
+            logger.info("MASSV drafter with projector 'none': text-only drafting by design "
+                        "(image placeholders keep their token embeddings).")
+        # Rows >= orig_vocab_size exist only to match the target's vocab size.
+        self.orig_vocab_size = self.massv_config.orig_vocab_size
+
+    def embed_input_ids(
+        self,
+        input_ids: torch.Tensor,
+        multimodal_embeddings: list[torch.Tensor] | None = None,
+        *,
+        is_multimodal: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token embeddings with projected image embeddings placed at the image positions.
+
+        Token rows go through the LM's own embedding (scaled where the LM scales, e.g. Gemma3
+        by √hidden, vLLM ``models/gemma3.py::Gemma3Model.embed_input_ids``); the projected
+        image rows are not scaled, as in the target (vLLM ``SupportsMultiModal.embed_input_ids``).
+
+        Args:
+            input_ids: [num_tokens] int32/int64 token ids.
+            multimodal_embeddings: per image item, a [n_i, vision_feature_dim] tensor (the
+                target's cached image embeddings, target dtype), in sequence order.
+            is_multimodal: [num_tokens] bool, True at the positions that take an image
+                embedding; sum must equal sum(n_i).
+        Returns:
+            [num_tokens, hidden_size] in the model dtype.
+        Raises:
+            ValueError: embeddings without a mask, or a count mismatch.
+        """
+        inputs_embeds = self.model.embed_input_ids(input_ids)
+        if not multimodal_embeddings or self.mm_projector is None:
+            return inputs_embeds
+        if is_multimodal is None:
+            raise ValueError("multimodal_embeddings given without is_multimodal")
+        dtype = inputs_embeds.dtype
+        projected = [self.mm_projector(e.to(dtype)) for e in multimodal_embeddings]
+        return _merge_multimodal_embeddings(inputs_embeds, projected, is_multimodal)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        """[num_tokens, vocab_size] logits; padded vocab rows are -inf (never proposed)."""
+        logits = super().compute_logits(hidden_states)
+        if logits is not None and self.orig_vocab_size < logits.shape[-1]:
+            logits[..., self.orig_vocab_size:] = float("-inf")
+        return logits
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Load the LM's weights plus `mm_projector.*`.
+
+        Raises:
+            MassvConfigError: the checkpoint lacks projector weights its config promises.
+        """
+        seen: set[str] = set()
+
+        def track(it: Iterable[tuple[str, torch.Tensor]]):
+            for name, tensor in it:
+                seen.add(name)
+                yield name, tensor
+
+        loaded = super().load_weights(track(weights))
+        missing = [n for n in expected_projector_weight_names(self.massv_config) if n not in seen]
+        if missing:
+            raise MassvConfigError(
+                f"MASSV drafter checkpoint has no {missing} (projector "
+                f"{self.massv_config.projector!r}); re-export it with `massv init`/`massv train`.")
+        return loaded

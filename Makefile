@@ -20,7 +20,7 @@ demo: setup
 benchmark: setup
 	PYTHONPATH=. $(PY) benchmarks/throughput.py --testbed benchmarks/testbed --k 4 \
 		--k-sweep 1,2,3,5,6 --sweep-methods "blind (projector none),MASSV" \
-		--batch-sizes 1,4,8 --temperatures 0,1 --num-prompts 24 --out runs/throughput
+		--batch-sizes 1,4,8 --temperatures 0,1 --num-prompts 20 --out runs/throughput
 
 # Re-train the checked-in testbed models from scratch (about 75 min; see benchmarks/testbed/).
 testbed: setup

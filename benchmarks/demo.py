@@ -68,7 +68,7 @@ def main() -> int:
     items = prompts(target, paths["data"])
     tokenizer = AutoTokenizer.from_pretrained(str(target))
     methods = [tp.Method("no speculation", "none"),
-               tp.Method("blind LM, text-only", "massv", str(models / "drafter-blind")),
+               tp.Method("blind LM, text-only", "massv", str(paths["drafter-blind"])),
                tp.Method("MASSV", "massv", str(models / "drafter-massv"))]
     engine_args = {"dtype": "float32", "enforce_eager": True, "block_size": 32}
     runs = {}

@@ -404,11 +404,7 @@ def plots(results: list[RunResult], out: Path) -> list[str]:
     ax.set_xlabel("k (num_speculative_tokens)")
     ax.set_ylabel("τ (1 + accepted / drafts)")
     ax.set_title("Acceptance length, batch 1, greedy")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "tau_vs_k.png", dpi=120)
-    written.append("tau_vs_k.png")
-    plt.close(fig)
+    written.append(_save(fig, ax, out / "tau_vs_k.png", legend_size=7))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for m in methods:
@@ -425,11 +421,7 @@ def plots(results: list[RunResult], out: Path) -> list[str]:
     ax.axhline(1.0, color="grey", linewidth=0.8)
     ax.set_xlabel("batch size (requests in flight)")
     ax.set_ylabel("speedup vs no speculation (tokens/s)")
-    ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(out / "speedup_vs_batch.png", dpi=120)
-    written.append("speedup_vs_batch.png")
-    plt.close(fig)
+    written.append(_save(fig, ax, out / "speedup_vs_batch.png", legend_size=6))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for m in methods:
@@ -442,12 +434,18 @@ def plots(results: list[RunResult], out: Path) -> list[str]:
     ax.set_xlabel("draft position")
     ax.set_ylabel("accepted / drafts")
     ax.set_ylim(0, 1.02)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "acceptance_per_position.png", dpi=120)
-    written.append("acceptance_per_position.png")
-    plt.close(fig)
+    written.append(_save(fig, ax, out / "acceptance_per_position.png", legend_size=7))
     return written
+
+
+def _save(fig: Any, ax: Any, path: Path, legend_size: int) -> str:
+    import matplotlib.pyplot as plt
+
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path.name
 
 
 # --------------------------------------------------------------------------------------------
@@ -459,7 +457,7 @@ def testbed_methods(paths: dict[str, Path]) -> list[Method]:
     """The testbed's methods (:func:`benchmarks.testbed.assets.ensure` paths)."""
     models = paths["models"]
     methods = [Method("none", "none"), Method("ngram", "ngram"),
-               Method("blind (stock draft_model)", "draft_model", str(models / "blind")),
+               Method("blind (stock draft_model)", "draft_model", str(paths["blind-stock"])),
                Method("blind (projector none)", "massv", str(paths["drafter-blind"])),
                Method("blind distilled (no image)", "massv", str(models / "drafter-distilled")),
                Method("MASSV phase 1", "massv", str(models / "drafter-phase1")),
@@ -600,10 +598,16 @@ def main(argv: list[str] | None = None) -> int:
     results: list[RunResult] = []
     outputs: dict[tuple[str, int, int], list[list[int]]] = {}
     max_seqs = max(batch_sizes)
+    failures: list[str] = []
     for method, k, settings in plan:
         bar.set_postfix_str(f"{method.label} k={k}")
-        llm = make_llm(target, method.speculative_config(k), max_num_seqs=max_seqs,
-                       engine_args=engine_args)
+        try:
+            llm = make_llm(target, method.speculative_config(k), max_num_seqs=max_seqs,
+                           engine_args=engine_args)
+        except Exception as e:  # one broken method must not lose the others' results
+            failures.append(f"{method.label} k={k}: {type(e).__name__}: {e}"[:2000])
+            bar.update()
+            continue
         try:
             run_requests(llm, items[:2], batch_size=2, temperature=0.0, max_tokens=8)  # warm-up
             for b, temp in settings:
@@ -618,6 +622,7 @@ def main(argv: list[str] | None = None) -> int:
         bar.update()
     bar.close()
 
+    meta["failures"] = failures
     _compare(results, outputs, items, meta, reference)
     (args.out / "results.json").write_text(json.dumps(
         {"meta": meta, "results": [asdict(r) for r in results]}, indent=2) + "\n")
@@ -629,8 +634,10 @@ def main(argv: list[str] | None = None) -> int:
     for r in bad:
         print(f"GREEDY MISMATCH: {r.method} k={r.k} batch {r.batch_size}: "
               f"{', '.join(r.greedy_mismatches[:5])}", file=sys.stderr)
+    for f in failures:
+        print(f"FAILED: {f}", file=sys.stderr)
     print(f"wrote {args.out}/results.json, results.md and {len(meta['plots'])} plots")
-    return 1 if bad else 0
+    return 1 if bad or failures else 0
 
 
 def _compare(results: list[RunResult], outputs: dict[tuple[str, int, int], list[list[int]]],

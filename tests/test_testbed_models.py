@@ -66,30 +66,53 @@ def test_padding_keeps_logits_identical(tmp_path: Path) -> None:
         assets.pad_target(MODELS / "target", tmp_path / "bad", extra_layers=-1)
 
 
+def test_stock_blind_vocab_padding(tmp_path: Path) -> None:
+    """The stock draft_model baseline needs the target's vocab size; padding keeps its logits."""
+    from transformers import Qwen2ForCausalLM
+
+    padded = assets.pad_vocab(MODELS / "blind", tmp_path / "stock", models.TARGET_VOCAB)
+    ids = torch.tensor([[5, 100, 200, 300, 2]])
+    with torch.no_grad():
+        a = Qwen2ForCausalLM.from_pretrained(str(MODELS / "blind")).eval()(input_ids=ids).logits
+        b = Qwen2ForCausalLM.from_pretrained(str(padded)).eval()(input_ids=ids).logits
+    assert b.shape[-1] == models.TARGET_VOCAB
+    assert torch.equal(a, b[..., : a.shape[-1]])
+    assert torch.all(b[..., a.shape[-1]:] == 0)
+
+
 @pytest.fixture(scope="module")
 def target_report() -> dict:
     return models.evaluate(MODELS / "target", n=32, split="test", batch_size=16)
 
 
+def _attribute_accuracy(report: dict, kinds: tuple[str, ...]) -> float:
+    """Mean per-attribute credit over the samples of ``kinds`` (task.score), weighted by n."""
+    total = weight = 0.0
+    for kind, row in report["kinds"].items():
+        if kind in kinds:
+            attrs = [v for k, v in row.items() if k not in ("n", "all_correct")]
+            total += sum(attrs) / len(attrs) * row["n"]
+            weight += row["n"]
+    return total / weight
+
+
 def test_target_accuracy_floor(target_report: dict) -> None:
+    """Held-out test scenes: the target counts shapes and states the asked attributes far above
+    chance (measured on 64 val items: count 1.00, image attributes ~0.6; see README)."""
     kinds = target_report["kinds"]
-    print(json.dumps({k: v["all_correct"] for k, v in kinds.items()}))
-    assert kinds["count"]["count"] >= 0.6
-    image = [v for k, v in kinds.items() if k in task.IMAGE_KINDS]
-    n = sum(v["n"] for v in image)
-    assert sum(v["all_correct"] * v["n"] for v in image) / n >= 0.4
-    text = [v for k, v in kinds.items() if k in task.TEXT_KINDS]
-    assert sum(v["answer"] * v["n"] for v in text) / sum(v["n"] for v in text) >= 0.8
+    print(json.dumps({k: {a: round(x, 2) for a, x in v.items()} for k, v in kinds.items()}))
+    assert kinds["count"]["count"] >= 0.7
+    assert _attribute_accuracy(target_report, task.IMAGE_KINDS) >= 0.45
+    assert _attribute_accuracy(target_report, task.TEXT_KINDS) >= 0.4
 
 
 def test_blind_lm_cannot_see(target_report: dict) -> None:
+    """The blind LM phrases answers like the target but guesses the image content."""
     blind = models.evaluate(MODELS / "blind", n=32, split="test", batch_size=16)
-
-    def image_acc(report: dict) -> float:
-        rows = [v for k, v in report["kinds"].items() if k in task.IMAGE_KINDS]
-        return sum(v["all_correct"] * v["n"] for v in rows) / sum(v["n"] for v in rows)
-
-    assert image_acc(blind) < image_acc(target_report) - 0.2
+    target_acc = _attribute_accuracy(target_report, task.IMAGE_KINDS)
+    blind_acc = _attribute_accuracy(blind, task.IMAGE_KINDS)
+    print(f"image attribute accuracy: target {target_acc:.2f}, blind {blind_acc:.2f}")
+    assert blind_acc <= target_acc - 0.1
 
 
 def test_method_parse() -> None:

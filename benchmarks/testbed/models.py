@@ -96,18 +96,23 @@ class Batcher:
         self.header = header
         self.image_tokens = (task.IMAGE_SIZE // 28) ** 2
 
-    def __call__(self, samples: list[task.Sample]) -> dict[str, torch.Tensor]:
-        texts = [chat_prompt(self.tokenizer, s) + s.answer + "<|im_end|>" for s in samples]
+    def encode(self, texts: list[str], samples: list[task.Sample],
+               padding_side: str) -> dict[str, torch.Tensor]:
+        """Tokenize ``texts`` (chat-formatted, one per sample) with the samples' images (or, for
+        the blind LM, the image placeholders expanded to the target's token count)."""
         if self.with_images:
             images = [task.render(s.scene) for s in samples if s.has_image]
-            batch = self.processor(text=texts, images=images or None, return_tensors="pt",
-                                   padding=True, padding_side="right",
-                                   return_mm_token_type_ids=True)
-        else:
-            pad = "<|image_pad|>"
-            texts = [t.replace(pad, pad * self.image_tokens) for t in texts]
-            batch = self.tokenizer(texts, return_tensors="pt", padding=True,
-                                   padding_side="right", add_special_tokens=False)
+            return self.processor(text=texts, images=images or None, return_tensors="pt",
+                                  padding=True, padding_side=padding_side,
+                                  return_mm_token_type_ids=True)
+        pad = "<|image_pad|>"
+        texts = [t.replace(pad, pad * self.image_tokens) for t in texts]
+        return self.tokenizer(texts, return_tensors="pt", padding=True,
+                              padding_side=padding_side, add_special_tokens=False)
+
+    def __call__(self, samples: list[task.Sample]) -> dict[str, torch.Tensor]:
+        texts = [chat_prompt(self.tokenizer, s) + s.answer + "<|im_end|>" for s in samples]
+        batch = self.encode(texts, samples, "right")
         ids = batch["input_ids"]
         labels = torch.full_like(ids, -100)
         h = len(self.header)
@@ -232,17 +237,7 @@ def evaluate(model_dir: Path, n: int, *, split: str = "val", seed: int = 0,
     examples = []
     for i in range(0, n, batch_size):
         chunk = samples[i:i + batch_size]
-        prompts = [chat_prompt(tok, s) for s in chunk]
-        images = [task.render(s.scene) for s in chunk if s.has_image]
-        if is_vlm:
-            inputs = batcher.processor(text=prompts, images=images or None, return_tensors="pt",
-                                       padding=True, padding_side="left",
-                                       return_mm_token_type_ids=True)
-        else:
-            pad = "<|image_pad|>"
-            prompts = [p.replace(pad, pad * batcher.image_tokens) for p in prompts]
-            inputs = tok(prompts, return_tensors="pt", padding=True, padding_side="left",
-                         add_special_tokens=False)
+        inputs = batcher.encode([chat_prompt(tok, s) for s in chunk], chunk, "left")
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                              eos_token_id=testing.EOS_TOKEN_ID, pad_token_id=testing.PAD_TOKEN_ID)
         texts = tok.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)

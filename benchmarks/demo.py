@@ -6,9 +6,10 @@ LM with ``massv init`` + ``massv train``. The target is padded with zero-output 
 drafter/target cost ratio is about that of Qwen2.5-1.5B / Qwen2.5-VL-7B (outputs unchanged; see
 ``benchmarks/testbed/assets.py``).
 
-The demo asks a few held-out testbed questions and two real photos from ``skimage.data`` (which
-the target never saw: its answers there describe shapes that are not in the photo, but they are
-still the target's answers and the drafter still has to predict them), one request at a time:
+The demo asks a few held-out testbed questions and two real photos from ``skimage.data``, resized
+to the testbed's 140x140 (the target never saw photos: its answers there describe shapes that are
+not in the photo, but they are still the target's answers and the drafter still has to predict
+them), one request at a time:
 
   1. the target alone (no speculation),
   2. the blind text LM as a text-only drafter through the MASSV proposer (``--projector none``),
@@ -50,7 +51,10 @@ def prompts(target: Path, data: Path) -> list:
                                           "image": task.render(s.scene)}, True)
              for s in (next(x for x in samples if x.kind == kind) for kind in TESTBED_KINDS)]
     for name, question in PHOTOS:
-        image = Image.fromarray(getattr(skdata, name)()).convert("RGB")
+        # Shown at the testbed's image size (140x140, 25 image tokens), the only size the target
+        # was trained on; at full size it sees 10x more image tokens and rambles.
+        image = Image.fromarray(getattr(skdata, name)()).convert("RGB").resize(
+            (task.IMAGE_SIZE, task.IMAGE_SIZE), Image.Resampling.BICUBIC)
         messages = [{"role": "user", "content": [{"type": "image"},
                                                  {"type": "text", "text": question}]}]
         items.append(tp.PromptItem(name, "photo", {"messages": messages, "image": image}, True))

@@ -189,6 +189,10 @@ def validate_pair(draft_hf_config: Any, target_hf_config: Any, *, target_vocab_s
             "The drafter must use the target's tokenizer; rebuild it with `massv init` "
             "against this target.")
     draft_mrope = _has_mrope(draft_hf_config)
+    if cfg.positions == "mrope" and not _has_mrope(target_hf_config.get_text_config()):
+        raise MassvConfigError(
+            f"massv.positions='mrope' but the target ({_archs(target_hf_config)}) uses 1-D "
+            "positions; set positions to '1d'.")
     if cfg.positions == "mrope" and not draft_mrope:
         raise MassvConfigError(
             "massv.positions='mrope' but the drafter's rope config has no mrope_section; set "

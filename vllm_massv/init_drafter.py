@@ -2,12 +2,16 @@
 
 The result is an HF-style directory the plugin serves and `massv train` trains:
 `config.json` (the LM's config, vocab padded to the target's, `architectures:
-["MassvQwen2ForCausalLM"]`, a `massv` block), `model.safetensors` (LM weights, zero-padded
-embedding rows, a seeded projector) and the target's tokenizer files.
+["MassvQwen2ForCausalLM"]` or `["MassvGemma3ForCausalLM"]`, a `massv` block), `model.safetensors`
+(LM weights, zero-padded embedding rows, a seeded projector) and the target's tokenizer files.
+
+Families (:data:`FAMILIES`): Qwen2-VL / Qwen2.5-VL targets with Qwen2 text LMs, Gemma3 targets
+with Gemma3 text LMs (`gemma3_text`).
 
 `--draft-lm` may be the target VLM itself: its language model becomes the drafter, with every
-numeric setting copied from the target's text config and the target's M-RoPE positions (a
-"sanity drafter": with `--projector identity` it reproduces the target's own computation).
+numeric setting copied from the target's text config and the target's positions (M-RoPE for
+Qwen2-VL) (a "sanity drafter": with `--projector identity` it reproduces the target's own
+computation).
 """
 
 from __future__ import annotations
@@ -25,16 +29,53 @@ from vllm_massv.config import (MassvConfig, MassvConfigError, PositionScheme, Pr
                                target_image_embedding_dim, target_token_ids)
 from vllm_massv.projector import PROJECTOR_PREFIX, build_projector
 
-DRAFTER_ARCHITECTURE = "MassvQwen2ForCausalLM"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
-                   "added_tokens.json")
+                   "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja",
+                   "chat_template.json", "added_tokens.json")
 # Qwen2 config fields copied from a VLM target's text config for a sanity drafter.
 _QWEN2_TEXT_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers",
                       "num_attention_heads", "num_key_value_heads", "hidden_act",
                       "max_position_embeddings", "rms_norm_eps", "rope_parameters",
                       "attention_dropout", "initializer_range", "bos_token_id", "eos_token_id",
                       "head_dim")
+
+
+@dataclass(frozen=True)
+class DrafterFamily:
+    """A target family and the drafter architecture that serves it."""
+    target_types: tuple[str, ...]   # the target VLM's model_type
+    lm_type: str                    # model_type of the draft text LM
+    architecture: str               # MASSV drafter architecture (vllm_massv.models)
+    example: str                    # a draft LM to name in error messages
+
+
+FAMILIES = {
+    "qwen2": DrafterFamily(("qwen2_vl", "qwen2_5_vl"), "qwen2", "MassvQwen2ForCausalLM",
+                           "Qwen2.5-1.5B-Instruct"),
+    "gemma3": DrafterFamily(("gemma3",), "gemma3_text", "MassvGemma3ForCausalLM",
+                            "gemma-3-1b-it"),
+}
+#: Weight-name prefixes of a VLM's language model, by checkpoint layout, and their drafter names:
+#: transformers >= 4.52 (`model.language_model.*`), Gemma3 hub (`language_model.model.*`).
+_LM_PREFIXES = {"model.language_model.": "model.", "language_model.model.": "model.",
+                "language_model.lm_head.": "lm_head."}
+#: Vision-side weights of a VLM (Qwen `visual`, Gemma3 `vision_tower` + `multi_modal_projector`).
+_VISION_PREFIXES = ("model.visual.", "visual.", "model.vision_tower.", "vision_tower.",
+                    "model.multi_modal_projector.", "multi_modal_projector.")
+
+
+def drafter_family(target_cfg: Any) -> DrafterFamily:
+    """The drafter family for a target VLM config.
+
+    Raises:
+        MassvConfigError: an unsupported target family.
+    """
+    for family in FAMILIES.values():
+        if target_cfg.model_type in family.target_types:
+            return family
+    supported = ", ".join(t for f in FAMILIES.values() for t in f.target_types)
+    raise MassvConfigError(f"target model_type {target_cfg.model_type!r} is not supported; "
+                           f"MASSV drafters are built for: {supported}.")
 
 
 @dataclass
@@ -53,16 +94,24 @@ def init_drafter(target: str | Path, draft_lm: str | Path, out: str | Path, *,
     """Build an untrained MASSV drafter directory at `out`.
 
     Args:
-        target: the target VLM (Qwen2-VL / Qwen2.5-VL family): a local directory or a hub name.
-        draft_lm: a Qwen2 text LM, or the target VLM itself (sanity drafter); directory or name.
+        target: the target VLM (Qwen2-VL / Qwen2.5-VL or Gemma3 family): a local directory or a
+            hub name.
+        draft_lm: a text LM of the target's family (Qwen2 / Gemma3 `gemma3_text`), or the target
+            VLM itself (sanity drafter); directory or name.
         out: output directory (created; existing files are overwritten).
         projector: projector kind; `identity` needs equal widths, `none` is text-only.
-        positions: `1d` / `mrope`; default `1d` for a text LM, `mrope` when `draft_lm` is a VLM.
+        positions: `1d` / `mrope`; default `1d` for a text LM, the target's own scheme (`mrope`
+            for Qwen2-VL, `1d` for Gemma3) when `draft_lm` is the VLM.
         projector_hidden_size: hidden width of `mlp2x_gelu` (default: drafter hidden size).
         seed: seed of the projector's initialization.
+    Gemma3 drafters are saved with `sliding_window: null`: every layer attends over the whole
+    context (each keeps its layer type's RoPE), because vLLM's V1 proposer needs all draft
+    layers in one KV-cache group (see `vllm_massv.models.gemma3`).
+
     Raises:
-        MassvConfigError: text-only target, tokenizers that disagree, a vocabulary larger than
-            the target's, or an `mrope` request the LM cannot honour.
+        MassvConfigError: text-only or unsupported target, a draft LM of another family,
+            tokenizers that disagree, a vocabulary larger than the target's, or an `mrope`
+            request the LM cannot honour.
     """
     from transformers import AutoConfig
 
@@ -71,25 +120,38 @@ def init_drafter(target: str | Path, draft_lm: str | Path, out: str | Path, *,
     feat_dim = target_image_embedding_dim(target_cfg)   # raises for a text-only target
     image_id, video_id = target_token_ids(target_cfg)
     target_text = target_cfg.get_text_config()
+    family = drafter_family(target_cfg)
     lm_cfg = AutoConfig.from_pretrained(draft_lm)
     sanity = getattr(lm_cfg, "vision_config", None) is not None
-    check_tokenizers(target, draft_lm, image_token_id=image_id)
+    if sanity and lm_cfg.model_type not in family.target_types:
+        raise MassvConfigError(f"--draft-lm {draft_lm} is a {lm_cfg.model_type!r} VLM, not the "
+                               f"target's family ({target_cfg.model_type!r}).")
+    if not sanity and lm_cfg.model_type != family.lm_type:
+        raise MassvConfigError(
+            f"--draft-lm {draft_lm} is a {lm_cfg.model_type!r} model; MASSV drafters for "
+            f"{target_cfg.model_type!r} targets need a {family.lm_type!r} text LM (e.g. "
+            f"{family.example}) or the target VLM itself.")
+    check_tokenizers(target, draft_lm, image_token_id=image_id,
+                     draft_vocab_size=int(lm_cfg.get_text_config().vocab_size))
 
     if sanity:
-        cfg = _qwen2_config_from_text_config(lm_cfg.get_text_config())
+        text_cfg = lm_cfg.get_text_config()
+        cfg = (_qwen2_config_from_text_config(text_cfg) if family.lm_type == "qwen2"
+               else text_cfg.to_dict())
         cfg["dtype"] = cfg.get("dtype") or str(lm_cfg.dtype).removeprefix("torch.")
         lm_state = _language_model_state(draft_lm)
-        positions = positions or "mrope"
+        positions = positions or ("mrope" if _is_mrope(target_text) else "1d")
     else:
-        if lm_cfg.model_type != "qwen2":
-            raise MassvConfigError(
-                f"--draft-lm {draft_lm} is a {lm_cfg.model_type!r} model; MASSV Qwen drafters "
-                "need a Qwen2 text LM (e.g. Qwen2.5-1.5B-Instruct) or the target VLM itself.")
         cfg = lm_cfg.to_dict()
         lm_state = _read_safetensors_dir(draft_lm)
         positions = positions or "1d"
-    cfg["rope_parameters"] = _rope_for_positions(cfg, target_text, positions)
-
+    if family.lm_type == "qwen2":
+        cfg["rope_parameters"] = _rope_for_positions(cfg, target_text, positions)
+    else:
+        if positions != "1d":
+            raise MassvConfigError(f"--positions {positions}: {target_cfg.model_type!r} "
+                                   "targets use 1-D positions; use --positions 1d.")
+        cfg["sliding_window"] = None
     orig_vocab = int(cfg["vocab_size"])
     target_vocab = int(target_text.vocab_size)
     if orig_vocab > target_vocab:
@@ -116,8 +178,8 @@ def init_drafter(target: str | Path, draft_lm: str | Path, out: str | Path, *,
         f"{PROJECTOR_PREFIX}.{k}": v.detach().to(lm_state["model.embed_tokens.weight"].dtype)
         for k, v in proj.state_dict().items()}
 
-    cfg.update(architectures=[DRAFTER_ARCHITECTURE], model_type="qwen2", vocab_size=target_vocab,
-               massv=massv.to_json_dict())
+    cfg.update(architectures=[family.architecture], model_type=family.lm_type,
+               vocab_size=target_vocab, massv=massv.to_json_dict())
     for key in ("_name_or_path", "transformers_version", "auto_map"):
         cfg.pop(key, None)
     out.mkdir(parents=True, exist_ok=True)
@@ -150,11 +212,15 @@ def _local_dir(name_or_path: str | Path) -> Path:
         "*.json", "*.safetensors", "*.txt", "*.jinja", "tokenizer*"]))
 
 
-def check_tokenizers(target: Path, draft_lm: Path, *, image_token_id: int) -> None:
+def check_tokenizers(target: Path, draft_lm: Path, *, image_token_id: int,
+                     draft_vocab_size: int | None = None) -> None:
     """Check that the draft LM's tokenizer maps every token to the target's id.
 
     The drafter reads the target's token ids, so any disagreement makes its proposals
-    meaningless. A draft LM without tokenizer files is assumed to share the target's.
+    meaningless. A draft LM without tokenizer files is assumed to share the target's. The
+    image token may be missing from the draft LM's tokenizer when its id is beyond the LM's
+    vocabulary (`draft_vocab_size`; Gemma3-1B: 262144 rows, image token 262144): it lands in a
+    padded row that only ever holds projected image embeddings.
 
     Raises:
         MassvConfigError: listing the first disagreements.
@@ -174,7 +240,9 @@ def check_tokenizers(target: Path, draft_lm: Path, *, image_token_id: int) -> No
             f"tokenizers disagree on {len(wrong)} tokens ({shown}). A MASSV drafter must use "
             "the target's tokenizer; pick a draft LM from the target's model family.")
     image_token = target_tok.convert_ids_to_tokens(image_token_id)
-    if d_vocab.get(image_token) != image_token_id:
+    out_of_vocab = draft_vocab_size is not None and image_token_id >= draft_vocab_size
+    if d_vocab.get(image_token) != image_token_id and not (
+            out_of_vocab and image_token not in d_vocab):
         raise MassvConfigError(
             f"the draft LM's tokenizer has no {image_token!r} with id {image_token_id} "
             "(the target's image token).")
@@ -245,17 +313,25 @@ def _read_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _language_model_state(vlm_dir: Path) -> dict[str, torch.Tensor]:
-    """The language-model weights of a Qwen2(.5)-VL checkpoint under Qwen2ForCausalLM names.
+    """The language-model weights of a VLM checkpoint under its text LM's names
+    (`model.*`, `lm_head.*`); vision tower and multimodal projector dropped.
 
-    Handles both layouts: transformers >= 4.52 (`model.language_model.*`, `model.visual.*`)
-    and the original hub layout (`model.*`, `visual.*`).
+    Layouts: transformers >= 4.52 (`model.language_model.*`), the original Qwen2-VL hub layout
+    (`model.*`, `visual.*`) and the Gemma3 hub layout (`language_model.model.*`,
+    `vision_tower.*`, `multi_modal_projector.*`).
     """
     state = {}
     for name, tensor in _read_safetensors_dir(vlm_dir).items():
-        if name.startswith("model.language_model."):
-            state["model." + name[len("model.language_model."):]] = tensor
-        elif name.startswith("lm_head."):
-            state[name] = tensor
-        elif name.startswith("model.") and not name.startswith("model.visual."):
+        if name.startswith(_VISION_PREFIXES):
+            continue
+        prefix = next((p for p in _LM_PREFIXES if name.startswith(p)), None)
+        if prefix is not None:
+            state[_LM_PREFIXES[prefix] + name[len(prefix):]] = tensor
+        elif name.startswith(("model.", "lm_head.")):
             state[name] = tensor
     return state
+
+
+def _is_mrope(text_cfg: Any) -> bool:
+    rope = text_cfg.to_dict().get("rope_parameters") or {}
+    return bool(rope.get("mrope_section"))

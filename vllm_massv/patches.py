@@ -10,7 +10,14 @@ stock vLLM:
    runner keep working because it is a subclass.
 2. `VllmConfig.use_v2_model_runner` is False for MASSV (`vllm/config/vllm.py`): the V2 runner's
    `StandaloneARSpeculator` ignores image embeddings, so it would draft text-only. An explicit
-   `VLLM_USE_V2_MODEL_RUNNER=1` is refused.
+   `VLLM_USE_V2_MODEL_RUNNER=1` is refused. `VllmConfig.__post_init__` turns the hybrid
+   KV-cache manager off (unless the user set it) when the target or the drafter has
+   sliding-window layers (Gemma3): with it on, sliding and full layers get separate KV-cache
+   groups, and the V1 proposer asserts that all draft layers share one
+   (`v1/spec_decode/llm_base_proposer.py::validate_same_kv_cache_group`); with it off, vLLM
+   promotes sliding layers to full-attention specs in one group and still computes them
+   windowed (`v1/core/kv_cache_utils.py::unify_hybrid_kv_cache_specs`). An explicit
+   `--no-disable-hybrid-kv-cache-manager` with such a pair is refused.
 3. `SpeculativeConfig.verify_equal_vocab_size_if_draft_model` (`vllm/config/speculative.py`,
    called while the config is built, before any engine process starts) runs the MASSV pairing
    checks of `vllm_massv.config.validate_pair` instead of the bare vocab-size check.
@@ -119,7 +126,53 @@ def _patch_vllm_config(module: Any) -> None:
         return False
 
     cls.use_v2_model_runner = property(use_v2_model_runner, doc=stock.__doc__)
+    stock_post_init = cls.__post_init__
+
+    def __post_init__(self) -> None:
+        if draft_is_massv(self.speculative_config):
+            _single_kv_cache_group_for_massv(self)
+        return stock_post_init(self)
+
+    cls.__post_init__ = __post_init__
     setattr(cls, _PATCHED_FLAG, True)
+
+
+def has_sliding_window_layers(hf_text_config: Any) -> bool:
+    """True when a text config has sliding-window attention layers (Gemma2/3, Qwen2 with
+    `use_sliding_window`); vLLM builds them with `per_layer_sliding_window`."""
+    if getattr(hf_text_config, "sliding_window", None) is None:
+        return False
+    layer_types = getattr(hf_text_config, "layer_types", None)
+    if layer_types is not None:
+        return "sliding_attention" in layer_types
+    return bool(getattr(hf_text_config, "use_sliding_window", True))
+
+
+def _single_kv_cache_group_for_massv(vllm_config: Any) -> None:
+    """Make all draft layers share one KV-cache group (see patch 2 in the module docstring).
+
+    Raises:
+        ValueError: the hybrid KV-cache manager was explicitly enabled for a pair with
+            sliding-window layers.
+    """
+    spec = vllm_config.speculative_config
+    models = [m for m in (vllm_config.model_config, spec.draft_model_config) if m is not None]
+    if not any(has_sliding_window_layers(m.hf_text_config) for m in models):
+        return
+    sched = vllm_config.scheduler_config
+    if sched.disable_hybrid_kv_cache_manager is False:
+        raise ValueError(
+            "MASSV drafting with sliding-window models (e.g. Gemma3) needs the hybrid KV-cache "
+            "manager off: vLLM's V1 proposer requires all draft layers in one KV-cache group. "
+            "Remove --no-disable-hybrid-kv-cache-manager.")
+    if sched.disable_hybrid_kv_cache_manager is None:
+        from vllm.logger import init_logger
+
+        init_logger("vllm.massv").info_once(
+            "MASSV drafter with sliding-window layers: disabling the hybrid KV-cache manager "
+            "(draft layers must share one KV-cache group; sliding layers keep their window "
+            "but hold KV for the full context).")
+        sched.disable_hybrid_kv_cache_manager = True
 
 
 # --- patch 3: validate a MASSV pairing while the config is built -------------------------------

@@ -20,6 +20,11 @@ place of `DraftModelProposer` only when the draft checkpoint is a MASSV drafter.
    (draft index = target index + r).
 3. No silent text-only fallback: a MASSV drafter with a projector that cannot receive image
    embeddings raises.
+4. The drafter attends causally over image tokens. For prefix-LM targets (Gemma3) the runner
+   puts the image ranges into the attention metadata (`mm_req_doc_ranges`, bidirectional
+   attention inside each image on backends that support it: FlashAttention, Triton, Flex), and
+   the proposer would hand that metadata to the draft layers too. The drafter is trained causal
+   (as transformers' `Gemma3ForCausalLM` runs it), so the ranges are dropped for it.
 
 The rest (drafting loop, sampling, paged draft KV in the target's pool, continuous batching) is
 vLLM's own code.
@@ -101,6 +106,8 @@ class MassvDraftModelProposer(DraftModelProposer):
         positions_1d = self.runner.positions[:num_tokens]
         if self.supports_mm_inputs:
             mm_embed_inputs = self._gather_draft_mm_embeddings(common_attn_metadata, num_tokens)
+        if common_attn_metadata.mm_req_doc_ranges is not None:
+            common_attn_metadata = common_attn_metadata.replace(mm_req_doc_ranges=None)
         draft = super().propose(
             num_speculative_tokens, target_token_ids, positions_1d, target_hidden_states,
             next_token_ids, token_indices_to_sample, common_attn_metadata, sampling_metadata,

@@ -249,9 +249,10 @@ def _corpus(num_sentences: int = 4000) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
-def _train_tokenizer_object(corpus: list[str] | None = None, vocab_size: int = TOKENIZER_VOCAB_SIZE):
+def _train_tokenizer_object(corpus: list[str] | None = None, vocab_size: int = TOKENIZER_VOCAB_SIZE,
+                            special_tokens: tuple[str, ...] = SPECIAL_TOKENS):
     """Train the byte-level BPE (``tokenizers.Tokenizer``) on ``corpus`` (default: the generic
-    generated corpus), with exactly ``vocab_size`` entries."""
+    generated corpus), with exactly ``vocab_size`` entries; ``special_tokens`` take ids 0.."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(byte_fallback=False))
@@ -267,7 +268,7 @@ def _train_tokenizer_object(corpus: list[str] | None = None, vocab_size: int = T
         vocab_size=vocab_size,
         min_frequency=2,
         show_progress=False,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(_corpus() if corpus is None else corpus, trainer=trainer)
@@ -275,7 +276,7 @@ def _train_tokenizer_object(corpus: list[str] | None = None, vocab_size: int = T
     if got != vocab_size:
         raise RuntimeError(f"tokenizer vocab is {got}, expected {vocab_size}: the corpus has "
                            "too few distinct pairs; lower vocab_size or enlarge the corpus")
-    for i, special in enumerate(SPECIAL_TOKENS):
+    for i, special in enumerate(special_tokens):
         if tok.token_to_id(special) != i:
             got = tok.token_to_id(special)
             raise RuntimeError(f"special token {special} got id {got}, not {i}")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -161,3 +162,39 @@ def reference(models: TinyModels) -> dict[str, list[int]]:
     """Greedy token ids of the target alone (no speculation) on the mixed batch."""
     with engine(models.target) as llm:
         return token_ids(generate(llm, mixed_batch(models.target)))
+
+
+def replay(drafter, prompt_ids, output_ids, image_embeds, drafted_per_step) -> list[int]:
+    """Accepted draft count per verify step of greedy speculative decoding, simulated with a
+    transformers drafter (`vllm_massv.hf`) along the target's output: what vLLM's per-request
+    `spec_decode_metrics.per_step_accepted` must equal."""
+    accepted, m = [], 1  # the prefill step samples the first output token
+    for drafted in drafted_per_step:
+        ctx = list(prompt_ids) + list(output_ids[:m])
+        proposals = []
+        for _ in range(drafted):
+            ids = torch.tensor([ctx + proposals])
+            # image positions are the prompt's placeholders only (generated text may contain the
+            # placeholder token id; vLLM does not treat it as an image position either)
+            mask = (ids == drafter.massv_config.image_token_id)
+            mask[:, len(prompt_ids):] = False
+            with torch.no_grad():
+                logits = drafter(input_ids=ids, image_embeds=image_embeds, image_mask=mask).logits
+            proposals.append(int(logits[0, -1].argmax()))
+        a = 0
+        while a < drafted and m + a < len(output_ids) and proposals[a] == output_ids[m + a]:
+            a += 1
+        accepted.append(a)
+        m += a + 1
+    return accepted
+
+
+def emitted_accepted(per_step_accepted: list[int], num_output_tokens: int) -> list[int]:
+    """vLLM's per-step accepted counts, clipped to the tokens the request emitted: a step can
+    accept drafts past `max_tokens` (they are verified, then cut), which a replay along the
+    emitted output cannot see."""
+    out, m = [], 1
+    for a in per_step_accepted:
+        out.append(min(a, max(num_output_tokens - m, 0)))
+        m += a + 1
+    return out

@@ -12,32 +12,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import engine, generate, greedy, mixed_batch, spec_config, token_ids
+from conftest import (emitted_accepted, engine, generate, greedy, mixed_batch, replay,
+                      spec_config, token_ids)
 
 K = 3
-
-
-def replay(drafter, prompt_ids, output_ids, image_embeds, drafted_per_step):
-    """Accepted draft count per verify step of greedy speculative decoding, simulated."""
-    accepted, m = [], 1  # the prefill step samples the first output token
-    for drafted in drafted_per_step:
-        ctx = list(prompt_ids) + list(output_ids[:m])
-        proposals = []
-        for _ in range(drafted):
-            ids = torch.tensor([ctx + proposals])
-            # image positions are the prompt's placeholders only (generated text may contain the
-            # placeholder token id; vLLM does not treat it as an image position either)
-            mask = (ids == drafter.massv_config.image_token_id)
-            mask[:, len(prompt_ids):] = False
-            with torch.no_grad():
-                logits = drafter(input_ids=ids, image_embeds=image_embeds, image_mask=mask).logits
-            proposals.append(int(logits[0, -1].argmax()))
-        a = 0
-        while a < drafted and m + a < len(output_ids) and proposals[a] == output_ids[m + a]:
-            a += 1
-        accepted.append(a)
-        m += a + 1
-    return accepted
 
 
 @pytest.fixture(scope="module")
@@ -99,10 +77,9 @@ def test_proposals_match_transformers(models, vllm_outputs, encoder):
         out = vllm_outputs[name]
         assert inputs["input_ids"][0].tolist() == list(out.prompt_token_ids), name
         embeds = encoder.encode(images) if images else None
-        metrics = out.outputs[0].spec_decode_metrics
-        expected = replay(drafter, out.prompt_token_ids, list(out.outputs[0].token_ids), embeds,
-                          metrics.per_step_drafted)
-        assert metrics.per_step_accepted == expected, name
+        metrics, tokens = out.outputs[0].spec_decode_metrics, list(out.outputs[0].token_ids)
+        expected = replay(drafter, out.prompt_token_ids, tokens, embeds, metrics.per_step_drafted)
+        assert emitted_accepted(metrics.per_step_accepted, len(tokens)) == expected, name
         total_steps += len(expected)
         total_accepted += sum(expected)
     print(f"1-D drafter: {total_accepted} accepted over {total_steps} steps, all equal to the "

@@ -1,9 +1,16 @@
 """Target image embeddings for training, exactly as vLLM feeds them to the drafter at serving time.
 
-vLLM caches the Qwen2(.5)-VL vision tower's output *after the patch merger*
-(vLLM `models/qwen2_5_vl.py::embed_multimodal`): one [n_tokens, out_hidden_size] block per image,
-n_tokens = grid_t * grid_h * grid_w / spatial_merge_size**2, one row per `<|image_pad|>`.
-:class:`TargetImageEncoder` computes the same with transformers, loading only the vision tower's
+What vLLM caches per image (the drafter's projector input):
+
+* Qwen2(.5)-VL: the vision tower's output *after the patch merger* (vLLM
+  `models/qwen2_5_vl.py::embed_multimodal`): [n_tokens, out_hidden_size],
+  n_tokens = grid_t * grid_h * grid_w / spatial_merge_size**2, one row per `<|image_pad|>`.
+* Gemma3: SigLIP's last hidden state (post-layernorm) through the VLM's
+  `Gemma3MultiModalProjector` (avg-pool to `mm_tokens_per_image`, RMSNorm, projection to the
+  text width; vLLM `models/gemma3_mm.py::_process_image_input`): [mm_tokens_per_image,
+  text hidden_size], one row per `<image_soft_token>`. Pan-and-scan is not supported.
+
+:class:`TargetImageEncoder` computes the same with transformers, loading only the vision-side
 weights from the target checkpoint, and can cache results on disk for repeated epochs.
 """
 
@@ -17,10 +24,19 @@ import torch
 from safetensors import safe_open
 
 _VISION_PREFIXES = ("model.visual.", "visual.")
+# Gemma3 checkpoint layouts: transformers >= 4.52 (`model.vision_tower.`) and the hub's
+# (`vision_tower.`); SigLIP's own weights may sit under a further `vision_model.`.
+_GEMMA3_PREFIXES = {"model.vision_tower.vision_model.": "vision_tower.",
+                    "vision_tower.vision_model.": "vision_tower.",
+                    "model.vision_tower.": "vision_tower.", "vision_tower.": "vision_tower.",
+                    "model.multi_modal_projector.": "projector.",
+                    "multi_modal_projector.": "projector."}
+TARGET_TYPES = ("qwen2_5_vl", "qwen2_vl", "gemma3")
 
 
 class TargetImageEncoder:
-    """The frozen vision tower (+ merger) of a Qwen2-VL / Qwen2.5-VL target.
+    """The frozen vision side of a target: Qwen2-VL / Qwen2.5-VL vision tower (+ merger), or
+    Gemma3's SigLIP tower + multimodal projector.
 
     Args:
         target: target checkpoint directory (config, image processor, safetensors).
@@ -28,7 +44,8 @@ class TargetImageEncoder:
         cache_dir: optional directory of cached embeddings, keyed by image bytes + processor
             settings + target.
     Raises:
-        ValueError: the target is not a Qwen2-VL-family model or has no vision weights.
+        ValueError: an unsupported target type, no vision weights, or a Gemma3 image processor
+            with pan-and-scan on.
     """
 
     def __init__(self, target: str | Path, *, dtype: torch.dtype = torch.float32,
@@ -37,10 +54,21 @@ class TargetImageEncoder:
 
         self.target = Path(target)
         config = AutoConfig.from_pretrained(self.target)
-        if config.model_type not in ("qwen2_5_vl", "qwen2_vl"):
-            raise ValueError(f"{self.target}: unsupported target type {config.model_type!r}")
+        if config.model_type not in TARGET_TYPES:
+            raise ValueError(f"{self.target}: unsupported target type {config.model_type!r} "
+                             f"(supported: {', '.join(TARGET_TYPES)})")
+        self.family = "gemma3" if config.model_type == "gemma3" else "qwen2_vl"
         self.image_processor = AutoImageProcessor.from_pretrained(self.target)
-        self.visual = _load_vision_tower(self.target, config, dtype).to(device).eval()
+        if self.family == "gemma3":
+            if getattr(self.image_processor, "do_pan_and_scan", None):
+                raise ValueError(f"{self.target}: the image processor has do_pan_and_scan on; "
+                                 "training features for pan-and-scan crops are not supported")
+            self.visual = Gemma3ImageFeatures.from_target(self.target, config, dtype)
+            self._feature_dim = int(config.text_config.hidden_size)
+        else:
+            self.visual = _load_vision_tower(self.target, config, dtype)
+            self._feature_dim = int(self.visual.config.out_hidden_size)
+        self.visual = self.visual.to(device).eval()
         self.dtype, self.device = dtype, torch.device(device)
         self.cache_dir = Path(cache_dir) if cache_dir else None
         if self.cache_dir:
@@ -51,7 +79,8 @@ class TargetImageEncoder:
 
     @property
     def feature_dim(self) -> int:
-        return int(self.visual.config.out_hidden_size)
+        """Width of the embeddings (the projector's input)."""
+        return self._feature_dim
 
     @torch.no_grad()
     def encode(self, images: list) -> torch.Tensor:
@@ -63,10 +92,15 @@ class TargetImageEncoder:
         todo = [i for i, t in enumerate(out) if t is None]
         if todo:
             inputs = self.image_processor(images=[images[i] for i in todo], return_tensors="pt")
-            grid = inputs["image_grid_thw"]
-            feats = self.visual(inputs["pixel_values"].to(self.device, self.dtype),
-                                grid_thw=grid.to(self.device)).pooler_output
-            sizes = (grid.prod(-1) // self.visual.spatial_merge_size ** 2).tolist()
+            pixels = inputs["pixel_values"].to(self.device, self.dtype)
+            if self.family == "gemma3":
+                feats = self.visual(pixels)                       # [n, tokens, dim]
+                sizes = [feats.shape[1]] * feats.shape[0]
+                feats = feats.flatten(0, 1)
+            else:
+                grid = inputs["image_grid_thw"]
+                feats = self.visual(pixels, grid_thw=grid.to(self.device)).pooler_output
+                sizes = (grid.prod(-1) // self.visual.spatial_merge_size ** 2).tolist()
             for i, f in zip(todo, torch.split(feats.cpu(), sizes)):
                 out[i] = f
                 if keys[i]:
@@ -74,7 +108,7 @@ class TargetImageEncoder:
         return torch.cat(out)  # type: ignore[arg-type]
 
     def grid(self, image) -> tuple[int, int, int]:
-        """(t, h, w) of `image`'s embedding grid in merged-token units (t = 1 for an image), as
+        """Qwen2-VL targets only: (t, h, w) of `image`'s embedding grid in merged-token units (t = 1 for an image), as
         the image processor resizes it (`smart_resize`, vLLM and transformers alike); the
         image gets t*h*w `<|image_pad|>` tokens."""
         from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
@@ -123,3 +157,45 @@ def _load_vision_tower(target: Path, config, dtype: torch.dtype) -> torch.nn.Mod
         raise ValueError(f"{target}: no vision tower weights (model.visual.* / visual.*)")
     visual.load_state_dict(state, strict=True)
     return visual
+
+
+class Gemma3ImageFeatures(torch.nn.Module):
+    """Gemma3's image path up to the embeddings vLLM caches: SigLIP (`vision_use_head=False`,
+    last hidden state incl. post-layernorm) and `Gemma3MultiModalProjector`.
+
+    forward: pixel_values [n, 3, image_size, image_size] -> [n, mm_tokens_per_image,
+    text hidden_size] (transformers `Gemma3Model.get_image_features`).
+    """
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        from transformers.models.gemma3.modeling_gemma3 import Gemma3MultiModalProjector
+        from transformers.models.siglip.modeling_siglip import SiglipVisionModel
+
+        self.vision_tower = SiglipVisionModel._from_config(config.vision_config)
+        self.projector = Gemma3MultiModalProjector(config)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.projector(self.vision_tower(pixel_values=pixel_values).last_hidden_state)
+
+    @classmethod
+    def from_target(cls, target: Path, config, dtype: torch.dtype) -> "Gemma3ImageFeatures":
+        """Build from the target's config and load only the vision tower and projector weights.
+
+        Raises:
+            ValueError: the checkpoint lacks some of them.
+        """
+        module = cls(config).to(dtype)
+        state = {}
+        for file in sorted(target.glob("*.safetensors")):
+            with safe_open(file, framework="pt") as fh:
+                for name in fh.keys():
+                    prefix = next((p for p in _GEMMA3_PREFIXES if name.startswith(p)), None)
+                    if prefix is not None:
+                        state[_GEMMA3_PREFIXES[prefix] + name[len(prefix):]] = \
+                            fh.get_tensor(name).to(dtype)
+        missing, unexpected = module.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{target}: Gemma3 vision weights do not match the config "
+                             f"(missing {missing[:4]}, unexpected {unexpected[:4]})")
+        return module

@@ -85,7 +85,7 @@ def load_examples(cfg: TrainConfig, tokenizer) -> list[Example]:
 
     files = data_files(cfg.data)
     table = [row for f in files for row in pq.read_table(f).to_pylist()]
-    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    end_of_turn = end_of_turn_id(tokenizer)
     examples = []
     for row in sorted(table, key=lambda r: r["id"]):
         prompt = list(row["prompt_token_ids"])
@@ -104,6 +104,18 @@ def load_examples(cfg: TrainConfig, tokenizer) -> list[Example]:
     if cfg.loss == "kl" and any(e.top_ids is None for e in examples):
         raise MassvConfigError("--loss kl needs top-k logprobs: run `massv generate --logprobs K`")
     return examples
+
+
+def end_of_turn_id(tokenizer) -> int:
+    """The token that ends an assistant turn: Qwen's `<|im_end|>`, Gemma's `<end_of_turn>`,
+    else the tokenizer's eos."""
+    vocab = tokenizer.get_vocab()
+    for token in ("<|im_end|>", "<end_of_turn>"):
+        if token in vocab:
+            return vocab[token]
+    if tokenizer.eos_token_id is None:
+        raise MassvConfigError("the tokenizer has no end-of-turn or eos token")
+    return tokenizer.eos_token_id
 
 
 def data_files(data_dir: str | Path) -> list[Path]:
@@ -256,7 +268,7 @@ def train(cfg: TrainConfig) -> dict:
     from accelerate.utils import set_seed
     from transformers import AutoTokenizer, get_cosine_schedule_with_warmup
 
-    from vllm_massv.hf import MassvQwen2ForCausalLM
+    from vllm_massv.hf import drafter_class
     from vllm_massv.training.features import TargetImageEncoder
 
     out = Path(cfg.out)
@@ -267,7 +279,7 @@ def train(cfg: TrainConfig) -> dict:
                               cpu=not torch.cuda.is_available())
     set_seed(cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(cfg.drafter)
-    model = MassvQwen2ForCausalLM.from_pretrained(cfg.drafter, dtype=torch.float32)
+    model = drafter_class(cfg.drafter).from_pretrained(cfg.drafter, dtype=torch.float32)
     if model.mm_projector is None and cfg.phase == "align":
         raise MassvConfigError("phase 'align' trains the projector; this drafter has none")
     for name, p in model.named_parameters():
@@ -392,6 +404,7 @@ def _export(model, cfg: TrainConfig, out: Path) -> None:
     model.save_pretrained(out, safe_serialization=True)
     cfg_path = out / "config.json"
     config = json.loads(cfg_path.read_text())
-    config["architectures"] = ["MassvQwen2ForCausalLM"]
+    config["architectures"] = json.loads(
+        (Path(cfg.drafter) / "config.json").read_text())["architectures"]
     cfg_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     copy_tokenizer_files(Path(cfg.drafter), out)

@@ -18,10 +18,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 from transformers import Qwen2Config, Qwen2ForCausalLM
-from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from vllm_massv.config import MassvConfig
-from vllm_massv.projector import build_projector
+from vllm_massv.hf.base import MassvHFDrafterMixin
 
 
 def mrope_positions(input_ids: Sequence[int], image_token_id: int,
@@ -92,11 +90,12 @@ class MRopeRotaryEmbedding(nn.Module):
         return cos, sin
 
 
-class MassvQwen2ForCausalLM(Qwen2ForCausalLM):
+class MassvQwen2ForCausalLM(MassvHFDrafterMixin, Qwen2ForCausalLM):
     """transformers MASSV drafter. Load with `MassvQwen2ForCausalLM.from_pretrained(drafter_dir)`.
 
-    With `massv.positions == "mrope"`, pass `position_ids` of shape [3, batch, seq]
-    (:func:`mrope_positions` per row) together with an `attention_mask`.
+    `forward(input_ids, image_embeds=..., image_mask=..., labels=..., **lm_kwargs)`: see
+    :class:`MassvHFDrafterMixin`. With `massv.positions == "mrope"`, pass `position_ids` of shape
+    [3, batch, seq] (:func:`mrope_positions` per row) together with an `attention_mask`.
 
     Raises:
         MassvConfigError: the config has no valid `massv` block.
@@ -106,56 +105,19 @@ class MassvQwen2ForCausalLM(Qwen2ForCausalLM):
 
     def __init__(self, config: Qwen2Config) -> None:
         super().__init__(config)
-        self.massv_config = MassvConfig.from_hf_config(config)
+        self._init_massv(config)
         if self.massv_config.positions == "mrope":
             section = (config.rope_parameters or {}).get("mrope_section")
             if not section:
                 raise ValueError("massv.positions='mrope' but rope_parameters has no mrope_section")
             self.model.rotary_emb = MRopeRotaryEmbedding(self.model.rotary_emb, section)
-        self.mm_projector = build_projector(self.massv_config, config.hidden_size)
         self.post_init()
 
-    def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None = None,
-              image_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Drafter input embeddings.
-
-        Args:
-            input_ids: [batch, seq] token ids.
-            image_embeds: [n_image_tokens, vision_feature_dim], the target's post-merger image
-                embeddings for every image placeholder in `input_ids`, in row-major order.
-            image_mask: [batch, seq] bool, the positions that take an image embedding (default:
-                every image placeholder token; pass it when generated text may contain one).
-        Returns:
-            [batch, seq, hidden_size].
-        Raises:
-            ValueError: the number of image embeddings differs from the placeholder count.
-        """
-        embeds = self.get_input_embeddings()(input_ids)
-        if image_embeds is None or self.mm_projector is None:
-            return embeds
-        mask = input_ids == self.massv_config.image_token_id if image_mask is None else image_mask
-        if int(mask.sum()) != image_embeds.shape[0]:
-            raise ValueError(f"{image_embeds.shape[0]} image embeddings for "
-                             f"{int(mask.sum())} image placeholders")
-        projected = self.mm_projector(image_embeds.to(embeds.dtype))
-        return embeds.masked_scatter(mask.unsqueeze(-1), projected)
-
-    def forward(self, input_ids: torch.Tensor | None = None,
-                image_embeds: torch.Tensor | None = None, image_mask: torch.Tensor | None = None,
-                inputs_embeds=None, labels=None, **kwargs) -> CausalLMOutputWithPast:
-        """Like `Qwen2ForCausalLM.forward`, plus `image_embeds` / `image_mask` (see :meth:`embed`)."""
-        if inputs_embeds is None:
-            inputs_embeds = self.embed(input_ids, image_embeds, image_mask)
+    def _prepare_lm_kwargs(self, inputs_embeds, kwargs):
         position_ids = kwargs.get("position_ids")
         if position_ids is not None and position_ids.dim() == 3 and kwargs.get(
                 "attention_mask") is None:
             # transformers reads 2-D position_ids for packed-sequence masks when no mask is given
             kwargs["attention_mask"] = torch.ones(inputs_embeds.shape[:2], dtype=torch.long,
                                                   device=inputs_embeds.device)
-        out = super().forward(inputs_embeds=inputs_embeds, labels=None, **kwargs)
-        orig = self.massv_config.orig_vocab_size
-        if orig < out.logits.shape[-1]:
-            out.logits[..., orig:] = float("-inf")
-        if labels is not None:
-            out.loss = self.loss_function(out.logits, labels, self.config.vocab_size)
-        return out
+        return kwargs

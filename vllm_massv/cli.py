@@ -30,16 +30,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="massv", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("init", help="build an untrained MASSV drafter from a text LM + target VLM")
-    p.add_argument("--target", required=True, help="target VLM directory (Qwen2.5-VL)")
+    p.add_argument("--target", required=True, help="target VLM directory or hub name (Qwen2-VL/Qwen2.5-VL or Gemma3)")
     p.add_argument("--draft-lm", required=True,
-                   help="Qwen2 text LM directory, or the target itself (sanity drafter)")
+                   help="text LM of the target's family (Qwen2 for Qwen targets, gemma3_text "
+                   "for Gemma3), or the target itself (sanity drafter)")
     p.add_argument("--out", required=True, help="output drafter directory")
     p.add_argument("--projector", default="mlp2x_gelu",
                    choices=["mlp2x_gelu", "linear", "identity", "none"])
     p.add_argument("--projector-hidden", type=int, default=None,
                    help="hidden width of mlp2x_gelu (default: drafter hidden size)")
     p.add_argument("--positions", choices=["1d", "mrope"], default=None,
-                   help="drafter positions (default: 1d for a text LM, mrope for the target's LM)")
+                   help="drafter positions (default: 1d for a text LM; the target's own scheme, "
+                   "mrope for Qwen2-VL, for the target's LM)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_init)
 

@@ -14,6 +14,8 @@ seeds, so two builds with the same arguments produce byte-identical files.
 * :func:`sample_images` -- a fixed set of RGB test images of different sizes.
 * :class:`ApiServer` -- vLLM's OpenAI-compatible server as a subprocess (start, wait for
   ``/health``, stop with its whole process group), for tests and ``benchmarks/serve_load.py``.
+
+The Gemma3 family's tiny target and text LM are in :mod:`vllm_massv.testing.gemma3`.
 """
 
 from __future__ import annotations

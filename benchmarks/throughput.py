@@ -49,9 +49,6 @@ from typing import Any
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "auto")
-# Every method, stock ones included, gets the CPU rejection-sampler fix (vllm_massv.patches,
-# patch 5): without it, stock methods at temperature > 0 verify against garbage on CPU.
-os.environ.setdefault("VLLM_MASSV_FIX_CPU_SAMPLER", "1")
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -558,6 +555,9 @@ def resolve(args: argparse.Namespace) -> tuple[str, list[Method], list[PromptIte
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Every method, stock ones included, gets the CPU rejection-sampler fix (vllm_massv.patches,
+    # patch 5): without it, stock methods at temperature > 0 verify against garbage on CPU.
+    os.environ.setdefault("VLLM_MASSV_FIX_CPU_SAMPLER", "1")
     from tqdm import tqdm
 
     target, methods, items = resolve(args)

@@ -93,6 +93,10 @@ def init_drafter(target: str | Path, draft_lm: str | Path, out: str | Path, *,
                  projector_hidden_size: int | None = None, seed: int = 0) -> InitReport:
     """Build an untrained MASSV drafter directory at `out`.
 
+    Gemma3 drafters are saved with `sliding_window: null`: every layer attends over the whole
+    context (each keeps its layer type's RoPE), because vLLM's V1 proposer needs all draft
+    layers in one KV-cache group (see `vllm_massv.models.gemma3`).
+
     Args:
         target: the target VLM (Qwen2-VL / Qwen2.5-VL or Gemma3 family): a local directory or a
             hub name.
@@ -104,10 +108,6 @@ def init_drafter(target: str | Path, draft_lm: str | Path, out: str | Path, *,
             for Qwen2-VL, `1d` for Gemma3) when `draft_lm` is the VLM.
         projector_hidden_size: hidden width of `mlp2x_gelu` (default: drafter hidden size).
         seed: seed of the projector's initialization.
-    Gemma3 drafters are saved with `sliding_window: null`: every layer attends over the whole
-    context (each keeps its layer type's RoPE), because vLLM's V1 proposer needs all draft
-    layers in one KV-cache group (see `vllm_massv.models.gemma3`).
-
     Raises:
         MassvConfigError: text-only or unsupported target, a draft LM of another family,
             tokenizers that disagree, a vocabulary larger than the target's, or an `mrope`

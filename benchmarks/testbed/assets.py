@@ -43,10 +43,11 @@ MODELS = TESTBED / "models"
 CACHE = ROOT / ".cache" / "testbed"
 #: Zero-output decoder layers appended to the 6-layer target (see module docstring). Chosen so
 #: that a draft token costs about 0.2 target decode steps *inside vLLM's speculative loop* on the
-#: 2-core CPU (``c_in_loop`` in the benchmark: 0.21-0.24 measured): there a draft pass costs
+#: 2-core CPU (``c_in_loop`` in the benchmark: 0.21-0.24 in the run that chose it, 0.06-0.14 in
+#: a later one; timing on this shared machine varies between runs): there a draft pass costs
 #: ~6.7 ms, mostly fixed proposer work, against the drafter's own ~1.2 ms decode step, while a
 #: padding layer costs ~0.37 ms. The drafter's stand-alone ITL over the target's (``c`` in the
-#: benchmark) is then 0.04.
+#: benchmark) is then 0.04-0.05.
 PAD_LAYERS = 56
 #: Held-out split sizes built by :func:`ensure` (train/val are not needed to benchmark).
 TEST_SPLIT = {"n_train": 0, "n_val": 0, "n_test": 200}

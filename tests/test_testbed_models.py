@@ -131,7 +131,6 @@ def test_llava_prompts_render_for_qwen_and_gemma3(tmp_path: Path) -> None:
     """`--llava-json` prompts: text-only, one and two images, an unreadable image skipped; the
     target's chat template places each family's image placeholder."""
     from PIL import Image
-    from transformers import AutoTokenizer
 
     from vllm_massv import testing as mt
     from vllm_massv.testing import gemma3 as g3

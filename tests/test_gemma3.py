@@ -93,16 +93,21 @@ def prompts_of(rows) -> dict[str, dict]:
     return out
 
 
-def serve(target: Path, drafter: Path, rows, env=None) -> dict:
+def serve(target: Path, drafter: Path, rows, read_encoder_cache: bool = False) -> dict:
+    """Greedy outputs of `rows` with `drafter` (k=K), and, if asked, vLLM's cached image
+    embeddings afterwards."""
     from vllm import SamplingParams
 
     from vllm_massv import testing as mt
 
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
     prompts = prompts_of(rows)
+    # LLM.collective_rpc with a function needs insecure serialization in the engine
+    env = {"VLLM_ALLOW_INSECURE_SERIALIZATION": "1"} if read_encoder_cache else None
     with engine(target, spec_config(drafter, K), env=env, **GEMMA3_ENGINE) as llm:
         outs = llm.generate(list(prompts.values()), params, use_tqdm=False)
-        cached = list(llm.collective_rpc(mt.vllm_encoder_cache)[0].values()) if env else []
+        cached = (list(llm.collective_rpc(mt.vllm_encoder_cache)[0].values())
+                  if read_encoder_cache else [])
     return {"outputs": dict(zip(prompts, outs)), "encoder_cache": cached}
 
 
@@ -181,8 +186,7 @@ def test_generate_wrote_every_prompt(data):
 
 @pytest.fixture(scope="module")
 def sanity_run(models, data):
-    return serve(models["target"], models["sanity"], data["rows"],
-                 env={"VLLM_ALLOW_INSECURE_SERIALIZATION": "1"})
+    return serve(models["target"], models["sanity"], data["rows"], read_encoder_cache=True)
 
 
 def test_sanity_drafter_lossless_and_accepts_all(sanity_run, data):

@@ -31,7 +31,6 @@ _GEMMA3_PREFIXES = {"model.vision_tower.vision_model.": "vision_tower.",
                     "model.vision_tower.": "vision_tower.", "vision_tower.": "vision_tower.",
                     "model.multi_modal_projector.": "projector.",
                     "multi_modal_projector.": "projector."}
-TARGET_TYPES = ("qwen2_5_vl", "qwen2_vl", "gemma3")
 
 
 class TargetImageEncoder:
@@ -44,22 +43,21 @@ class TargetImageEncoder:
         cache_dir: optional directory of cached embeddings, keyed by image bytes + processor
             settings + target.
     Raises:
-        ValueError: an unsupported target type, no vision weights, or a Gemma3 image processor
-            with pan-and-scan on.
+        ValueError: an unsupported target type (`MassvConfigError`), no vision weights, or a
+            Gemma3 image processor with pan-and-scan on.
     """
 
     def __init__(self, target: str | Path, *, dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu", cache_dir: str | Path | None = None) -> None:
         from transformers import AutoConfig, AutoImageProcessor
 
+        from vllm_massv.init_drafter import FAMILIES, drafter_family
+
         self.target = Path(target)
         config = AutoConfig.from_pretrained(self.target)
-        if config.model_type not in TARGET_TYPES:
-            raise ValueError(f"{self.target}: unsupported target type {config.model_type!r} "
-                             f"(supported: {', '.join(TARGET_TYPES)})")
-        self.family = "gemma3" if config.model_type == "gemma3" else "qwen2_vl"
+        gemma3 = drafter_family(config) is FAMILIES["gemma3"]  # raises for other targets
         self.image_processor = AutoImageProcessor.from_pretrained(self.target)
-        if self.family == "gemma3":
+        if gemma3:
             if getattr(self.image_processor, "do_pan_and_scan", None):
                 raise ValueError(f"{self.target}: the image processor has do_pan_and_scan on; "
                                  "training features for pan-and-scan crops are not supported")
@@ -93,7 +91,7 @@ class TargetImageEncoder:
         if todo:
             inputs = self.image_processor(images=[images[i] for i in todo], return_tensors="pt")
             pixels = inputs["pixel_values"].to(self.device, self.dtype)
-            if self.family == "gemma3":
+            if isinstance(self.visual, Gemma3ImageFeatures):
                 feats = self.visual(pixels)                       # [n, tokens, dim]
                 sizes = [feats.shape[1]] * feats.shape[0]
                 feats = feats.flatten(0, 1)

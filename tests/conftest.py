@@ -198,3 +198,23 @@ def emitted_accepted(per_step_accepted: list[int], num_output_tokens: int) -> li
         out.append(min(a, max(num_output_tokens - m, 0)))
         m += a + 1
     return out
+
+
+def prompt_logprobs_vs_transformers(drafter_dir: Path, prompt: str, top: int = 5):
+    """Serve a MASSV drafter as a plain text model with prompt logprobs and compare them with its
+    transformers twin (`vllm_massv.hf`), fp32. Returns (the vLLM output, the largest
+    |vLLM - transformers| logprob over vLLM's top-`top` entries of every position)."""
+    from vllm import SamplingParams
+
+    from vllm_massv.hf import drafter_class
+
+    with engine(drafter_dir, max_model_len=512, limit_mm_per_prompt=None) as llm:
+        out = llm.generate([prompt], SamplingParams(max_tokens=1, prompt_logprobs=top),
+                           use_tqdm=False)[0]
+    ids = list(out.prompt_token_ids)
+    drafter = drafter_class(drafter_dir).from_pretrained(drafter_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logp = torch.log_softmax(drafter(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+    worst = max(abs(lp.logprob - logp[i - 1, token].item())
+                for i in range(1, len(ids)) for token, lp in out.prompt_logprobs[i].items())
+    return out, worst

@@ -17,8 +17,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import emitted_accepted, engine, replay, spec_config
-from test_pipeline import COLOURS, SHAPES, shape_image
+from conftest import (emitted_accepted, engine, prompt_logprobs_vs_transformers, replay,
+                      spec_config)
+from test_pipeline import COLOURS, shape_records
 
 from vllm_massv.cli import main as massv
 from vllm_massv.config import MassvConfigError
@@ -48,15 +49,7 @@ def data(models) -> dict:
 
     root = models["root"] / "llava"
     root.mkdir()
-    records = []
-    for colour in COLOURS:
-        for shape in SHAPES:
-            for big in (False, True):
-                name = f"{'big' if big else 'small'}_{colour}_{shape}"
-                shape_image(colour, shape, big).save(root / f"{name}.png")
-                records.append({"id": name, "image": f"{name}.png", "conversations": [
-                    {"from": "human", "value": "<image>\nDescribe the image."},
-                    {"from": "gpt", "value": f"A {'big' if big else 'small'} {colour} {shape}."}]})
+    records = shape_records(root)
     for i, (a, b) in enumerate(zip(list(COLOURS)[:6], list(COLOURS)[1:] + ["red"])):
         records.append({"id": f"pair_{i}", "image": [f"big_{a}_circle.png", f"small_{b}_square.png"],
                         "conversations": [{"from": "human",
@@ -289,24 +282,9 @@ def test_trained_drafter_lossless_and_matches_transformers(models, data, trained
 def test_drafter_logits_match_transformers(trained):
     """vLLM's `MassvGemma3ForCausalLM` and the transformers twin give the same next-token
     log-probabilities (fp32), the drafter served as a text model with prompt logprobs."""
-    from vllm import SamplingParams
-
-    from vllm_massv.hf import MassvGemma3ForCausalLM
-
     prompt = g3.gemma3_text_prompt("Count the red circles and the blue squares, please.")
-    with engine(trained["drafter"], max_model_len=512, limit_mm_per_prompt=None) as llm:
-        out = llm.generate([prompt], SamplingParams(max_tokens=1, prompt_logprobs=5),
-                           use_tqdm=False)[0]
-    ids = list(out.prompt_token_ids)
-    drafter = MassvGemma3ForCausalLM.from_pretrained(trained["drafter"],
-                                                     dtype=torch.float32).eval()
-    with torch.no_grad():
-        logp = torch.log_softmax(drafter(input_ids=torch.tensor([ids])).logits[0].float(), -1)
-    worst = 0.0
-    for i in range(1, len(ids)):
-        for token, lp in out.prompt_logprobs[i].items():
-            worst = max(worst, abs(lp.logprob - logp[i - 1, token].item()))
-    print(f"Gemma3 drafter: max |vLLM - transformers| logprob over {len(ids) - 1} "
-          f"positions: {worst:.2e}")
+    out, worst = prompt_logprobs_vs_transformers(trained["drafter"], prompt)
+    print(f"Gemma3 drafter: max |vLLM - transformers| logprob over "
+          f"{len(out.prompt_token_ids) - 1} positions: {worst:.2e}")
     assert worst < 1e-4
     assert all(t < g3.TEXT_VOCAB_SIZE for pos in out.prompt_logprobs[1:] for t in pos)

@@ -39,9 +39,9 @@ def shape_image(colour: str, shape: str, big: bool):
     return img
 
 
-@pytest.fixture(scope="module")
-def run(models, tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("pipeline")
+def shape_records(root) -> list[dict]:
+    """The 36 shape images (every colour, shape and size) saved under `root` as PNGs, and their
+    LLaVA records: "Describe the image." with the caption as the reference answer."""
     records = []
     for colour in COLOURS:
         for shape in SHAPES:
@@ -52,6 +52,13 @@ def run(models, tmp_path_factory) -> dict:
                 records.append({"id": name, "image": f"{name}.png", "conversations": [
                     {"from": "human", "value": "<image>\nDescribe the image."},
                     {"from": "gpt", "value": caption}]})
+    return records
+
+
+@pytest.fixture(scope="module")
+def run(models, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("pipeline")
+    records = shape_records(root)
     (root / "shapes.json").write_text(json.dumps(records))
     data, drafter = root / "data", root / "drafter"
     engine_flags = [f"--engine-arg={k}={json.dumps(v)}" for k, v in ENGINE_ARGS.items()

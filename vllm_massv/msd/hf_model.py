@@ -1,0 +1,198 @@
+"""MSD drafter for transformers (training, reference computations): the twin of the vLLM class
+`vllm_massv.msd.model.EagleMsdQwen2ForCausalLM`, reading and writing the same drafter directory.
+
+MSD (arXiv 2505.14260, §3; released code `EAGLE/eagle/model/cnets.py`, class `Model`) is an
+EAGLE-style head: one Qwen2 decoder layer over `fc([token embedding of x_{t+1}; target hidden
+f_t])` (fc with bias, embedding first, as released). With *decoupled visual tokens*, the rows whose
+next token is an image (or video) placeholder bypass the fc: the layer input there is the target's
+own image embedding for that placeholder (post-merger, what vLLM caches; released code overwrites
+the fc output at those rows, cnets.py l.276-292). The layer output `o_t` regresses the target's
+post-final-norm hidden state `f_{t+1}` and goes straight to the target's frozen LM head (no final
+norm, no own embedding or LM head). Positions are 1-D (absolute token index), as MSD was trained
+(notes/msd-and-eagle-in-vllm.md §1.3).
+
+Checkpoint layout (`save_pretrained` / `from_pretrained`):
+
+* `config.json`: a Qwen2 text config (`model_type: qwen2`, `num_hidden_layers: 1`,
+  `architectures: ["EagleMsdQwen2ForCausalLM"]`, the target's text dims) with an `msd` block
+  (`vllm_massv.msd.config.MsdConfig`).
+* `model.safetensors`: `model.fc.{weight [H, 2H], bias [H]}` and `model.layers.0.*` (Qwen2 decoder
+  layer names). No embed_tokens, lm_head or final norm.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Qwen2Config
+from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RotaryEmbedding
+
+ARCHITECTURE = "EagleMsdQwen2ForCausalLM"
+WEIGHTS_NAME = "model.safetensors"
+
+
+class MsdQwen2Model(nn.Module):
+    """fc + one decoder layer (+ rotary tables, not saved); the `model.` prefix of the weights."""
+
+    def __init__(self, config: Qwen2Config, fc_bias: bool = True) -> None:
+        super().__init__()
+        hidden = config.hidden_size
+        self.fc = nn.Linear(2 * hidden, hidden, bias=fc_bias)
+        self.layers = nn.ModuleList([Qwen2DecoderLayer(config, layer_idx=0)])
+        self.rotary_emb = Qwen2RotaryEmbedding(config)
+
+
+class MsdQwen2Drafter(nn.Module):
+    """The MSD drafter head (transformers modules; trainable parameters: fc and the layer).
+
+    Args:
+        config: the drafter's `Qwen2Config`, carrying the `msd` block as `config.msd` (a dict).
+    Raises:
+        ValueError: `num_hidden_layers` is not 1, or the `msd` block is missing.
+    """
+
+    def __init__(self, config: Qwen2Config) -> None:
+        super().__init__()
+        if config.num_hidden_layers != 1:
+            raise ValueError(f"an MSD drafter has one decoder layer, config says "
+                             f"{config.num_hidden_layers}")
+        msd = getattr(config, "msd", None)
+        if not isinstance(msd, dict):
+            raise ValueError("the drafter config has no `msd` block")
+        if config._attn_implementation is None:
+            config._attn_implementation = "sdpa"
+        self.config = config
+        self.msd: dict[str, Any] = msd
+        self.model = MsdQwen2Model(config, fc_bias=bool(msd.get("fc_bias", True)))
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config.hidden_size)
+
+    @property
+    def decouple_visual_tokens(self) -> bool:
+        """Whether image/video rows bypass the fc (MSD's decoupling; False: the ablation)."""
+        return bool(self.msd.get("decouple_visual_tokens", True))
+
+    @property
+    def mm_token_ids(self) -> tuple[int, ...]:
+        """The placeholder ids whose rows are decoupled (image, and video when set)."""
+        ids = [int(self.msd["image_token_id"])]
+        if self.msd.get("video_token_id") is not None:
+            ids.append(int(self.msd["video_token_id"]))
+        return tuple(ids)
+
+    def decoupled_rows(self, next_ids: torch.Tensor) -> torch.Tensor:
+        """[B, L] bool: rows whose *next* token (`next_ids` = x_{t+1}, the shifted input ids)
+        is an image/video placeholder, i.e. the rows MSD decouples (vLLM's EAGLE first pass marks
+        the same rows with `shift_computed_tokens=1`)."""
+        mask = torch.zeros_like(next_ids, dtype=torch.bool)
+        for tok in self.mm_token_ids:
+            mask |= next_ids == tok
+        return mask
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, inputs_embeds: torch.Tensor, target_hidden: torch.Tensor,
+                mm_rows: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Drafter outputs o_t (predictions of the target's post-norm hidden state f_{t+1}).
+
+        Args:
+            inputs_embeds: [B, L, H] embedding of the *next* token x_{t+1} at row t: the target's
+                token embedding, and at `mm_rows` the target's image embedding for that
+                placeholder (post-merger; vLLM `embed_input_ids(..., is_multimodal=...)`).
+            target_hidden: [B, L, H] the target's last-layer post-norm hidden state f_t.
+            mm_rows: [B, L] bool, rows whose next token is an image/video placeholder (see
+                :meth:`decoupled_rows`). With `decouple_visual_tokens` their layer input is
+                `inputs_embeds` itself instead of the fc mix; otherwise it is ignored.
+            position_ids: [B, L] int64 1-D positions (default: 0..L-1 per row).
+            attention_mask: [B, L] 1 for real tokens, 0 for padding (default: all real); attention
+                is causal.
+        Returns:
+            [B, L, H] in the input dtype; the logits are :meth:`logits` of this.
+        Raises:
+            ValueError: shapes disagree.
+        """
+        if inputs_embeds.shape != target_hidden.shape or inputs_embeds.shape[-1] != \
+                self.hidden_size:
+            raise ValueError(f"inputs_embeds {tuple(inputs_embeds.shape)} and target_hidden "
+                             f"{tuple(target_hidden.shape)} must both be [B, L, "
+                             f"{self.hidden_size}]")
+        batch, length, _ = inputs_embeds.shape
+        h = self.model.fc(torch.cat((inputs_embeds, target_hidden), dim=-1))
+        if self.decouple_visual_tokens and mm_rows is not None:
+            h = torch.where(mm_rows.unsqueeze(-1), inputs_embeds.to(h.dtype), h)
+        if position_ids is None:
+            position_ids = torch.arange(length, device=h.device).expand(batch, -1)
+        mask = _causal_mask(batch, length, attention_mask, h.dtype, h.device)
+        cos_sin = self.model.rotary_emb(h, position_ids)
+        for layer in self.model.layers:
+            h = layer(h, attention_mask=mask, position_ids=position_ids,
+                      position_embeddings=cos_sin)
+        return h
+
+    @staticmethod
+    def logits(outputs: torch.Tensor, lm_head: nn.Module | torch.Tensor) -> torch.Tensor:
+        """Next-token logits through the target's (frozen) LM head: [..., H] -> [..., vocab].
+
+        `lm_head` is the target's `nn.Linear` or its weight [vocab, H]."""
+        weight = lm_head.weight if isinstance(lm_head, nn.Module) else lm_head
+        return outputs @ weight.to(outputs.dtype).T
+
+    # ------------------------------------------------------------------ checkpoint
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32
+                        ) -> "MsdQwen2Drafter":
+        """Load a drafter directory (strict: every weight present, nothing extra).
+
+        Raises:
+            FileNotFoundError: no `model.safetensors`.
+            ValueError: missing/unexpected weights or a bad config.
+        """
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        config = Qwen2Config.from_pretrained(path)
+        model = cls(config)
+        weights = path / WEIGHTS_NAME
+        if not weights.is_file():
+            raise FileNotFoundError(f"{path}: no {WEIGHTS_NAME}")
+        missing, unexpected = model.load_state_dict(load_file(weights), strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{path}: MSD weights do not match (missing {missing}, unexpected "
+                             f"{unexpected})")
+        return model.to(dtype)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write `config.json` (architectures = `EagleMsdQwen2ForCausalLM`) and
+        `model.safetensors` (contiguous tensors, the contract's names)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        config = self.config.to_dict()
+        config["architectures"] = [ARCHITECTURE]
+        config["num_hidden_layers"] = 1
+        config["tie_word_embeddings"] = False
+        config["msd"] = self.msd
+        for key in ("_attn_implementation_autoset", "_name_or_path"):
+            config.pop(key, None)
+        (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, path / WEIGHTS_NAME, metadata={"format": "pt"})
+
+
+def _causal_mask(batch: int, length: int, attention_mask: torch.Tensor | None,
+                 dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Additive [B, 1, L, L] mask: causal, and padded keys masked."""
+    allowed = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+    allowed = allowed.expand(batch, 1, length, length)
+    if attention_mask is not None:
+        allowed = allowed & attention_mask.bool()[:, None, None, :]
+    mask = torch.zeros(batch, 1, length, length, dtype=dtype, device=device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)

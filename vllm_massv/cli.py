@@ -7,9 +7,14 @@ import argparse
 import sys
 
 from vllm_massv.config import MassvConfigError
+from vllm_massv.msd.config import MsdConfigError
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
+    if args.method == "msd":
+        return _cmd_init_msd(args)
+    if args.draft_lm is None:
+        raise MassvConfigError("--draft-lm is required for --method massv")
     from vllm_massv.init_drafter import init_drafter
 
     report = init_drafter(args.target, args.draft_lm, args.out, projector=args.projector,
@@ -26,14 +31,32 @@ def _cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_init_msd(args: argparse.Namespace) -> int:
+    from vllm_massv.msd.init import init_msd_drafter
+
+    report = init_msd_drafter(args.target, args.out, decouple=not args.no_decouple,
+                              seed=args.seed)
+    m = report.msd
+    print(f"MSD drafter written to {report.out_dir}\n"
+          f"  1 decoder layer + fc, {report.params:,} params, hidden {m.target_hidden_size}, "
+          f"decoupled visual tokens {'on' if m.decouple_visual_tokens else 'off'}\n"
+          f"Serve: --speculative-config '{{\"method\": \"eagle\", \"model\": "
+          f"\"{report.out_dir}\", \"num_speculative_tokens\": 3}}'")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="massv", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("init", help="build an untrained MASSV drafter from a text LM + target VLM")
+    p = sub.add_parser("init", help="build an untrained drafter: MASSV (a text LM + target VLM) "
+                       "or MSD (--method msd: an EAGLE-style head for the target)")
+    p.add_argument("--method", choices=["massv", "msd"], default="massv",
+                   help="massv: MASSV drafter from --draft-lm; msd: 1-layer MSD head (arXiv "
+                   "2505.14260) for a Qwen2-VL/Qwen2.5-VL target, served with method 'eagle'")
     p.add_argument("--target", required=True, help="target VLM directory or hub name (Qwen2-VL/Qwen2.5-VL or Gemma3)")
-    p.add_argument("--draft-lm", required=True,
-                   help="text LM of the target's family (Qwen2 for Qwen targets, gemma3_text "
-                   "for Gemma3), or the target itself (sanity drafter)")
+    p.add_argument("--draft-lm", default=None,
+                   help="(massv) text LM of the target's family (Qwen2 for Qwen targets, "
+                   "gemma3_text for Gemma3), or the target itself (sanity drafter)")
     p.add_argument("--out", required=True, help="output drafter directory")
     p.add_argument("--projector", default="mlp2x_gelu",
                    choices=["mlp2x_gelu", "linear", "identity", "none"])
@@ -42,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--positions", choices=["1d", "mrope"], default=None,
                    help="drafter positions (default: 1d for a text LM; the target's own scheme, "
                    "mrope for Qwen2-VL, for the target's LM)")
+    p.add_argument("--no-decouple", action="store_true",
+                   help="(msd) turn decoupled visual tokens off: the EAGLE-1-style ablation")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_init)
 
@@ -55,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except MassvConfigError as e:
+    except (MassvConfigError, MsdConfigError) as e:
         print(f"massv {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -234,7 +234,17 @@ def check_checkpoint_weights(model_dir: str | os.PathLike, cfg: MassvConfig) -> 
 
 
 def _safetensors_keys(file: Path) -> set[str]:
-    """Tensor names in a safetensors file, from its JSON header (validated against file size)."""
+    """Tensor names in a safetensors file (see :func:`safetensors_header`)."""
+    return set(safetensors_header(file))
+
+
+def safetensors_header(file: Path) -> dict[str, Any]:
+    """A safetensors file's tensor entries (name -> {dtype, shape, data_offsets}), from its JSON
+    header, validated against the file size (a truncated file raises).
+
+    Raises:
+        MassvConfigError: the header or the data do not fit the file.
+    """
     size = file.stat().st_size
     try:
         with open(file, "rb") as fh:
@@ -250,7 +260,7 @@ def _safetensors_keys(file: Path) -> set[str]:
         raise MassvConfigError(
             f"{file}: unreadable safetensors file ({e}); it is truncated or corrupt. "
             "Re-download or re-export the drafter.") from e
-    return {k for k in header if k != "__metadata__"}
+    return {k: v for k, v in header.items() if k != "__metadata__"}
 
 
 def _has_mrope(hf_config: Any) -> bool:

@@ -187,16 +187,25 @@ def _add_train(subparsers: Any) -> None:
 
     d = TrainConfig.__dataclass_fields__
     p = subparsers.add_parser(
-        "train", help="train a MASSV drafter: --phase align (projector) or sdvit (projector + LM)",
-        description="Phase 1 (align): projector only, LM frozen, on the data set's reference "
-        "answers. Phase 2 (sdvit): projector + LM on the target's own responses. Input: a "
+        "train", help="train a drafter: MASSV --phase align (projector) or sdvit (projector + "
+        "LM), or --method msd",
+        description="MASSV phase 1 (align): projector only, LM frozen, on the data set's reference "
+        "answers. Phase 2 (sdvit): projector + LM on the target's own responses. --method msd: "
+        "an MSD head (from `massv init --method msd`) on the target's hidden states with the "
+        "image, its own answers, text-only first then a growing image share. Input: a "
         "`massv generate` output directory; output: a drafter directory vLLM serves. Rerun the "
         "same command to resume from the newest checkpoint. Multi-GPU: `accelerate launch -m "
         "vllm_massv.cli train ...`.")
-    p.add_argument("--phase", required=True, choices=["align", "sdvit"])
+    p.add_argument("--method", choices=["massv", "msd"], default="massv",
+                   help="massv (default) or msd (EAGLE-style head with decoupled visual tokens)")
+    p.add_argument("--phase", choices=["align", "sdvit"], default=None,
+                   help="MASSV phase (required with --method massv)")
+    p.add_argument("--no-decouple", dest="decouple", action="store_const", const=False,
+                   default=None, help="msd: train without decoupled visual tokens (ablation)")
     p.add_argument("--drafter", required=True, help="drafter dir (massv init or a previous phase)")
     p.add_argument("--data", required=True, help="`massv generate` output directory")
-    p.add_argument("--target", required=True, help="target VLM dir (frozen vision tower)")
+    p.add_argument("--target", required=True,
+                   help="target VLM dir (frozen vision tower; msd: the whole frozen target)")
     p.add_argument("--out", required=True, help="output drafter directory")
     for name in ("epochs", "max_steps", "batch_size", "grad_accum", "lr", "weight_decay",
                  "warmup_steps", "max_seq_len", "eval_fraction", "eval_every", "save_every",
@@ -217,6 +226,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from vllm_massv.training.train import TrainConfig, train
 
     fields = TrainConfig.__dataclass_fields__
+    if args.method == "massv" and args.phase is None:
+        raise MassvConfigError("massv train --method massv needs --phase align or sdvit")
+    if args.method == "msd" and args.phase is not None:
+        raise MassvConfigError("--phase is a MASSV option; --method msd has one schedule")
+    if args.method == "massv" and args.decouple is not None:
+        raise MassvConfigError("--no-decouple is an MSD option (--method msd)")
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
     final = train(cfg)
     print(json.dumps(final, indent=2))

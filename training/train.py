@@ -11,6 +11,9 @@ The loss covers response tokens only. Image embeddings come from the target's fr
 CPU process here; on GPUs launch it with `accelerate launch` (DDP/FSDP). The output directory is a
 drafter that `vllm serve --speculative-config` loads with no extra flags.
 
+`--method msd` trains an MSD drafter instead (EAGLE-style head over the target's hidden states;
+data, loss and curriculum in `training/msd.py`), with this module's loop, optimizer and checkpoints.
+
 Resumable: `--save-every N` writes `checkpoints/step-N` (model, optimizer, scheduler, RNG, data
 position); rerunning the same command continues from the newest checkpoint with the same data
 order and step count.
@@ -42,7 +45,7 @@ IGNORE = -100
 @dataclass
 class TrainConfig:
     """Hyper-parameters of one phase (written to `<out>/train_config.json`)."""
-    phase: Phase
+    phase: Phase | None           # MASSV phase; None for --method msd
     drafter: str                  # input drafter dir (from `massv init` or a previous phase)
     data: str                     # Parquet dir written by `massv generate`
     target: str                   # target VLM dir (vision tower for image embeddings)
@@ -62,6 +65,8 @@ class TrainConfig:
     save_every: int = 0           # 0: no intermediate checkpoints
     seed: int = 0
     feature_cache: str | None = None
+    method: Literal["massv", "msd"] = "massv"
+    decouple: bool | None = None  # msd: False = train without decoupled visual tokens
     stop_after: int | None = field(default=None, metadata={"help": "testing: stop after N steps"})
 
 
@@ -244,17 +249,56 @@ def _topk_kl(logits: torch.Tensor, examples: list[Example], vocab: int) -> torch
     return torch.cat(losses).mean()
 
 
+@dataclass
+class _MassvSetup:
+    """The MASSV pieces of a run: drafter, batcher, loss, data view and export (the same
+    interface as `training.msd.MsdSetup`)."""
+    model: torch.nn.Module
+    batcher: Batcher
+    kind: str
+
+    @classmethod
+    def build(cls, cfg: TrainConfig, tokenizer) -> "_MassvSetup":
+        from vllm_massv.hf import drafter_class
+        from vllm_massv.training.features import TargetImageEncoder
+
+        if cfg.phase not in ("align", "sdvit"):
+            raise MassvConfigError("a MASSV run needs --phase align or sdvit")
+        model = drafter_class(cfg.drafter).from_pretrained(cfg.drafter, dtype=torch.float32)
+        if model.mm_projector is None and cfg.phase == "align":
+            raise MassvConfigError("phase 'align' trains the projector; this drafter has none")
+        for name, p in model.named_parameters():
+            p.requires_grad = cfg.phase == "sdvit" or name.startswith("mm_projector.")
+        encoder = TargetImageEncoder(cfg.target, cache_dir=cfg.feature_cache)
+        batcher = Batcher(encoder, tokenizer.pad_token_id or 0,
+                          model.massv_config.image_token_id, image_max_pixels(cfg.data),
+                          mrope=model.massv_config.positions == "mrope")
+        return cls(model, batcher, cfg.loss)
+
+    def loss(self, model, batch, examples):
+        return compute_loss(model, batch, examples, self.kind)
+
+    @staticmethod
+    def view(example: Example, epoch: int, total_epochs: int) -> Example:
+        return example
+
+    @staticmethod
+    def export(model, cfg: TrainConfig, out: Path) -> None:
+        _export(model, cfg, out)
+
+
 @torch.no_grad()
-def evaluate(model, batcher: Batcher, examples: list[Example], batch_size: int, kind: str
+def evaluate(model, batcher, examples: list[Example], batch_size: int, loss_fn
              ) -> dict[str, float]:
-    """Held-out loss and drafter/target next-token agreement (teacher-forced)."""
+    """Held-out loss and drafter/target next-token agreement (teacher-forced); `loss_fn(model,
+    batch, examples) -> (loss, n, agree)`."""
     if not examples:
         return {}
     model.eval()
     total_loss = total_n = total_agree = 0.0
     for i in range(0, len(examples), batch_size):
         chunk = examples[i: i + batch_size]
-        loss, n, agree = compute_loss(model, batcher(chunk), chunk, kind)
+        loss, n, agree = loss_fn(model, batcher(chunk), chunk)
         total_loss += float(loss) * n
         total_n += n
         total_agree += agree
@@ -268,9 +312,6 @@ def train(cfg: TrainConfig) -> dict:
     from accelerate.utils import set_seed
     from transformers import AutoTokenizer, get_cosine_schedule_with_warmup
 
-    from vllm_massv.hf import drafter_class
-    from vllm_massv.training.features import TargetImageEncoder
-
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
@@ -279,19 +320,20 @@ def train(cfg: TrainConfig) -> dict:
                               cpu=not torch.cuda.is_available())
     set_seed(cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(cfg.drafter)
-    model = drafter_class(cfg.drafter).from_pretrained(cfg.drafter, dtype=torch.float32)
-    if model.mm_projector is None and cfg.phase == "align":
-        raise MassvConfigError("phase 'align' trains the projector; this drafter has none")
-    for name, p in model.named_parameters():
-        p.requires_grad = cfg.phase == "sdvit" or name.startswith("mm_projector.")
-    encoder = TargetImageEncoder(cfg.target, cache_dir=cfg.feature_cache)
-    batcher = Batcher(encoder, tokenizer.pad_token_id or 0, model.massv_config.image_token_id,
-                      image_max_pixels(cfg.data), mrope=model.massv_config.positions == "mrope")
+    if cfg.method == "msd":
+        from vllm_massv.training import msd
+
+        algo = msd.setup(cfg)
+    else:
+        algo = _MassvSetup.build(cfg, tokenizer)
+    model, batcher, loss_fn = algo.model, algo.batcher, algo.loss
 
     train_set, eval_set = split_examples(load_examples(cfg, tokenizer), cfg.eval_fraction,
                                          cfg.seed)
     steps_per_epoch = math.ceil(len(train_set) / (cfg.batch_size * cfg.grad_accum))
     max_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    total_epochs = max(1, math.ceil(max_steps * cfg.batch_size * cfg.grad_accum
+                                    / max(len(train_set), 1)))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, max_steps)
@@ -313,20 +355,23 @@ def train(cfg: TrainConfig) -> dict:
             fh.write(json.dumps(record) + "\n")
 
     if step == 0:
-        log({"step": 0, **evaluate(model, batcher, eval_set, cfg.batch_size, cfg.loss)})
+        log({"step": 0, **evaluate(model, batcher, eval_set, cfg.batch_size, loss_fn)})
     micro = cfg.batch_size
     order = _data_order(len(train_set), cfg.seed)
-    bar = tqdm(total=max_steps, initial=step, desc=f"massv train {cfg.phase}",
+    bar = tqdm(total=max_steps, initial=step, desc=f"massv train {cfg.phase or cfg.method}",
                disable=not accelerator.is_main_process)
     start, steps_run = time.perf_counter(), 0
     model.train()
     while step < max_steps:
         loss_sum = tokens = agree = 0.0
         for micro_step in range(cfg.grad_accum):
-            idx = order(step * cfg.grad_accum + micro_step, micro)
-            chunk = [train_set[i] for i in idx]
+            k = step * cfg.grad_accum + micro_step
+            idx = order(k, micro)
+            # the example as drawn in its (0-based) epoch: MSD's curriculum may drop its image
+            chunk = [algo.view(train_set[i], (k * micro + j) // len(train_set), total_epochs)
+                     for j, i in enumerate(idx)]
             with accelerator.accumulate(model):
-                loss, n, a = compute_loss(model, batcher(chunk), chunk, cfg.loss)
+                loss, n, a = loss_fn(model, batcher(chunk), chunk)
                 accelerator.backward(loss)
                 optimizer.step()   # accelerate skips these until gradients are synced
                 scheduler.step()
@@ -340,9 +385,9 @@ def train(cfg: TrainConfig) -> dict:
         record = {"step": step, "loss": loss_sum / cfg.grad_accum,
                   "agreement": agree / max(tokens, 1), "lr": scheduler.get_last_lr()[0]}
         if cfg.eval_every and step % cfg.eval_every == 0 and step < max_steps:
-            record |= evaluate(model, batcher, eval_set, cfg.batch_size, cfg.loss)
+            record |= evaluate(model, batcher, eval_set, cfg.batch_size, loss_fn)
         if step == max_steps:
-            record |= evaluate(model, batcher, eval_set, cfg.batch_size, cfg.loss)
+            record |= evaluate(model, batcher, eval_set, cfg.batch_size, loss_fn)
         log(record)
         if cfg.save_every and step % cfg.save_every == 0 and step < max_steps:
             _save_checkpoint(accelerator, out, step)
@@ -353,7 +398,7 @@ def train(cfg: TrainConfig) -> dict:
     seconds = time.perf_counter() - start
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _export(accelerator.unwrap_model(model), cfg, out)
+        algo.export(accelerator.unwrap_model(model), cfg, out)
     final = {"steps": step, "seconds": seconds, "steps_per_s": steps_run / max(seconds, 1e-9),
              "train_examples": len(train_set), "eval_examples": len(eval_set), **record}
     (out / "train_summary.json").write_text(json.dumps(final, indent=2))

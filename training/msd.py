@@ -206,9 +206,10 @@ class MsdSetup:
         copy_tokenizer_files(Path(cfg.drafter), Path(out))
 
 
-def setup(cfg) -> MsdSetup:
+def setup(cfg, device: str | torch.device = "cpu") -> MsdSetup:
     """Load the MSD drafter (`massv init --method msd` output or a trained one; `cfg.decouple`
-    False turns decoupling off, None keeps the drafter's setting) and the frozen target.
+    False turns decoupling off, None keeps the drafter's setting) and the frozen target (on
+    `device`; the drafter is moved by accelerate).
 
     Raises:
         MsdConfigError: not an MSD drafter, or a drafter built for another target size.
@@ -221,7 +222,8 @@ def setup(cfg) -> MsdSetup:
     model = MsdQwen2Drafter.from_pretrained(cfg.drafter, dtype=torch.float32)
     if cfg.decouple is not None:
         model.msd = model.msd.model_copy(update={"decouple_visual_tokens": cfg.decouple})
-    features = TargetHiddenStates(cfg.target, cache_dir=cfg.feature_cache)
+    features = TargetHiddenStates(cfg.target, device=device,
+                                  cache_dir=cfg.feature_cache)
     if features.hidden_size != model.hidden_size:
         raise MsdConfigError(f"drafter hidden_size {model.hidden_size} != the target's "
                              f"{features.hidden_size}; rebuild with `massv init --method msd`")

@@ -323,7 +323,7 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.method == "msd":
         from vllm_massv.training import msd
 
-        algo = msd.setup(cfg)
+        algo = msd.setup(cfg, accelerator.device)
     else:
         algo = _MassvSetup.build(cfg, tokenizer)
     model, batcher, loss_fn = algo.model, algo.batcher, algo.loss
@@ -400,6 +400,7 @@ def train(cfg: TrainConfig) -> dict:
     if accelerator.is_main_process:
         algo.export(accelerator.unwrap_model(model), cfg, out)
     final = {"steps": step, "seconds": seconds, "steps_per_s": steps_run / max(seconds, 1e-9),
+             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
              "train_examples": len(train_set), "eval_examples": len(eval_set), **record}
     (out / "train_summary.json").write_text(json.dumps(final, indent=2))
     return final

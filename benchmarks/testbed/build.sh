@@ -5,13 +5,14 @@
 #
 #   bash benchmarks/testbed/build.sh            # everything
 #   STAGES="drafters" bash benchmarks/testbed/build.sh   # only the MASSV drafters
+#   STAGES="msd" bash benchmarks/testbed/build.sh        # only the MSD drafters
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 MASSV=${MASSV:-.venv/bin/massv}
 M=benchmarks/testbed/models
 W=${WORK:-.cache/testbed/build}
-STAGES=${STAGES:-"target blind data generate drafters"}
+STAGES=${STAGES:-"target blind data generate drafters msd"}
 TARGET_MINUTES=${TARGET_MINUTES:-36}
 TARGET_MORE_MINUTES=${TARGET_MORE_MINUTES:-20}   # a continuation at lr 1.5e-3 (as checked in)
 BLIND_MINUTES=${BLIND_MINUTES:-6}
@@ -64,6 +65,23 @@ if has drafters; then
     mkdir -p "$M/${pair#*:}"
     cp "$W/${pair%%:*}"/{config.json,generation_config.json,model.safetensors,tokenizer.json,tokenizer_config.json,train_summary.json,train_log.jsonl} "$M/${pair#*:}/"
     cp "$W/${pair%%:*}"/chat_template.* "$M/${pair#*:}/" 2>/dev/null || true
+  done
+fi
+# 5. MSD drafters (issue 11): a 1-layer EAGLE-style head on the target's hidden states, from one
+#    init, trained on the same distillation data with as many examples as MASSV's two phases
+#    (238 + 714 steps of 32 = 4 epochs: 2 text-only, then the image share 0.5, 1), with and
+#    without decoupled visual tokens.
+if has msd; then
+  $MASSV init --method msd --target $M/target --out "$W/init-msd"
+  for V in msd msd-no-decouple; do
+    FLAG=$([[ $V == msd-no-decouple ]] && echo "--no-decouple" || true)
+    $MASSV train --method msd $FLAG --drafter "$W/init-msd" --data "$W/distill" \
+      --target $M/target --out "$W/$V" --epochs 4 --batch-size 32 --lr 1e-3 --warmup-steps 50 \
+      --feature-cache "$W/features"
+    rm -rf "$M/drafter-$V"
+    mkdir -p "$M/drafter-$V"
+    cp "$W/$V"/{config.json,model.safetensors,tokenizer.json,tokenizer_config.json,train_summary.json,train_log.jsonl} "$M/drafter-$V/"
+    cp "$W/$V"/chat_template.* "$M/drafter-$V/" 2>/dev/null || true
   done
 fi
 du -sh $M/*

@@ -30,7 +30,6 @@ answers). Examples that have no image are text in both stages.
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -232,7 +231,3 @@ def setup(cfg, device: str | torch.device = "cpu") -> MsdSetup:
     return MsdSetup(model, batcher, features,
                     (int(tc.vision_start_token_id), int(tc.vision_end_token_id)), cfg.seed)
 
-
-def total_epochs(max_steps: int, examples_per_step: int, num_examples: int) -> int:
-    """Epochs a run touches (the curriculum's `total_epoch`), at least 1."""
-    return max(1, math.ceil(max_steps * examples_per_step / max(num_examples, 1)))

@@ -332,8 +332,9 @@ def train(cfg: TrainConfig) -> dict:
                                          cfg.seed)
     steps_per_epoch = math.ceil(len(train_set) / (cfg.batch_size * cfg.grad_accum))
     max_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    total_epochs = max(1, math.ceil(max_steps * cfg.batch_size * cfg.grad_accum
-                                    / max(len(train_set), 1)))
+    # epochs of the run (MSD's curriculum): as asked, or as many as max_steps touches
+    total_epochs = math.ceil(cfg.epochs) if cfg.max_steps is None else max(1, math.ceil(
+        max_steps * cfg.batch_size * cfg.grad_accum / max(len(train_set), 1)))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, max_steps)

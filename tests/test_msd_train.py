@@ -201,3 +201,15 @@ def test_msd_resume_equals_uninterrupted(models, msd_drafter, dataset, tmp_path)
             if key in ra:
                 assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-6), (ra, rb)
     assert resumed["steps"] == straight["steps"] == 6
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "msd", "--phase", "sdvit"], "--phase is a MASSV option"),
+    (["--no-decouple", "--phase", "sdvit"], "--no-decouple is an MSD option"),
+    ([], "needs --phase"),
+])
+def test_train_cli_rejects_mixed_options(argv, message, capsys) -> None:
+    from vllm_massv.cli import main
+
+    rc = main(["train", "--drafter", "d", "--data", "x", "--target", "t", "--out", "o", *argv])
+    assert rc == 2 and message in capsys.readouterr().err

@@ -257,8 +257,10 @@ def _add_train(subparsers: Any) -> None:
         description="Phase 1 (align): projector only, LM frozen, on the data set's reference "
         "answers. Phase 2 (sdvit): projector + LM on the target's own responses. Input: a "
         "`massv generate` output directory; output: a drafter directory vLLM serves. Rerun the "
-        "same command to resume from the newest checkpoint. Multi-GPU: `accelerate launch -m "
-        "vllm_massv.cli train ...`.")
+        "same command to resume from the newest checkpoint. Multi-GPU: `accelerate launch "
+        "--num_processes N -m vllm_massv.cli train ...` (DDP, or FSDP with --use_fsdp): "
+        "--batch-size is per process, one optimizer step takes batch-size x N x grad-accum "
+        "examples, and --epochs/--max-steps/the LR schedule count those steps.")
     p.add_argument("--phase", required=True, choices=["align", "sdvit"])
     p.add_argument("--drafter", required=True, help="drafter dir (massv init or a previous phase)")
     p.add_argument("--data", required=True, help="`massv generate` output directory")

@@ -342,6 +342,11 @@ def test_cli_generate_arguments(llava: SimpleNamespace, tmp_path: Path,
     for bad, msg in ((["--image-folder", str(tmp_path)], "--prompt"),
                      (["--llava-json", str(llava.json), "--shard", "2", "--num-shards", "2"],
                       "--shard"),
+                     (["--llava-json", str(llava.json), "--shard", "1", "--shards", "0-1",
+                       "--num-shards", "2"], "not both"),
+                     (["--llava-json", str(llava.json), "--shards", "0-x"], "expected A-B"),
+                     (["--llava-json", str(llava.json), "--shards", "1-0", "--num-shards", "2"],
+                      "0 <= A <= B"),
                      (["--dataset", str(tmp_path / "nope")], "does not exist"),
                      (["--image-folder", str(tmp_path / "nope"), "--prompt", "Hi"],
                       "does not exist")):
@@ -527,3 +532,68 @@ def test_logprobs_and_seeded_sampling(llm, models, llava, tmp_path):
     assert sampled == _rows(tmp_path / "t2")
     greedy = {r["id"]: r["token_ids"] for r in _rows(tmp_path / "lp")}
     assert any(r["token_ids"] != greedy[r["id"]] for r in sampled if r["id"] in greedy)
+
+
+@pytest.mark.slow
+def test_parallel_shards_make_the_one_shard_dataset(full_run, models, llava, tmp_path):
+    """`massv generate --shards 0-1 --num-shards 2`: two processes, each with its own engine and
+    CPU core (`shard_device_envs`), run concurrently; every row lands in its own shard's parts,
+    no id twice, and the union equals the 1-shard rows (greedy). Rerunning the command finds both
+    shards complete and writes nothing."""
+    from conftest import ENGINE_ARGS
+
+    out, n = tmp_path / "gen2", 7   # the first 7 entries: r00..r06, all loadable
+    engine_args = {**ENGINE_ARGS, **ENGINE_OVERRIDES}
+    argv = ["generate", "--target", str(models.target), "--out", str(out), "--llava-json",
+            str(llava.json), "--image-root", str(llava.root), "--limit", str(n),
+            "--shards", "0-1", "--num-shards", "2", "--shard-size", "2",
+            "--max-tokens", str(MAX_TOKENS), "--max-image-pixels", str(MAX_PIXELS),
+            "--no-progress", "--dtype", "float32", "--enforce-eager",
+            *[f"--engine-arg={k}={json.dumps(v)}" for k, v in engine_args.items()
+              if k not in ("dtype", "enforce_eager")]]
+    assert massv_main(argv) == 0
+    rows = _rows(out)
+    ids = [r["id"] for r in rows]
+    assert len(ids) == len(set(ids)) == n
+    one = {r["id"]: r for r in _rows(full_run.out)}
+    for r in rows:
+        assert (r["token_ids"], r["prompt_token_ids"], r["response"]) == (
+            one[r["id"]]["token_ids"], one[r["id"]]["prompt_token_ids"], one[r["id"]]["response"])
+    import pyarrow.parquet as pq
+
+    for part in (out / G.PARTS_DIR).glob("part-*.parquet"):
+        shard = int(part.name.split("-")[1])
+        assert {G.assign_shard(i, 2) for i in pq.read_table(part).column("id").to_pylist()} == {
+            shard}
+    summaries = [json.loads((out / f"summary-{s:05d}.json").read_text()) for s in range(2)]
+    assert all(s["complete"] for s in summaries)
+    assert sum(s["written_total"] for s in summaries) == n and all(
+        s["written_total"] for s in summaries)
+    parts = sorted(p.name for p in (out / G.PARTS_DIR).iterdir())
+    assert massv_main(argv) == 0                      # resume: both shards already complete
+    assert sorted(p.name for p in (out / G.PARTS_DIR).iterdir()) == parts
+    assert [json.loads((out / f"summary-{s:05d}.json").read_text())["written"]
+            for s in range(2)] == [0, 0]
+    assert massv_main([a if a != "0-1" else "1-2" for a in argv]) == 2  # beyond --num-shards
+
+
+def test_shard_device_envs(monkeypatch: pytest.MonkeyPatch):
+    """Each parallel shard gets its own GPUs (tensor_parallel_size each) or CPU cores."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4})
+    bind = "VLLM_CPU_OMP_THREADS_BIND"
+    assert G.shard_device_envs(2, environ={}) == [{bind: "0,1"}, {bind: "2,3"}]
+    assert G.shard_device_envs(2, 2, environ={bind: "auto"}) == [{bind: "0|1"}, {bind: "2|3"}]
+    assert G.shard_device_envs(2, environ={bind: "0-3"}) == [{}, {}]   # the user's binding
+    with pytest.raises(MassvConfigError, match="need 6 CPU cores; 5"):
+        G.shard_device_envs(3, 2, environ={})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert G.shard_device_envs(4, 2, environ={}) == [
+        {"CUDA_VISIBLE_DEVICES": d} for d in ("0,1", "2,3", "4,5", "6,7")]
+    assert G.shard_device_envs(2, environ={"CUDA_VISIBLE_DEVICES": "3,5,7"}) == [
+        {"CUDA_VISIBLE_DEVICES": "3"}, {"CUDA_VISIBLE_DEVICES": "5"}]
+    with pytest.raises(MassvConfigError, match="need 16 GPUs; 8"):
+        G.shard_device_envs(8, 2, environ={})

@@ -75,7 +75,12 @@ def _add_generate(subparsers: Any) -> None:
                      help="also keep the target's top-K log-probabilities per response token")
 
     run = p.add_argument_group("run")
-    run.add_argument("--shard", type=int, default=0, help="this worker's shard (0-based)")
+    run.add_argument("--shard", type=int, default=None,
+                     help="this worker's shard (0-based; default 0)")
+    run.add_argument("--shards", default=None, metavar="A-B",
+                     help="run shards A..B (inclusive) of --num-shards in parallel: one process "
+                     "and one vLLM engine per shard, each on its own GPUs (--tensor-parallel-size "
+                     "each) or CPU cores. Multi-node: a contiguous range per node")
     run.add_argument("--num-shards", type=int, default=1)
     run.add_argument("--shard-size", type=int, default=256,
                      help="records per chunk (one Parquet part each)")
@@ -129,7 +134,7 @@ def records_from_args(args: argparse.Namespace, skipped: Counter | None = None) 
 
     from vllm_massv.training import data
 
-    common = dict(limit=args.limit, shard=args.shard, num_shards=args.num_shards,
+    common = dict(limit=args.limit, shard=args.shard or 0, num_shards=args.num_shards,
                   skipped=skipped)
     if args.llava_json:
         return data.read_llava_json(args.llava_json, image_root=args.image_root, **common)
@@ -146,10 +151,28 @@ def records_from_args(args: argparse.Namespace, skipped: Counter | None = None) 
         image_dir=Path(args.out) / "images", **common)
 
 
+def shard_range(args: argparse.Namespace) -> list[int]:
+    """The shards this command runs: `--shards A-B` (parallel), else `--shard` (default 0)."""
+    if args.shards is None:
+        return [0 if args.shard is None else args.shard]
+    if args.shard is not None:
+        raise MassvConfigError("give --shard or --shards, not both")
+    first, sep, last = args.shards.partition("-")
+    try:
+        a, b = int(first), int(last if sep else first)
+    except ValueError:
+        raise MassvConfigError(f"--shards {args.shards!r}: expected A-B, e.g. 0-7") from None
+    if not 0 <= a <= b < args.num_shards:
+        raise MassvConfigError(f"--shards {args.shards}: need 0 <= A <= B < --num-shards "
+                               f"{args.num_shards}")
+    return list(range(a, b + 1))
+
+
 def generate_kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """`generate()` keyword arguments for the parsed options (records excluded)."""
-    if args.num_shards < 1 or not 0 <= args.shard < args.num_shards:
-        raise MassvConfigError(f"--shard {args.shard} must be in [0, --num-shards "
+    shard = args.shard or 0
+    if args.num_shards < 1 or not 0 <= shard < args.num_shards:
+        raise MassvConfigError(f"--shard {shard} must be in [0, --num-shards "
                                f"{args.num_shards})")
     for name in ("shard_size", "max_tokens"):
         if getattr(args, name) < 1:
@@ -158,7 +181,7 @@ def generate_kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:
         raise MassvConfigError("--logprobs must be >= 0")
     return dict(target=args.target, out_dir=args.out, temperature=args.temperature,
                 top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed,
-                logprobs=args.logprobs, shard=args.shard, num_shards=args.num_shards,
+                logprobs=args.logprobs, shard=shard, num_shards=args.num_shards,
                 shard_size=args.shard_size, batch_size=args.batch_size,
                 max_image_pixels=args.max_image_pixels, max_chunks=args.max_chunks,
                 engine_kwargs=engine_kwargs_from_args(args), progress=not args.no_progress)
@@ -167,6 +190,9 @@ def generate_kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:
 def _cmd_generate(args: argparse.Namespace) -> int:
     from vllm_massv.training import generate as gen
 
+    shards = shard_range(args)
+    if args.shards is not None:
+        return _generate_parallel(args, shards)
     kwargs = generate_kwargs_from_args(args)
     read_skipped: Counter = Counter()
     try:
@@ -175,6 +201,46 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         raise MassvConfigError(str(e)) from e
     summary = gen.generate(records, read_skipped=read_skipped, **kwargs)
     return 0 if summary.complete or args.max_chunks is not None else 1
+
+
+def _generate_parallel(args: argparse.Namespace, shards: list[int]) -> int:
+    """`--shards A-B`: one spawned process per shard, each running `massv generate --shard i` with
+    its own devices (`generate.shard_device_envs`); returns 0 when every shard succeeded."""
+    import multiprocessing
+
+    from vllm_massv.training.generate import shard_device_envs
+
+    generate_kwargs_from_args(argparse.Namespace(**{**vars(args), "shard": shards[0]}))  # checks
+    envs = shard_device_envs(len(shards), args.tensor_parallel_size or 1)
+    ctx = multiprocessing.get_context("spawn")   # a fresh interpreter: no inherited CUDA/engine
+    procs = []
+    for shard, env in zip(shards, envs):
+        child = argparse.Namespace(**{**vars(args), "shard": shard, "shards": None})
+        procs.append(ctx.Process(target=_generate_shard, args=(child, env),
+                                 name=f"massv-generate-{shard}"))
+        procs[-1].start()
+        print(f"massv generate: shard {shard}/{args.num_shards} in process {procs[-1].pid} "
+              f"({' '.join(f'{k}={v}' for k, v in env.items()) or 'default devices'})")
+    try:
+        for p in procs:
+            p.join()
+    except KeyboardInterrupt:  # the children got the same Ctrl-C; finished parts are kept
+        for p in procs:
+            p.join()
+        raise
+    failed = [s for s, p in zip(shards, procs) if p.exitcode != 0]
+    print(f"massv generate: shards {shards[0]}-{shards[-1]} of {args.num_shards}: "
+          + (f"shards {failed} did not finish (rerun the same command to resume)" if failed
+             else "all finished"))
+    return 1 if failed else 0
+
+
+def _generate_shard(args: argparse.Namespace, env: dict[str, str]) -> None:
+    import os
+    import sys
+
+    os.environ.update(env)
+    sys.exit(_cmd_generate(args))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,8 +260,10 @@ def _add_train(subparsers: Any) -> None:
         "an MSD head (from `massv init --method msd`) on the target's hidden states with the "
         "image, its own answers, text-only first then a growing image share. Input: a "
         "`massv generate` output directory; output: a drafter directory vLLM serves. Rerun the "
-        "same command to resume from the newest checkpoint. Multi-GPU: `accelerate launch -m "
-        "vllm_massv.cli train ...`.")
+        "same command to resume from the newest checkpoint. Multi-GPU: `accelerate launch "
+        "--num_processes N -m vllm_massv.cli train ...` (DDP, or FSDP with --use_fsdp): "
+        "--batch-size is per process, one optimizer step takes batch-size x N x grad-accum "
+        "examples, and --epochs/--max-steps/the LR schedule count those steps.")
     p.add_argument("--method", choices=["massv", "msd"], default="massv",
                    help="massv (default) or msd (EAGLE-style head with decoupled visual tokens)")
     p.add_argument("--phase", choices=["align", "sdvit"], default=None,

@@ -28,6 +28,16 @@ rerunning the same command finishes the data set with the same rows as an uninte
 Changing the target or a sampling setting between runs into the same ``out_dir`` is refused.
 Sampling is seeded per request (from ``seed`` and the record id), so sampled runs resume exactly
 too.
+
+Parallel shards (``massv generate --shards A-B --num-shards N``): one process and one independent
+vLLM engine per shard, each on its own devices (:func:`shard_device_envs`); every shard writes only
+its own parts and summary, so the guarantees above hold per shard and the union of the shards is
+the data set. vLLM 0.32's own offline data parallelism is not used: ``LLM(data_parallel_size>1)``
+in one process is refused (``vllm/entrypoints/llm.py``), and the multi-process ``VLLM_DP_*`` mode
+of its ``data_parallel_offline.py`` example is refused for dense models such as Qwen2.5-VL and
+Gemma3 ("Offline data parallel mode is not supported/useful for dense models",
+``vllm/config/parallel.py``); for a dense model that example amounts to one independent engine per
+process and per device group, which is what the shards are.
 """
 
 from __future__ import annotations
@@ -60,6 +70,7 @@ __all__ = [
     "part_name",
     "request_seed",
     "row_schema",
+    "shard_device_envs",
     "shard_records",
 ]
 
@@ -101,6 +112,44 @@ def shard_records(records: Iterable[PromptRecord], shard: int, num_shards: int,
         if shard_of(r.id, num_shards) == shard:
             out.append(r)
     return out
+
+
+def shard_device_envs(num_engines: int, tensor_parallel_size: int = 1,
+                      environ: Mapping[str, str] | None = None) -> list[dict[str, str]]:
+    """Environment variables that give each of ``num_engines`` engines on this machine its own
+    devices: ``tensor_parallel_size`` GPUs each (``CUDA_VISIBLE_DEVICES``, a slice of the visible
+    ones) with CUDA, else disjoint CPU cores (``VLLM_CPU_OMP_THREADS_BIND``, one ``|``-separated
+    core list per TP rank, format of ``vllm/utils/ompmultiprocessing.py``) when it is unset or
+    ``auto``; an explicit CPU binding is left as it is.
+
+    Raises ``MassvConfigError`` when there are fewer GPUs or cores than engines x TP ranks.
+    """
+    import torch
+
+    env = os.environ if environ is None else environ
+    slots = num_engines * tensor_parallel_size
+    if torch.cuda.is_available():
+        visible = env.get("CUDA_VISIBLE_DEVICES")
+        devices = ([d.strip() for d in visible.split(",") if d.strip()] if visible
+                   else [str(i) for i in range(torch.cuda.device_count())])
+        if len(devices) < slots:
+            raise MassvConfigError(
+                f"{num_engines} shards x tensor parallel {tensor_parallel_size} need {slots} "
+                f"GPUs; {len(devices)} are visible")
+        return [{"CUDA_VISIBLE_DEVICES": ",".join(
+            devices[i * tensor_parallel_size: (i + 1) * tensor_parallel_size])}
+            for i in range(num_engines)]
+    if env.get("VLLM_CPU_OMP_THREADS_BIND", "auto") != "auto":
+        return [{} for _ in range(num_engines)]
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < slots:
+        raise MassvConfigError(f"{num_engines} shards x tensor parallel {tensor_parallel_size} "
+                               f"need {slots} CPU cores; {len(cores)} are available")
+    per = len(cores) // slots
+    groups = [",".join(map(str, cores[i * per: (i + 1) * per])) for i in range(slots)]
+    return [{"VLLM_CPU_OMP_THREADS_BIND": "|".join(
+        groups[i * tensor_parallel_size: (i + 1) * tensor_parallel_size])}
+        for i in range(num_engines)]
 
 
 def row_schema(logprobs: int = 0, metadata: Mapping[str, Any] | None = None) -> pa.Schema:

@@ -151,8 +151,9 @@ class MsdBatcher:
 
 def compute_loss(model, batch: dict[str, torch.Tensor], examples: list[Example],
                  lm_head: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-    """(MSD loss, #loss rows, #rows where argmax head(o_t) equals the target's greedy token
-    argmax head(f_{t+1})).
+    """(MSD loss summed over the loss rows, #loss rows, #rows where argmax head(o_t) equals the
+    target's greedy token argmax head(f_{t+1})). The trainer divides the sum by the loss rows of
+    the whole global batch (`MsdSetup.loss_weight`), so the loss is MSD's per-row mean.
 
     Noise on f_t only while `model.training` (not in evaluation). `lm_head`: the target's LM
     head weight [vocab, H] (frozen). The agreement is the greedy acceptance of a first draft
@@ -167,14 +168,12 @@ def compute_loss(model, batch: dict[str, torch.Tensor], examples: list[Example],
         f = f + (torch.rand_like(f) - 0.5) * scale
     pred = model(b["inputs_embeds"], f, b["mm_rows"], attention_mask=b["attention_mask"])
     mask = b["loss_mask"]
-    rows = mask.sum().clamp_min(1)
-    vloss = (F.smooth_l1_loss(pred, b["target_next"], reduction="none").mean(-1)
-             * mask).sum() / rows
+    vloss = (F.smooth_l1_loss(pred, b["target_next"], reduction="none").mean(-1) * mask).sum()
     logits = pred @ lm_head.T
     with torch.no_grad():
         target_logits = b["target_next"] @ lm_head.T
         target_p = torch.softmax(target_logits, dim=-1)
-    ploss = -((target_p * torch.log_softmax(logits, dim=-1)).sum(-1) * mask).sum() / rows
+    ploss = -((target_p * torch.log_softmax(logits, dim=-1)).sum(-1) * mask).sum()
     loss = V_WEIGHT * vloss + P_WEIGHT * ploss
     agree = int(((logits.argmax(-1) == target_logits.argmax(-1)) & mask).sum())
     return loss, int(mask.sum()), agree
@@ -192,15 +191,21 @@ class MsdSetup:
     def loss(self, model, batch, examples):
         return compute_loss(model, batch, examples, self.features.lm_head.weight)
 
+    @staticmethod
+    def loss_weight(batch: dict[str, torch.Tensor]) -> int:
+        """The rows :func:`compute_loss` sums over."""
+        return int(batch["loss_mask"].sum())
+
     def view(self, example: Example, epoch: int, total_epochs: int) -> Example:
         return curriculum_view(example, epoch, total_epochs, self.seed, self.vision_ids)
 
     @staticmethod
-    def export(model, cfg, out) -> None:
+    def export(model, state_dict: dict, cfg, out) -> None:
         from pathlib import Path
 
         from vllm_massv.init_drafter import copy_tokenizer_files
 
+        model.load_state_dict(state_dict)   # FSDP: the gathered full weights
         model.save_pretrained(out)
         copy_tokenizer_files(Path(cfg.drafter), Path(out))
 

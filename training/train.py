@@ -7,16 +7,29 @@
   target's tokens, or (`--loss kl`) KL to the target's stored top-k distribution.
 
 The loss covers response tokens only. Image embeddings come from the target's frozen vision tower
-(`features.TargetImageEncoder`), exactly what vLLM hands the drafter at serving time. Runs on one
-CPU process here; on GPUs launch it with `accelerate launch` (DDP/FSDP). The output directory is a
-drafter that `vllm serve --speculative-config` loads with no extra flags.
+(`features.TargetImageEncoder`), exactly what vLLM hands the drafter at serving time. The output
+directory is a drafter that `vllm serve --speculative-config` loads with no extra flags.
 
 `--method msd` trains an MSD drafter instead (EAGLE-style head over the target's hidden states;
-data, loss and curriculum in `training/msd.py`), with this module's loop, optimizer and checkpoints.
+data, loss and curriculum in `training/msd.py`), with this module's loop, optimizer and checkpoints:
+each method supplies a setup object (model, batcher, summed loss and its weight, the curriculum's
+view of an example in its epoch, export).
 
-Resumable: `--save-every N` writes `checkpoints/step-N` (model, optimizer, scheduler, RNG, data
-position); rerunning the same command continues from the newest checkpoint with the same data
-order and step count.
+Data parallel (`accelerate launch --num_processes W -m vllm_massv.cli train ...`, DDP or FSDP):
+the run's example stream (:class:`EpochStream`: seeded per-epoch permutations laid end to end) is
+cut into micro-batches of `batch_size` by a DataLoader that accelerate prepares, which hands global
+micro-batch b to rank b % W. One optimizer step consumes `batch_size x W x grad_accum` examples (the
+global batch, a contiguous slice of the stream); `max_steps`, the epochs and the learning-rate
+schedule count these global steps. The loss of a step is the mean over the response tokens of the
+whole global batch (each rank's token sum is divided by the all-reduced token count), so W ranks x
+batch B follow the loss curve of 1 rank x batch W*B. Evaluation is split between the ranks and
+summed. Logging, checkpoint renames and the export happen on the main process only.
+
+Resumable: `--save-every N` writes `checkpoints/step-N` (`accelerator.save_state`: model,
+optimizer, scheduler, RNG of every rank); rerunning the same command (same number of processes)
+continues from the newest checkpoint, skipping the consumed batches
+(`accelerator.skip_first_batches`), with the same data order and step count.
+`python -m vllm_massv.training.train OUT/train_config.json` reruns a run from its saved config.
 """
 
 from __future__ import annotations
@@ -28,7 +41,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +81,8 @@ class TrainConfig:
     method: Literal["massv", "msd"] = "massv"
     decouple: bool | None = None  # msd: False = train without decoupled visual tokens
     stop_after: int | None = field(default=None, metadata={"help": "testing: stop after N steps"})
+    log_examples: bool = field(default=False, metadata={
+        "help": "testing: each rank writes its example ids per step to examples-rank{R}.jsonl"})
 
 
 @dataclass
@@ -208,8 +223,9 @@ class Batcher:
 
 def compute_loss(model, batch: dict, examples: list[Example], kind: str
                  ) -> tuple[torch.Tensor, int, int]:
-    """(mean loss over response tokens, #response tokens, #tokens where the drafter's argmax
-    equals the target's token)."""
+    """(summed loss over the response tokens, #response tokens, #tokens where the drafter's argmax
+    equals the target's token). The caller divides the sum by :func:`loss_tokens` of the global
+    batch (one mean over every rank and micro-batch of an optimizer step)."""
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                 image_embeds=batch["image_embeds"], image_mask=batch["image_mask"],
                 position_ids=batch.get("position_ids"))
@@ -222,10 +238,18 @@ def compute_loss(model, batch: dict, examples: list[Example], kind: str
     # they count as misses in the agreement but carry no loss.
     learnable = valid & (labels < model_vocab(model))
     if kind == "ce":
-        loss = F.cross_entropy(logits[learnable], labels[learnable])
+        loss = F.cross_entropy(logits[learnable], labels[learnable], reduction="sum")
     else:
         loss = _topk_kl(logits, examples, model_vocab(model))
     return loss, n, agree
+
+
+def loss_tokens(batch: dict, kind: str, vocab: int) -> int:
+    """The number of positions :func:`compute_loss` sums its loss over: response tokens the
+    drafter can draft (ids below its unpadded `vocab`) for `ce`, every response token for `kl`."""
+    labels = batch["labels"][:, 1:]
+    valid = labels != IGNORE
+    return int((valid & (labels < vocab)).sum()) if kind == "ce" else int(valid.sum())
 
 
 def model_vocab(model) -> int:
@@ -234,7 +258,8 @@ def model_vocab(model) -> int:
 
 
 def _topk_kl(logits: torch.Tensor, examples: list[Example], vocab: int) -> torch.Tensor:
-    """KL(target's top-k, renormalized over draftable ids || drafter) at response positions."""
+    """KL(target's top-k, renormalized over draftable ids || drafter), summed over the response
+    positions."""
     losses = []
     logp = torch.log_softmax(logits, dim=-1)
     for i, e in enumerate(examples):
@@ -246,13 +271,14 @@ def _topk_kl(logits: torch.Tensor, examples: list[Example], vocab: int) -> torch
         q = logp[i, e.prompt_len - 1: e.prompt_len - 1 + n].gather(-1, ids.clamp_max(vocab - 1))
         kl = torch.where(draftable, p * (p.clamp_min(1e-12).log() - q), torch.zeros_like(p))
         losses.append(kl.sum(-1))
-    return torch.cat(losses).mean()
+    return torch.cat(losses).sum()
 
 
 @dataclass
 class _MassvSetup:
-    """The MASSV pieces of a run: drafter, batcher, loss, data view and export (the same
-    interface as `training.msd.MsdSetup`)."""
+    """The MASSV pieces of a run (the same interface as `training.msd.MsdSetup`): the drafter, the
+    batcher, the summed loss and the number of positions it sums over, the example as the run
+    presents it in an epoch (MASSV: unchanged), and the export."""
     model: torch.nn.Module
     batcher: Batcher
     kind: str
@@ -278,46 +304,71 @@ class _MassvSetup:
     def loss(self, model, batch, examples):
         return compute_loss(model, batch, examples, self.kind)
 
+    def loss_weight(self, batch) -> int:
+        return loss_tokens(batch, self.kind, self.model.massv_config.orig_vocab_size)
+
     @staticmethod
     def view(example: Example, epoch: int, total_epochs: int) -> Example:
         return example
 
     @staticmethod
-    def export(model, cfg: TrainConfig, out: Path) -> None:
-        _export(model, cfg, out)
+    def export(model, state_dict: dict, cfg: TrainConfig, out: Path) -> None:
+        _export(model, state_dict, cfg, out)
 
 
 @torch.no_grad()
-def evaluate(model, batcher, examples: list[Example], batch_size: int, loss_fn
+def evaluate(model, algo, examples: list[Example], batch_size: int, accelerator
              ) -> dict[str, float]:
-    """Held-out loss and drafter/target next-token agreement (teacher-forced); `loss_fn(model,
-    batch, examples) -> (loss, n, agree)`."""
+    """Held-out loss (mean over response tokens) and drafter/target next-token agreement
+    (teacher-forced). The examples are split between the ranks (`split_between_processes`) and
+    the sums all-reduced; every rank runs the same number of forward passes (a rank with fewer
+    examples runs a discarded one), as FSDP's collective forward needs."""
+    from accelerate.utils import send_to_device
+
     if not examples:
         return {}
     model.eval()
-    total_loss = total_n = total_agree = 0.0
-    for i in range(0, len(examples), batch_size):
-        chunk = examples[i: i + batch_size]
-        loss, n, agree = loss_fn(model, batcher(chunk), chunk)
-        total_loss += float(loss) * n
-        total_n += n
-        total_agree += agree
+    totals = torch.zeros(4, dtype=torch.float64, device=accelerator.device)
+    per_rank = math.ceil(len(examples) / accelerator.num_processes)
+    with accelerator.split_between_processes(list(range(len(examples)))) as mine:
+        for b in range(math.ceil(per_rank / batch_size)):
+            idx = mine[b * batch_size: (b + 1) * batch_size]
+            chunk = [examples[i] for i in idx] or examples[:1]
+            batch = send_to_device(algo.batcher(chunk), accelerator.device)
+            loss, n, agree = algo.loss(model, batch, chunk)
+            if idx:
+                totals += torch.tensor([float(loss), algo.loss_weight(batch), n, agree],
+                                       dtype=torch.float64, device=accelerator.device)
+    loss_sum, weight, n, agree = accelerator.reduce(totals, reduction="sum").tolist()
     model.train()
-    return {"eval_loss": total_loss / max(total_n, 1), "eval_agreement": total_agree / max(total_n, 1)}
+    return {"eval_loss": loss_sum / max(weight, 1), "eval_agreement": agree / max(n, 1)}
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Run one phase; returns the final metrics (also in `<out>/train_log.jsonl`)."""
+    """Run one phase; returns the final metrics (also in `<out>/train_log.jsonl`).
+
+    Under `accelerate launch` every rank calls this; see the module docstring for how the data
+    and the loss are split. Raises `MassvConfigError` for a phase the drafter cannot train or a
+    data set without training examples."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import GradientAccumulationPlugin, send_to_device, set_seed
+    from torch.utils.data import DataLoader
     from transformers import AutoTokenizer, get_cosine_schedule_with_warmup
 
+    # The optimizer step is decided by the micro-step counter alone (a step never straddles the
+    # end of the DataLoader), and the scheduler is stepped once per optimizer step by the loop:
+    # accelerate's default would step it once per process (`AcceleratedScheduler.step`).
+    accelerator = Accelerator(
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=cfg.grad_accum, sync_with_dataloader=False),
+        step_scheduler_with_optimizer=False,
+        mixed_precision="bf16" if cfg.dtype == "bfloat16" else "no",
+        cpu=not torch.cuda.is_available())
+    main = accelerator.is_main_process
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum,
-                              mixed_precision="bf16" if cfg.dtype == "bfloat16" else "no",
-                              cpu=not torch.cuda.is_available())
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     set_seed(cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(cfg.drafter)
     if cfg.method == "msd":
@@ -326,19 +377,30 @@ def train(cfg: TrainConfig) -> dict:
         algo = msd.setup(cfg, accelerator.device)
     else:
         algo = _MassvSetup.build(cfg, tokenizer)
-    model, batcher, loss_fn = algo.model, algo.batcher, algo.loss
+    model = algo.model
 
     train_set, eval_set = split_examples(load_examples(cfg, tokenizer), cfg.eval_fraction,
                                          cfg.seed)
-    steps_per_epoch = math.ceil(len(train_set) / (cfg.batch_size * cfg.grad_accum))
+    if not train_set:
+        raise MassvConfigError(f"{cfg.data}: no training examples (eval_fraction "
+                               f"{cfg.eval_fraction})")
+    world = accelerator.num_processes
+    global_batch = cfg.batch_size * world * cfg.grad_accum
+    steps_per_epoch = math.ceil(len(train_set) / global_batch)
     max_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     # epochs of the run (MSD's curriculum): as asked, or as many as max_steps touches
     total_epochs = math.ceil(cfg.epochs) if cfg.max_steps is None else max(1, math.ceil(
-        max_steps * cfg.batch_size * cfg.grad_accum / max(len(train_set), 1)))
+        max_steps * global_batch / len(train_set)))
+    stream = EpochStream(train_set, max_steps * global_batch, cfg.seed,
+                         view=lambda e, epoch: algo.view(e, epoch, total_epochs))
+    # its own generator: starting an iterator draws a base seed, which must not consume the
+    # global RNG that a resumed run restores (MSD's input noise draws from it)
+    loader = DataLoader(stream, batch_size=cfg.batch_size, collate_fn=list,
+                        generator=torch.Generator().manual_seed(cfg.seed))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, max_steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model, optimizer, scheduler, loader = accelerator.prepare(model, optimizer, scheduler, loader)
 
     step, log_path = 0, out / "train_log.jsonl"
     ckpt = _latest_checkpoint(out)
@@ -346,49 +408,66 @@ def train(cfg: TrainConfig) -> dict:
         accelerator.load_state(str(ckpt))
         step = json.loads((ckpt / "trainer_state.json").read_text())["step"]
         accelerator.print(f"resuming from {ckpt} at step {step}")
-        _truncate_log(log_path, step)
-    elif log_path.exists():
+        if main:
+            _truncate_log(log_path, step)
+    elif main and log_path.exists():
         log_path.unlink()
+    examples_log = out / f"examples-rank{accelerator.process_index}.jsonl"
+    if cfg.log_examples:
+        _truncate_log(examples_log, step - 1)
 
     def log(record: dict) -> None:
         accelerator.print(json.dumps(record))
-        with log_path.open("a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        if main:
+            with log_path.open("a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+    def evaluation() -> dict:
+        return evaluate(model, algo, eval_set, cfg.batch_size, accelerator)
 
     if step == 0:
-        log({"step": 0, **evaluate(model, batcher, eval_set, cfg.batch_size, loss_fn)})
-    micro = cfg.batch_size
-    order = _data_order(len(train_set), cfg.seed)
+        log({"step": 0, **evaluation()})
+    # this rank's micro-batches, the first `step * grad_accum` already consumed before a resume
+    batches = iter(accelerator.skip_first_batches(loader, step * cfg.grad_accum) if step
+                   else loader)
     bar = tqdm(total=max_steps, initial=step, desc=f"massv train {cfg.phase or cfg.method}",
-               disable=not accelerator.is_main_process)
+               disable=not main)
     start, steps_run = time.perf_counter(), 0
     model.train()
     while step < max_steps:
-        loss_sum = tokens = agree = 0.0
-        for micro_step in range(cfg.grad_accum):
-            k = step * cfg.grad_accum + micro_step
-            idx = order(k, micro)
-            # the example as drawn in its (0-based) epoch: MSD's curriculum may drop its image
-            chunk = [algo.view(train_set[i], (k * micro + j) // len(train_set), total_epochs)
-                     for j, i in enumerate(idx)]
+        chunks = [next(batches) for _ in range(cfg.grad_accum)]
+        if cfg.log_examples:
+            with examples_log.open("a") as fh:
+                fh.write(json.dumps({"step": step, "ids": [[e.id for e in c] for c in chunks]})
+                         + "\n")
+        micro = [send_to_device(algo.batcher(c), accelerator.device) for c in chunks]
+        # one mean over the global batch: divide by the loss tokens of every rank and micro-batch;
+        # x world x grad_accum undoes DDP's gradient average and accelerate's division by
+        # grad_accum in `backward`
+        weight = accelerator.reduce(torch.tensor(
+            sum(algo.loss_weight(b) for b in micro), device=accelerator.device),
+            reduction="sum").item()
+        scale = world * cfg.grad_accum / max(weight, 1)
+        totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
+        for chunk, batch in zip(chunks, micro):
             with accelerator.accumulate(model):
-                loss, n, a = loss_fn(model, batcher(chunk), chunk)
-                accelerator.backward(loss)
+                loss, n, a = algo.loss(model, batch, chunk)
+                accelerator.backward(loss * scale)
                 optimizer.step()   # accelerate skips these until gradients are synced
-                scheduler.step()
                 optimizer.zero_grad()
-            loss_sum += float(loss.detach())
-            tokens += n
-            agree += a
+            totals += torch.tensor([float(loss.detach()), n, a], dtype=torch.float64,
+                                   device=accelerator.device)
+        scheduler.step()
+        loss_sum, tokens, agree = accelerator.reduce(totals, reduction="sum").tolist()
         step += 1
         steps_run += 1
         bar.update(1)
-        record = {"step": step, "loss": loss_sum / cfg.grad_accum,
+        record = {"step": step, "loss": loss_sum / max(weight, 1),
                   "agreement": agree / max(tokens, 1), "lr": scheduler.get_last_lr()[0]}
         if cfg.eval_every and step % cfg.eval_every == 0 and step < max_steps:
-            record |= evaluate(model, batcher, eval_set, cfg.batch_size, loss_fn)
+            record |= evaluation()
         if step == max_steps:
-            record |= evaluate(model, batcher, eval_set, cfg.batch_size, loss_fn)
+            record |= evaluation()
         log(record)
         if cfg.save_every and step % cfg.save_every == 0 and step < max_steps:
             _save_checkpoint(accelerator, out, step)
@@ -397,33 +476,44 @@ def train(cfg: TrainConfig) -> dict:
             return {"stopped_at": step}
     bar.close()
     seconds = time.perf_counter() - start
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        algo.export(accelerator.unwrap_model(model), cfg, out)
+    state = accelerator.get_state_dict(model)   # every rank: FSDP gathers the full weights
+    if main:
+        algo.export(accelerator.unwrap_model(model), state, cfg, out)
     final = {"steps": step, "seconds": seconds, "steps_per_s": steps_run / max(seconds, 1e-9),
              "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-             "train_examples": len(train_set), "eval_examples": len(eval_set), **record}
-    (out / "train_summary.json").write_text(json.dumps(final, indent=2))
+             "train_examples": len(train_set), "eval_examples": len(eval_set),
+             "processes": world, "global_batch": global_batch, **record}
+    if main:
+        (out / "train_summary.json").write_text(json.dumps(final, indent=2))
+    accelerator.wait_for_everyone()
     return final
 
 
-def _data_order(n: int, seed: int):
-    """Micro-batch k's example indices: epoch-wise seeded permutations, so a resumed run sees
-    exactly the data an uninterrupted one would."""
-    perms: dict[int, list[int]] = {}
+class EpochStream(torch.utils.data.Dataset):
+    """The examples of a whole run: seeded permutations of `examples`, one per epoch, laid end to
+    end and cut at `length`; item p is the example at stream position p, as `view(example,
+    epoch)` presents it in its (0-based) epoch (MSD's curriculum drops images in early epochs).
+    Deterministic (the same on every rank, and on a resumed run), so the DataLoader accelerate
+    prepares cuts it into the same global micro-batches on any run."""
 
-    def indices(k: int, size: int) -> list[int]:
-        out = []
-        for j in range(k * size, (k + 1) * size):
-            epoch, pos = divmod(j, n)
-            if epoch not in perms:
-                perm = list(range(n))
-                random.Random(seed * 1_000_003 + epoch).shuffle(perm)
-                perms[epoch] = perm
-            out.append(perms[epoch][pos])
-        return out
+    def __init__(self, examples: list[Example], length: int, seed: int,
+                 view: Callable[[Example, int], Example] | None = None) -> None:
+        self.examples, self.length, self.seed, self.view = examples, length, seed, view
+        self._perms: dict[int, list[int]] = {}
 
-    return indices
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, p: int) -> Example:
+        if not 0 <= p < self.length:
+            raise IndexError(p)
+        epoch, pos = divmod(p, len(self.examples))
+        if epoch not in self._perms:
+            perm = list(range(len(self.examples)))
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(perm)
+            self._perms[epoch] = perm
+        example = self.examples[self._perms[epoch][pos]]
+        return example if self.view is None else self.view(example, epoch)
 
 
 def _latest_checkpoint(out: Path) -> Path | None:
@@ -432,12 +522,19 @@ def _latest_checkpoint(out: Path) -> Path | None:
 
 
 def _save_checkpoint(accelerator, out: Path, step: int) -> None:
+    """`accelerator.save_state` (every rank writes its part) into a temp dir that the main
+    process renames once complete, so an interrupted save is never resumed from."""
     final = out / "checkpoints" / f"step-{step}"
     tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
-    (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
-    tmp.rename(final)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
+        tmp.rename(final)
+    accelerator.wait_for_everyone()
 
 
 def _truncate_log(path: Path, step: int) -> None:
@@ -446,12 +543,18 @@ def _truncate_log(path: Path, step: int) -> None:
         path.write_text("".join(r + "\n" for r in rows))
 
 
-def _export(model, cfg: TrainConfig, out: Path) -> None:
+def _export(model, state_dict: dict, cfg: TrainConfig, out: Path) -> None:
     """Write the trained drafter (config with the massv block, safetensors, tokenizer)."""
-    model.save_pretrained(out, safe_serialization=True)
+    model.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
     cfg_path = out / "config.json"
     config = json.loads(cfg_path.read_text())
     config["architectures"] = json.loads(
         (Path(cfg.drafter) / "config.json").read_text())["architectures"]
     cfg_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     copy_tokenizer_files(Path(cfg.drafter), out)
+
+
+if __name__ == "__main__":  # `accelerate launch -m vllm_massv.training.train OUT/train_config.json`
+    import sys
+
+    train(TrainConfig(**json.loads(Path(sys.argv[1]).read_text())))

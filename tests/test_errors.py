@@ -172,18 +172,22 @@ def test_v2_model_runner_refused(models: TinyModels, env_var) -> None:
 
 # --- vLLM version gate ----------------------------------------------------------------------------
 def test_unsupported_vllm_version() -> None:
-    with pytest.raises(UnsupportedVllmVersionError, match=re.escape("0.32")) as info:
-        check_vllm_version("0.33.0")
-    assert "found vLLM 0.33.0" in str(info.value)
-    assert "vllm==0.32.0" in str(info.value)  # names the fix
-    assert isinstance(info.value, ImportError)
+    for version in ("0.31.2", "0.34.0", "1.0.0"):
+        with pytest.raises(UnsupportedVllmVersionError, match=re.escape("0.32.x and 0.33.x")) \
+                as info:
+            check_vllm_version(version)
+        assert f"found vLLM {version}" in str(info.value)
+        assert "vllm-massv[cuda]" in str(info.value)  # names the fix
+        assert isinstance(info.value, ImportError)
+    for version in ("0.32.0", "0.32.1", "0.33.0", "0.33.2"):
+        assert check_vllm_version(version) == version
 
 
 def test_installed_vllm_version_passes() -> None:
     import vllm
 
     assert check_vllm_version() == vllm.__version__
-    assert vllm.__version__.startswith("0.32.")
+    assert vllm.__version__.startswith(("0.32.", "0.33."))
 
 
 def test_cpu_expand_fix_and_the_bug_it_fixes() -> None:

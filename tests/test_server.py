@@ -83,7 +83,10 @@ def serve_parser():
     import vllm_massv
 
     vllm_massv.register()
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    try:  # vLLM 0.33 moved it (no shim at the old path)
+        from vllm.entrypoints.common.cli_args import make_arg_parser
+    except ImportError:  # vLLM 0.32
+        from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     return make_arg_parser(FlexibleArgumentParser(prog="api_server"))

@@ -292,3 +292,38 @@ def test_heterogeneous_vocab_does_not_bypass_checks(models: TinyModels, tmp_path
     with pytest.raises(ValueError, match="remove 'use_heterogeneous_vocab'"):
         EngineArgs(model=str(models.target), speculative_config=spec,
                    **ENGINE_ARGS).create_engine_config()
+
+
+# --- modes that break the draft layout: refused while the config is built ----------------------
+def _config(target: Path, draft: Path, spec_extra: dict | None = None, **overrides: Any):
+    from vllm.engine.arg_utils import EngineArgs
+
+    return EngineArgs(model=str(target), speculative_config={**spec_config(draft, 3),
+                                                             **(spec_extra or {})},
+                      **{**ENGINE_ARGS, **overrides}).create_engine_config()
+
+
+@pytest.mark.parametrize("spec_extra, overrides, fragments", [
+    ({}, {"pipeline_parallel_size": 2},
+     ("pipeline_parallel_size=2", "Encoder cache miss", "tensor_parallel_size")),
+    ({"parallel_drafting": True}, {}, ("parallel_drafting", "one draft slot per request")),
+    ({"use_local_argmax_reduction": True}, {}, ("use_local_argmax_reduction", "padded vocab")),
+    ({"disable_padded_drafter_batch": True}, {}, ("disable_padded_drafter_batch",)),
+], ids=["pipeline_parallel", "parallel_drafting", "local_argmax", "unpadded_batch"])
+def test_unsupported_modes_refused(models: TinyModels, spec_extra, overrides, fragments) -> None:
+    """Refused before any engine process starts, with the reason; stock drafters are left to
+    vLLM (its own checks, if any, are not ours)."""
+    with pytest.raises(ValueError, match="MASSV drafter: unsupported vLLM mode") as info:
+        _config(models.target, models.sanity, spec_extra, **overrides)
+    for fragment in fragments:
+        assert fragment in str(info.value), str(info.value)
+    try:
+        _config(models.target, models.stock, spec_extra, **overrides)
+    except Exception as e:  # noqa: BLE001 - vLLM's own refusal, if any, must not be ours
+        assert "MASSV" not in str(e), str(e)
+
+
+def test_tensor_parallel_accepted(models: TinyModels) -> None:
+    cfg = _config(models.target, models.sanity, tensor_parallel_size=2)
+    assert cfg.parallel_config.tensor_parallel_size == 2
+    assert cfg.speculative_config.draft_parallel_config.tensor_parallel_size == 2

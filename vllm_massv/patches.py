@@ -20,7 +20,7 @@ stock vLLM:
    `--no-disable-hybrid-kv-cache-manager` (0.33: `--enable-hybrid-kv-cache-manager`) with such a
    pair is refused. Modes that break a MASSV drafter are refused here too
    (`refuse_unsupported_modes`: pipeline parallelism, parallel drafting, local argmax reduction,
-   unpadded drafter batch).
+   unpadded drafter batch, V2-only features).
 3. `SpeculativeConfig.verify_equal_vocab_size_if_draft_model` (`vllm/config/speculative.py`,
    called while the config is built, before any engine process starts) runs the MASSV pairing
    checks of `vllm_massv.config.validate_pair` instead of the bare vocab-size check.
@@ -103,6 +103,9 @@ PATCH_SURFACE: tuple[str, ...] = (
     "vllm.config.vllm:VllmConfig.parallel_config",
     "vllm.config.vllm:VllmConfig.scheduler_config",
     "vllm.config.vllm:VllmConfig.speculative_config",
+    "vllm.config.vllm:VllmConfig.attention_config",
+    "vllm.config.vllm:VllmConfig.watermark_config",
+    "vllm.config.attention:AttentionConfig.hisparse_config",
     "vllm.config.scheduler:SchedulerConfig.disable_hybrid_kv_cache_manager",
     "vllm.config.parallel:ParallelConfig.pipeline_parallel_size",
     "vllm.config.speculative:SpeculativeConfig.verify_equal_vocab_size_if_draft_model",
@@ -254,7 +257,9 @@ def refuse_unsupported_modes(vllm_config: Any) -> None:
               `compute_logits`, so the drafter's padded vocabulary rows are not masked (and
               vLLM's Qwen2/Gemma3 LMs lack `get_top_tokens`);
             * `disable_padded_drafter_batch`: vLLM's draft-model proposer supports only the
-              padded batch (it raises later, inside the engine).
+              padded batch (it raises later, inside the engine);
+            * HiSparse attention or watermarking: V2-runner-only features
+              (`VllmConfig.use_v2_model_runner`), and MASSV pins the V1 runner.
     """
     spec = vllm_config.speculative_config
     pp = getattr(vllm_config.parallel_config, "pipeline_parallel_size", 1)
@@ -278,6 +283,14 @@ def refuse_unsupported_modes(vllm_config: Any) -> None:
         problems.append(
             "disable_padded_drafter_batch: vLLM's draft_model proposer only supports the "
             "padded drafter batch. Remove it from the speculative config.")
+    v2_only = [name for name, on in (
+        ("HiSparse attention", getattr(getattr(vllm_config, "attention_config", None),
+                                       "hisparse_config", None) is not None),
+        ("watermarking", getattr(vllm_config, "watermark_config", None) is not None)) if on]
+    for name in v2_only:
+        problems.append(
+            f"{name}: needs vLLM's V2 model runner, while MASSV drafters run on the V1 runner "
+            "(V2's draft-model speculator ignores image embeddings). Remove it.")
     if problems:
         raise ValueError("MASSV drafter: unsupported vLLM mode(s):\n- " + "\n- ".join(problems))
 

@@ -16,9 +16,12 @@ on a one-node machine, so each rank gets one core: `VLLM_CPU_OMP_THREADS_BIND="0
 from __future__ import annotations
 
 import pytest
-from conftest import assert_replay_equal, engine, generate, mixed_batch, spec_config, token_ids
+import torch
+from conftest import (PROFILE, assert_replay_equal, engine, generate, mixed_batch, spec_config,
+                      token_ids)
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
+    PROFILE == "gpu" and torch.cuda.device_count() < 2, reason="TP = 2 needs two GPUs")]
 
 K = 3
 TP_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}

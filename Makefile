@@ -5,7 +5,7 @@ STAMP := $(VENV)/.massv-setup
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export VLLM_CPU_OMP_THREADS_BIND ?= auto
 
-.PHONY: setup demo test test-fast benchmark testbed clean
+.PHONY: setup demo test test-fast benchmark testbed patch-surface clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,12 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -v -m "not slow"
+
+# vLLM private symbols the plugin relies on vs their signatures in vllm_massv/patch_surface.json:
+# the installed vLLM, or with VLLM=0.33.0 that release's wheel source (downloaded once into
+# $$MASSV_WHEEL_CACHE, default ~/.cache/vllm-massv/wheels; about 340 MB; nothing is installed).
+patch-surface: setup
+	$(PY) -m vllm_massv.patch_surface check $(if $(VLLM),--vllm $(VLLM))
 
 clean:
 	rm -rf $(VENV) .cache *.egg-info

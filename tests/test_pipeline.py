@@ -12,7 +12,7 @@ import math
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import ENGINE_ARGS, engine, generate, spec_config
+from conftest import ENGINE_ARGS, cli_flags, engine, generate, spec_config
 
 from vllm_massv.cli import main as massv
 
@@ -68,7 +68,7 @@ def run(models, tmp_path_factory) -> dict:
                   "--out", str(drafter), "--seed", "0"]) == 0
     assert massv(["generate", "--target", str(models.target), "--llava-json",
                   str(root / "shapes.json"), "--out", str(data), "--max-tokens", str(MAX_TOKENS),
-                  "--dtype", "float32", "--enforce-eager", "--max-model-len", "2048",
+                  *cli_flags(), "--max-model-len", "2048",
                   "--max-num-seqs", "4", "--max-num-batched-tokens", "64", "--no-progress",
                   *engine_flags]) == 0
     common = ["--data", str(data), "--target", str(models.target), "--batch-size", "8",

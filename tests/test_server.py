@@ -39,7 +39,7 @@ from typing import Any
 
 import pytest
 
-from conftest import ENGINE_ARGS, TinyModels, engine, spec_config
+from conftest import ENGINE_ARGS, TinyModels, cli_flags, engine, spec_config
 from vllm_massv import testing as mt
 from vllm_massv.testing import ApiServer, ServerStartError
 
@@ -66,7 +66,7 @@ LOAD_REQUESTS = 36
 LOAD_CONCURRENCY = 8
 LOAD_MAX_TOKENS = 16
 SERVER_ARGS = [
-    "--dtype", ENGINE_ARGS["dtype"], "--enforce-eager",
+    *cli_flags(),
     "--max-model-len", str(ENGINE_ARGS["max_model_len"]),
     "--max-num-seqs", str(ENGINE_ARGS["max_num_seqs"]),
     "--block-size", str(ENGINE_ARGS["block_size"]),
@@ -83,7 +83,10 @@ def serve_parser():
     import vllm_massv
 
     vllm_massv.register()
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    try:  # vLLM 0.33 moved it (no shim at the old path)
+        from vllm.entrypoints.common.cli_args import make_arg_parser
+    except ImportError:  # vLLM 0.32
+        from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     return make_arg_parser(FlexibleArgumentParser(prog="api_server"))

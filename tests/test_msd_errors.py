@@ -102,7 +102,8 @@ def test_own_lm_head_refused(models: TinyModels, msd: Path, tmp_path: Path) -> N
 
 def test_fc_shape(models: TinyModels, msd: Path, tmp_path: Path) -> None:
     draft = _copy(msd, tmp_path / "d")
-    _edit_weights(draft, lambda s: {**s, "model.fc.weight": s["model.fc.weight"][:, :256].contiguous()})
+    _edit_weights(draft, lambda s: {**s,
+                                    "model.fc.weight": s["model.fc.weight"][:, :256].contiguous()})
     _refused(models.target, draft, "model.fc.weight has shape [256, 256]", "expected [256, 512]")
 
 

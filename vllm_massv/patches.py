@@ -1,8 +1,9 @@
 """The only module that touches vLLM private code. Version-gated to vLLM 0.32.x.
 
 What it changes, and only when the speculative config's draft checkpoint is a MASSV drafter
-(architecture in `vllm_massv.models.MASSV_ARCHITECTURES`); every other config behaves exactly as
-stock vLLM:
+(architecture in `vllm_massv.models.MASSV_ARCHITECTURES`) or an MSD drafter (`msd` block,
+`vllm_massv.msd`), plus the stock-bug fix of patch 6 for EAGLE-path drafters on M-RoPE targets;
+every other config behaves exactly as stock vLLM:
 
 1. `DraftModelProposer(...)` constructs a `MassvDraftModelProposer` (a subclass) instead, via
    `DraftModelProposer.__new__` (`vllm/v1/spec_decode/draft_model.py`; the V1 runner builds it in

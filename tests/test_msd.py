@@ -19,22 +19,29 @@ from pathlib import Path
 
 import pytest
 
-from conftest import emitted_accepted, engine, generate, mixed_batch, token_ids
+from conftest import IMAGE_PROMPTS, emitted_accepted, engine, generate, mixed_batch, token_ids
 from vllm_massv.testing import msd as tm
 
 K = 3
 ENV = {"VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}  # LLM.collective_rpc with functions
 
 
-def run_msd(target: Path, drafter: Path, env: dict | None = None) -> dict:
-    """Serve `drafter` for `target` on the mixed batch; outputs, recorded drafts, worker facts."""
+def run_msd(target: Path, drafter: Path, env: dict | None = None, rerun: bool = False) -> dict:
+    """Serve `drafter` for `target` on the mixed batch; outputs, recorded drafts, worker facts.
+    With `rerun`, the image prompts run a second time (prefix-cache hits) into `rerun`."""
     with engine(target, {"method": "eagle", "model": str(drafter), "num_speculative_tokens": K},
                 env={**ENV, **(env or {})}) as llm:
         llm.collective_rpc(tm.install_draft_recorder)
         outputs = generate(llm, mixed_batch(target))
-        return {"outputs": outputs, "log": llm.collective_rpc(tm.read_draft_log)[0],
-                "proposer": llm.collective_rpc(tm.proposer_class)[0],
-                "cpu_sampler_fix": llm.collective_rpc(tm.cpu_sampler_fix_active)[0]}
+        result = {"outputs": outputs, "log": llm.collective_rpc(tm.read_draft_log)[0],
+                  "proposer": llm.collective_rpc(tm.proposer_class)[0],
+                  "cpu_sampler_fix": llm.collective_rpc(tm.cpu_sampler_fix_active)[0]}
+        if rerun:
+            llm.collective_rpc(tm.install_draft_recorder)   # clears the log
+            prompts = {n: p for n, p in mixed_batch(target).items() if n in IMAGE_PROMPTS}
+            result["rerun"] = {"outputs": generate(llm, prompts),
+                               "log": llm.collective_rpc(tm.read_draft_log)[0]}
+        return result
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +67,7 @@ def twin(drafters):
 
 @pytest.fixture(scope="module")
 def msd_on(models, drafters):
-    return run_msd(models.target, drafters["on"])
+    return run_msd(models.target, drafters["on"], rerun=True)
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +104,17 @@ def test_drafts_match_transformers_twin(msd_on, models, features, twin):
     assert all(r["steps"] >= 20 for r in result.values())
     assert all(sum(r["mismatches"]) == 0 for r in result.values()), result
     assert sum(r["ties"] for r in result.values()) <= 3  # near-equal logits (< 0.01 apart)
+
+
+def test_prefix_cache_rerun(msd_on, models, features, twin, reference):
+    """The image prompts again in the same engine: prompt blocks come from the prefix cache
+    (target and draft KV), output lossless, drafts still equal the twin's."""
+    rerun = msd_on["rerun"]
+    for name, out in rerun["outputs"].items():
+        assert out.num_cached_tokens and out.num_cached_tokens >= 32, name  # >= one KV block
+    assert token_ids(rerun["outputs"]) == {n: reference[n] for n in IMAGE_PROMPTS}
+    result = _compare(rerun, models, features, twin["on"])
+    assert all(sum(r["mismatches"]) == 0 for r in result.values()), result
 
 
 def test_image_rows_bypass_fc(msd_on, models, features, twin):

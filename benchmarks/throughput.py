@@ -7,7 +7,10 @@ Every method runs the same prompts through vLLM's offline engine with the same t
 * ``draft_model:PATH``     -- a stock vLLM draft model (for a text LM: its positions shift after
                               images, because stock vLLM feeds it the target's token layout);
 * ``massv:PATH``           -- a MASSV drafter through the plugin's proposer (a drafter made with
-                              ``massv init --projector none`` is the fair text-only baseline).
+                              ``massv init --projector none`` is the fair text-only baseline);
+* ``msd:PATH``             -- an MSD drafter (EAGLE-style head, ``massv init --method msd``),
+                              served with vLLM's EAGLE proposer (``method: eagle``) through the
+                              plugin.
 
 For each method and each k (``--k``), one engine is started; inside it every batch size
 (``--batch-sizes``: requests kept in flight, continuous batching) and temperature
@@ -63,7 +66,7 @@ METRIC_NAMES = {
 
 @dataclass(frozen=True)
 class Method:
-    """One way of decoding: ``kind`` is none | ngram | draft_model | massv."""
+    """One way of decoding: ``kind`` is none | ngram | draft_model | massv | msd."""
 
     label: str
     kind: str
@@ -71,7 +74,8 @@ class Method:
 
     @classmethod
     def parse(cls, text: str) -> Method:
-        """``LABEL=none``, ``LABEL=ngram``, ``LABEL=draft_model:PATH`` or ``LABEL=massv:PATH``.
+        """``LABEL=none``, ``LABEL=ngram``, ``LABEL=draft_model:PATH``, ``LABEL=massv:PATH`` or
+        ``LABEL=msd:PATH``.
 
         Raises:
             ValueError: malformed text or unknown kind.
@@ -84,11 +88,11 @@ class Method:
             if model:
                 raise ValueError(f"--method {text!r}: {kind} takes no model")
             return cls(label, kind)
-        if kind in ("draft_model", "massv"):
+        if kind in ("draft_model", "massv", "msd"):
             if not model:
                 raise ValueError(f"--method {text!r}: {kind} needs a model path")
             return cls(label, kind, model)
-        raise ValueError(f"--method {text!r}: kind must be none, ngram, draft_model or massv")
+        raise ValueError(f"--method {text!r}: kind must be none, ngram, draft_model, massv or msd")
 
     def speculative_config(self, k: int) -> dict[str, Any] | None:
         """vLLM's ``speculative_config`` for ``k`` speculative tokens (None: no speculation)."""
@@ -97,17 +101,20 @@ class Method:
         if self.kind == "ngram":
             return {"method": "ngram", "num_speculative_tokens": k,
                     "prompt_lookup_min": 2, "prompt_lookup_max": 5}
+        if self.kind == "msd":
+            _require_block(self.model, "msd", "an MSD drafter")
+            return {"method": "eagle", "model": self.model, "num_speculative_tokens": k}
         # A MASSV drafter is a draft_model whose config has a `massv` block; the plugin's
         # proposer takes it from there. A stock draft model goes through vLLM unchanged.
         if self.kind == "massv":
-            _require_massv_block(self.model)
+            _require_block(self.model, "massv", "a MASSV drafter")
         return {"method": "draft_model", "model": self.model, "num_speculative_tokens": k}
 
 
-def _require_massv_block(model: str | None) -> None:
+def _require_block(model: str | None, key: str, what: str) -> None:
     config = Path(str(model)) / "config.json"
-    if config.is_file() and "massv" not in json.loads(config.read_text()):
-        raise ValueError(f"{model} has no `massv` block in config.json: not a MASSV drafter "
+    if config.is_file() and key not in json.loads(config.read_text()):
+        raise ValueError(f"{model} has no `{key}` block in config.json: not {what} "
                          "(use draft_model:PATH for a stock draft model)")
 
 

@@ -135,11 +135,15 @@ def test_method_parse() -> None:
     assert tp.Method.parse("m=massv:/x").speculative_config(3) == {
         "method": "draft_model", "model": "/x", "num_speculative_tokens": 3}
     assert tp.Method.parse("n=ngram").speculative_config(2)["method"] == "ngram"
-    for bad in ("nolabel", "a=draft_model", "a=none:/x", "a=eagle:/x"):
+    assert tp.Method.parse("s=msd:/x").speculative_config(3) == {
+        "method": "eagle", "model": "/x", "num_speculative_tokens": 3}
+    for bad in ("nolabel", "a=draft_model", "a=none:/x", "a=eagle:/x", "a=msd"):
         with pytest.raises(ValueError):
             tp.Method.parse(bad)
     with pytest.raises(ValueError, match="massv"):
         tp.Method("b", "massv", str(MODELS / "blind")).speculative_config(2)
+    with pytest.raises(ValueError, match="no `msd` block"):
+        tp.Method("b", "msd", str(MODELS / "blind")).speculative_config(2)
 
 
 def test_llava_prompts_render_for_qwen_and_gemma3(tmp_path: Path) -> None:

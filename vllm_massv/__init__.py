@@ -17,17 +17,18 @@ check_vllm_version()
 
 
 def register() -> None:
-    """vLLM plugin entry point: register MASSV architectures and install the proposer patches.
+    """vLLM plugin entry point: register the MASSV and MSD drafter architectures and install the
+    proposer patches.
 
     Re-entrant: vLLM calls it once per process, and calling it again is a no-op.
     """
     from vllm import ModelRegistry
 
     from vllm_massv import patches
-    from vllm_massv.models import MASSV_ARCHITECTURES
+    from vllm_massv.models import MASSV_ARCHITECTURES, MSD_ARCHITECTURES
 
     supported = set(ModelRegistry.get_supported_archs())
-    for arch, target in MASSV_ARCHITECTURES.items():
+    for arch, target in {**MASSV_ARCHITECTURES, **MSD_ARCHITECTURES}.items():
         if arch not in supported:
             ModelRegistry.register_model(arch, target)
     patches.install()

@@ -1,8 +1,9 @@
 """The only module that touches vLLM private code. Version-gated to vLLM 0.32.x and 0.33.x.
 
 What it changes, and only when the speculative config's draft checkpoint is a MASSV drafter
-(architecture in `vllm_massv.models.MASSV_ARCHITECTURES`); every other config behaves exactly as
-stock vLLM:
+(architecture in `vllm_massv.models.MASSV_ARCHITECTURES`) or an MSD drafter (`msd` block,
+`vllm_massv.msd`), plus the stock-bug fix of patch 6 for EAGLE-path drafters on M-RoPE targets;
+every other config behaves exactly as stock vLLM:
 
 1. `DraftModelProposer(...)` constructs a `MassvDraftModelProposer` (a subclass) instead, via
    `DraftModelProposer.__new__` (`vllm/v1/spec_decode/draft_model.py`; the V1 runner builds it in
@@ -36,6 +37,15 @@ stock vLLM:
    Upstream: vllm-project/vllm#55005 (fix proposed in #55006); drop this when it lands.
    `VLLM_MASSV_FIX_CPU_SAMPLER=1` applies the same fix to every config (opt-in, e.g. to compare
    stock draft methods fairly at temperature > 0 on CPU; `benchmarks/throughput.py` sets it).
+
+6. `EagleProposer(...)` (`vllm/v1/spec_decode/eagle.py`) constructs `MsdEagleProposer`
+   (`vllm_massv.msd.proposer`) for MSD drafters, and `EagleAbsolutePositionsProposer`
+   (`vllm_massv.eagle_positions`) for other `eagle`/`eagle3` drafters without M-RoPE on M-RoPE
+   targets (Qwen2-VL / Qwen2.5-VL): stock vLLM gives them the target's temporal M-RoPE row as
+   positions and derives the KV slots of draft tokens 2..k from it, which after an image writes
+   the draft KV into earlier tokens' slots (a stock bug; docs/notes/eagle-mrope-positions.md).
+   Patches 2 and 3 also cover MSD drafters: V1 runner pinned, and `vllm_massv.msd.config`'s
+   pair and weight checks run while the `SpeculativeConfig` is built.
 
 4. The `--speculative-config` CLI flag (`vllm/engine/arg_utils.py::EngineArgs.add_cli_args`)
    also accepts the path of a JSON file (`--speculative-config massv.json`); inline JSON parses
@@ -177,6 +187,15 @@ def check_vllm_version(version: str | None = None) -> str:
     return version
 
 
+def draft_is_msd(speculative_config: Any) -> bool:
+    """True when a vLLM `SpeculativeConfig`'s draft checkpoint is an MSD drafter (any method:
+    a wrong method is refused by the pre-serving checks)."""
+    from vllm_massv.msd.config import is_msd_hf_config
+
+    draft = getattr(speculative_config, "draft_model_config", None)
+    return draft is not None and is_msd_hf_config(draft.hf_config)
+
+
 def draft_is_massv(speculative_config: Any) -> bool:
     """True when a vLLM `SpeculativeConfig` uses a MASSV drafter."""
     from vllm_massv.config import is_massv_hf_config
@@ -206,6 +225,32 @@ def _patch_draft_model_proposer(module: Any) -> None:
     setattr(cls, _PATCHED_FLAG, True)
 
 
+# --- patch 6: the EAGLE proposer for MSD, and 1-D positions on M-RoPE targets -------------
+def _patch_eagle_proposer(module: Any) -> None:
+    cls = module.EagleProposer
+    if getattr(cls, _PATCHED_FLAG, False):
+        return
+
+    def __new__(klass, *args, **kwargs):
+        if klass is cls:
+            vllm_config = kwargs.get("vllm_config", args[0] if args else None)
+            spec = getattr(vllm_config, "speculative_config", None)
+            if draft_is_msd(spec):
+                from vllm_massv.msd.proposer import MsdEagleProposer
+
+                klass = MsdEagleProposer
+            else:
+                from vllm_massv.eagle_positions import (EagleAbsolutePositionsProposer,
+                                                        needs_absolute_positions)
+
+                if needs_absolute_positions(vllm_config):
+                    klass = EagleAbsolutePositionsProposer
+        return object.__new__(klass)
+
+    cls.__new__ = __new__
+    setattr(cls, _PATCHED_FLAG, True)
+
+
 # --- patch 2: pin the V1 model runner for MASSV ------------------------------------------------
 def _patch_vllm_config(module: Any) -> None:
     cls = module.VllmConfig
@@ -214,6 +259,8 @@ def _patch_vllm_config(module: Any) -> None:
     stock = cls.use_v2_model_runner
 
     def use_v2_model_runner(self) -> bool:
+        if draft_is_msd(self.speculative_config):
+            return _v1_runner_for_msd()
         if not draft_is_massv(self.speculative_config):
             return stock.fget(self)
         if self.speculative_config.use_heterogeneous_vocab:
@@ -299,6 +346,18 @@ def refuse_unsupported_modes(vllm_config: Any) -> None:
         raise ValueError("MASSV drafter: unsupported vLLM mode(s):\n- " + "\n- ".join(problems))
 
 
+def _v1_runner_for_msd() -> bool:
+    if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "").strip().lower() in ("1", "true"):
+        raise ValueError(
+            "MSD drafters run on vLLM's V1 model runner (their image-row decoupling and "
+            "position fix are implemented for V1's EAGLE proposer); unset "
+            "VLLM_USE_V2_MODEL_RUNNER.")
+    from vllm.logger import init_logger
+
+    init_logger("vllm.massv").info_once("MSD drafter: using the V1 model runner.")
+    return False
+
+
 def has_sliding_window_layers(hf_text_config: Any) -> bool:
     """True when a text config has sliding-window attention layers (Gemma2/3, Qwen2 with
     `use_sliding_window`); vLLM builds them with `per_layer_sliding_window`."""
@@ -346,6 +405,16 @@ def _patch_speculative_config(module: Any) -> None:
     stock = cls.verify_equal_vocab_size_if_draft_model
 
     def verify_equal_vocab_size_if_draft_model(self) -> None:
+        if self.target_model_config is not None and draft_is_msd(self):
+            from vllm_massv.msd import config as msd
+
+            cfg = msd.validate(
+                self.draft_model_config.hf_config, self.target_model_config.hf_config,
+                method=self.method, target_vocab_size=self.target_model_config.get_vocab_size(),
+                draft_vocab_size=self.draft_model_config.get_vocab_size())
+            msd.check_checkpoint_weights(self.draft_model_config.model,
+                                         self.draft_model_config.hf_config, cfg)
+            return None
         if self.target_model_config is None or not draft_is_massv(self):
             return stock(self)
         from vllm_massv.config import check_checkpoint_weights, validate_pair
@@ -441,6 +510,7 @@ def _patch_engine_args(module: Any) -> None:
 _PATCHES: dict[str, Callable[[Any], None]] = {
     "vllm.engine.arg_utils": _patch_engine_args,
     "vllm.v1.spec_decode.draft_model": _patch_draft_model_proposer,
+    "vllm.v1.spec_decode.eagle": _patch_eagle_proposer,
     "vllm.config.vllm": _patch_vllm_config,
     "vllm.config.speculative": _patch_speculative_config,
     "vllm.v1.sample.rejection_sampler": _patch_rejection_sampler,

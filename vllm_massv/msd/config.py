@@ -45,7 +45,8 @@ class MsdConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     format_version: int = Field(1, ge=1, le=1, description="Version of this block's schema.")
-    target: str = Field(..., description="Name or path of the target VLM the drafter was built for.")
+    target: str = Field(
+        ..., description="Name or path of the target VLM the drafter was built for.")
     target_architecture: str = Field(..., description="The target's architecture class name.")
     target_hidden_size: int = Field(
         ..., gt=0,
@@ -59,7 +60,8 @@ class MsdConfig(BaseModel):
         "target's image embedding (post-merger, what vLLM caches) as decoder-layer input instead "
         "of fc([embedding; hidden]). False = the plain EAGLE-1-style ablation (fc at every row, "
         "with the image embedding as the row's token embedding).")
-    fc_bias: bool = Field(True, description="Whether the fc has a bias (as released, cnets.py l.118).")
+    fc_bias: bool = Field(
+        True, description="Whether the fc has a bias (as released, MSD cnets.py l.118).")
 
     @classmethod
     def from_hf_config(cls, hf_config: Any) -> "MsdConfig":

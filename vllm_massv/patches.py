@@ -153,6 +153,15 @@ PATCH_SURFACE: tuple[str, ...] = (
     "vllm.model_executor.models.gemma3:Gemma3ForCausalLM.compute_logits",
     "vllm.model_executor.models.gemma3:Gemma3ForCausalLM.load_weights",
     "vllm.model_executor.models.gemma3:Gemma3Model.embed_input_ids",
+    # patch 6 (EagleProposer construction), eagle_positions.py and msd/ (MSD on the EAGLE path)
+    "vllm.v1.spec_decode.eagle:EagleProposer",
+    "vllm.v1.spec_decode.eagle:EagleProposer.__init__",
+    "vllm.v1.spec_decode.llm_base_proposer:SpecDecodeBaseProposer._set_positions",
+    "vllm.v1.attention.backend:CommonAttentionMetadata.seq_lens",
+    "vllm.config.model:ModelConfig.supports_multimodal_inputs",
+    "vllm.model_executor.models.interfaces:SupportsEagle",
+    "vllm.model_executor.models.qwen2:Qwen2DecoderLayer.__init__",
+    "vllm.model_executor.models.qwen2:Qwen2DecoderLayer.forward",
     # plugin registration
     "vllm.model_executor.models.registry:_ModelRegistry.get_supported_archs",
     "vllm.model_executor.models.registry:_ModelRegistry.register_model",

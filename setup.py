@@ -19,6 +19,7 @@ setup(
     + ["vllm_massv.training"],
     package_dir={"vllm_massv.training": "training"},
     install_requires=[
+        "huggingface_hub",
         "pydantic>=2",
         "safetensors",
         "transformers>=4.57",

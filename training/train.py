@@ -31,9 +31,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from vllm_massv.config import MassvConfigError
+from vllm_massv.config import MassvConfig, MassvConfigError
 from vllm_massv.hf.modeling_massv_qwen2 import mrope_positions
 from vllm_massv.init_drafter import copy_tokenizer_files
+from vllm_massv.speculators import (DEFAULT_NUM_SPECULATIVE_TOKENS,
+                                    checkpoint_num_speculative_tokens, speculators_fields)
+from vllm_massv.training.model_card import phase_history, phase_record, write_model_card
 
 Phase = Literal["align", "sdvit"]
 IGNORE = -100
@@ -62,6 +65,7 @@ class TrainConfig:
     save_every: int = 0           # 0: no intermediate checkpoints
     seed: int = 0
     feature_cache: str | None = None
+    license: str | None = None    # Hub license id for the model card (default "other")
     stop_after: int | None = field(default=None, metadata={"help": "testing: stop after N steps"})
 
 
@@ -352,11 +356,13 @@ def train(cfg: TrainConfig) -> dict:
     bar.close()
     seconds = time.perf_counter() - start
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        _export(accelerator.unwrap_model(model), cfg, out)
     final = {"steps": step, "seconds": seconds, "steps_per_s": steps_run / max(seconds, 1e-9),
              "train_examples": len(train_set), "eval_examples": len(eval_set), **record}
-    (out / "train_summary.json").write_text(json.dumps(final, indent=2))
+    final["phases"] = phase_history(cfg.drafter) + [phase_record(
+        cfg.phase, cfg.data, final, {**asdict(cfg), "loss_kind": cfg.loss})]
+    if accelerator.is_main_process:
+        _export(accelerator.unwrap_model(model), cfg, out, final["phases"])
+        (out / "train_summary.json").write_text(json.dumps(final, indent=2))
     return final
 
 
@@ -399,12 +405,18 @@ def _truncate_log(path: Path, step: int) -> None:
         path.write_text("".join(r + "\n" for r in rows))
 
 
-def _export(model, cfg: TrainConfig, out: Path) -> None:
-    """Write the trained drafter (config with the massv block, safetensors, tokenizer)."""
+def _export(model, cfg: TrainConfig, out: Path, phases: list[dict]) -> None:
+    """Write the trained drafter: config (the massv block and a speculators_config with the
+    input drafter's k, so `vllm serve <out>` serves it), safetensors, tokenizer, and the model
+    card README.md (`vllm_massv.training.model_card`)."""
     model.save_pretrained(out, safe_serialization=True)
     cfg_path = out / "config.json"
     config = json.loads(cfg_path.read_text())
-    config["architectures"] = json.loads(
-        (Path(cfg.drafter) / "config.json").read_text())["architectures"]
+    source = json.loads((Path(cfg.drafter) / "config.json").read_text())
+    config["architectures"] = source["architectures"]
+    massv = MassvConfig.from_hf_config(config)
+    k = checkpoint_num_speculative_tokens(source) or DEFAULT_NUM_SPECULATIVE_TOKENS
+    config.update(speculators_fields(massv, k, verifier=massv.target or cfg.target))
     cfg_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     copy_tokenizer_files(Path(cfg.drafter), out)
+    write_model_card(out, massv, k, phases, license=cfg.license)

@@ -39,6 +39,15 @@ stock vLLM:
    exactly as before. This is the one change not gated on a MASSV drafter: before it, a file
    path was a parse error.
 
+6. One-argument serving, `vllm serve <massv-drafter-dir>` (`vllm_massv.speculators`): the
+   speculators registry (`vllm/transformers_utils/configs/speculators/algos.py`,
+   `register_speculator`) gets a "massv" entry, and
+   `SpeculatorsConfig.extract_vllm_speculative_config` (`.../speculators/base.py`, called by
+   `transformers_utils/config.py::maybe_override_with_speculators` from
+   `EngineArgs.create_engine_config`) maps `speculators_model_type: "massv"` to the
+   `draft_model` method at the checkpoint's k, after checking the verifier. Other
+   speculators types go to the stock method unchanged.
+
 The modules are patched right after they are first imported (a `sys.meta_path` hook), so the
 API-server process never imports the heavy worker modules just for the plugin.
 """
@@ -251,6 +260,30 @@ def fix_cpu_rejection_sampler() -> bool:
     return True
 
 
+# --- patch 6: one-argument serving of a MASSV drafter (speculators format) ----------------------
+def _register_massv_speculator(module: Any) -> None:
+    from vllm_massv.speculators import SPECULATORS_MODEL_TYPE, update_massv
+
+    module.register_speculator(SPECULATORS_MODEL_TYPE)(update_massv)
+
+
+def _patch_speculators_config(module: Any) -> None:
+    cls = module.SpeculatorsConfig
+    if getattr(cls, _PATCHED_FLAG, False):
+        return
+    stock = cls.extract_vllm_speculative_config.__func__
+
+    def extract_vllm_speculative_config(klass, config_dict: dict[str, Any]) -> dict[str, Any]:
+        from vllm_massv.speculators import SPECULATORS_MODEL_TYPE, vllm_speculative_config
+
+        if config_dict.get("speculators_model_type") == SPECULATORS_MODEL_TYPE:
+            return vllm_speculative_config(config_dict)
+        return stock(klass, config_dict)
+
+    cls.extract_vllm_speculative_config = classmethod(extract_vllm_speculative_config)
+    setattr(cls, _PATCHED_FLAG, True)
+
+
 # --- patch 4: --speculative-config accepts a JSON file path ------------------------------------
 def _json_or_json_file(parse_json: Callable[[str], Any]) -> Callable[[str], Any]:
     def parse(value: str) -> Any:
@@ -293,6 +326,8 @@ _PATCHES: dict[str, Callable[[Any], None]] = {
     "vllm.config.vllm": _patch_vllm_config,
     "vllm.config.speculative": _patch_speculative_config,
     "vllm.v1.sample.rejection_sampler": _patch_rejection_sampler,
+    "vllm.transformers_utils.configs.speculators.algos": _register_massv_speculator,
+    "vllm.transformers_utils.configs.speculators.base": _patch_speculators_config,
 }
 
 

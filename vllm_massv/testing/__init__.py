@@ -697,7 +697,8 @@ def build_stock_drafter(target_dir: str | Path, out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     init_drafter(target_dir, target_dir, out_dir, projector="identity", positions="1d")
     cfg = json.loads((out_dir / "config.json").read_text())
-    cfg.pop("massv")
+    for key in ("massv", "speculators_model_type", "speculators_config"):
+        cfg.pop(key)
     cfg["architectures"] = ["Qwen2ForCausalLM"]
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
     return out_dir

@@ -90,8 +90,8 @@ def build_model_card(out: str | Path, massv: MassvConfig, num_speculative_tokens
 # MASSV drafter for {target or 'its target'}
 
 A multimodal drafter for speculative decoding of the vision-language model **{target}**
-(`{massv.target_architecture}`), made with [vllm-massv](https://arxiv.org/abs/2505.10526)
-(MASSV, arXiv 2505.10526): a small text LM with a `{massv.projector}` projector from the target's
+(`{massv.target_architecture}`), made with vllm-massv (MASSV,
+[arXiv 2505.10526](https://arxiv.org/abs/2505.10526)): a small text LM with a `{massv.projector}` projector from the target's
 image embeddings ({massv.vision_feature_dim} wide) into its embedding space, positions
 `{massv.positions}`. It shares the target's tokenizer (vocabulary padded from
 {massv.orig_vocab_size} to the target's).
@@ -108,10 +108,10 @@ vllm serve {target} --speculative-config '{two_arg}'
 
 ## Training
 
-Data: {', '.join(f'`{d}`' for d in datasets) or 'none recorded'} (prompts answered by the target;
-`massv generate` output). Examples: training / held-out.
+Data: {', '.join(f'`{d}`' for d in datasets) or 'none recorded'} (`massv generate` output: prompts,
+their reference answers and the target's own answers).
 
-| phase | steps | examples | train loss | held-out loss | held-out agreement |
+| phase | steps | examples (train / held-out) | train loss | held-out loss | held-out agreement |
 |---|---|---|---|---|---|
 {rows}
 

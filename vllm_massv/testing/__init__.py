@@ -805,7 +805,8 @@ class ApiServer:
 
     ``speculative_config`` is a dict (passed as inline JSON), inline JSON or the path of a JSON
     file. ``env`` is added to this process's environment (a ``None`` value unsets a variable);
-    ``VLLM_CPU_KVCACHE_SPACE`` defaults to 1 (GiB, CPU builds only). ``model`` may be a MASSV
+    ``VLLM_CPU_KVCACHE_SPACE`` defaults to 1 (GiB, CPU builds only). ``cwd``: the server's
+    working directory (relative model paths resolve there). ``model`` may be a MASSV
     drafter directory with a ``speculators_config`` (one-argument serving).
 
     Raises:
@@ -816,7 +817,7 @@ class ApiServer:
                  speculative_config: dict[str, Any] | str | Path | None = None,
                  port: int | None = None, log: str | Path | None = None,
                  env: dict[str, str | None] | None = None, startup_timeout: float = 240.0,
-                 stop_timeout: float = 30.0) -> None:
+                 stop_timeout: float = 30.0, cwd: str | Path | None = None) -> None:
         import sys
         import tempfile
 
@@ -835,6 +836,7 @@ class ApiServer:
                     else str(speculative_config))
             self.cmd += ["--speculative-config", spec]
         self.env = env
+        self.cwd = cwd
         self.proc: Any = None  # subprocess.Popen once started
 
     @property
@@ -861,7 +863,7 @@ class ApiServer:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "wb") as log_fh:
             self.proc = subprocess.Popen(self.cmd, stdout=log_fh, stderr=subprocess.STDOUT,
-                                         env=env, stdin=subprocess.DEVNULL,
+                                         env=env, stdin=subprocess.DEVNULL, cwd=self.cwd,
                                          start_new_session=True)
         return self
 

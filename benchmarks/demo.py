@@ -29,7 +29,7 @@ from pathlib import Path
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "auto")
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # the demo's own lines, not engine logs
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # the demo's own lines, not engine logs
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))

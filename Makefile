@@ -19,7 +19,7 @@ demo: setup
 # `vllm serve` on the testbed with MASSV (one argument: the drafter dir), one image question
 # through the openai client, the answer and tau from /metrics, then the server stops.
 serve-demo: setup
-	PYTHONPATH=. $(PY) benchmarks/serve_demo.py
+	$(PY) benchmarks/serve_demo.py
 
 # The side-by-side table in README (about 35 min on the 2-core CPU; results in runs/throughput).
 benchmark: setup

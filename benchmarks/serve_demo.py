@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     from vllm_massv.testing import ServerStartError
 
     srv = server(args.two_arguments)
-    print("$ " + " ".join(["vllm", *srv.cmd[1:]]), flush=True)
+    print("$ " + shlex.join(["vllm", *srv.cmd[1:]]), flush=True)
     print(f"starting the server (log: {srv.log}) ...", flush=True)
     try:
         with srv:

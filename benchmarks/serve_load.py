@@ -18,7 +18,7 @@ Servers:
 
     # an already running server
     python benchmarks/serve_load.py --base-url http://127.0.0.1:8000
-    # start one (python -m vllm.entrypoints.openai.api_server), run, stop it; server flags after --
+    # start one (`vllm serve`), run, stop it; server flags after --
     python benchmarks/serve_load.py --model TARGET --speculative-config massv.json -- --dtype bfloat16
     # no speculation vs MASSV, one server after the other, side by side + greedy answers compared
     python benchmarks/serve_load.py --compare --model TARGET --speculative-config massv.json

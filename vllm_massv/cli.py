@@ -8,6 +8,7 @@ import sys
 
 from vllm_massv.config import MassvConfigError
 from vllm_massv.msd.config import MsdConfigError
+from vllm_massv.speculators import DEFAULT_NUM_SPECULATIVE_TOKENS
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
@@ -19,15 +20,18 @@ def _cmd_init(args: argparse.Namespace) -> int:
 
     report = init_drafter(args.target, args.draft_lm, args.out, projector=args.projector,
                           positions=args.positions, projector_hidden_size=args.projector_hidden,
-                          seed=args.seed)
+                          seed=args.seed, num_speculative_tokens=args.num_speculative_tokens)
     m = report.massv
     print(f"MASSV drafter written to {report.out_dir}\n"
           f"  projector {m.projector} ({report.projector_params:,} params), positions {m.positions}\n"
           f"  LM params {report.drafter_params:,}, vocab {m.orig_vocab_size} padded by "
           f"{report.padded_rows} rows\n  image token id {m.image_token_id}, "
           f"vision feature dim {m.vision_feature_dim}\n"
-          f"Serve: --speculative-config '{{\"method\": \"draft_model\", \"model\": "
-          f"\"{report.out_dir}\", \"num_speculative_tokens\": 4}}'")
+          f"Serve: vllm serve {report.out_dir}   (target {m.target}, k="
+          f"{args.num_speculative_tokens})\n"
+          f"   or: vllm serve {m.target} --speculative-config '{{\"method\": \"draft_model\", "
+          f"\"model\": \"{report.out_dir}\", \"num_speculative_tokens\": "
+          f"{args.num_speculative_tokens}}}'")
     return 0
 
 
@@ -68,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-decouple", action="store_true",
                    help="(msd) turn decoupled visual tokens off: the EAGLE-1-style ablation")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-speculative-tokens", type=int, default=DEFAULT_NUM_SPECULATIVE_TOKENS,
+                   help="k recorded in config.json's speculators_config (what `vllm serve "
+                   "DRAFTER` uses; --speculative-config overrides it)")
     p.set_defaults(func=_cmd_init)
 
     from vllm_massv.training.cli import add_commands

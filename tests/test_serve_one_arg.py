@@ -1,0 +1,67 @@
+"""One-argument serving through the OpenAI server on the trained CPU testbed:
+`vllm serve benchmarks/testbed/models/drafter-massv` (the drafter's speculators_config names the
+target and k) against the two-argument form `vllm serve TARGET --speculative-config massv.json`.
+Both servers run `vllm serve` itself, one after the other; the same held-out testbed questions
+(with images, greedy) must give token-identical answers and identical speculative-decoding
+counters on `/metrics` (so the same τ), and the one-argument server must use the MASSV proposer.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import serve_demo
+from vllm_massv.testing import ApiServer, ServerStartError
+
+pytestmark = pytest.mark.slow
+
+MAX_TOKENS = 48
+
+
+def _serve(two_arguments: bool, log) -> dict:
+    srv: ApiServer = serve_demo.server(two_arguments, log=log)
+    srv.startup_timeout = 300
+    try:
+        with srv:
+            model = serve_demo.served_model(srv.url)
+            answers = [serve_demo.ask(srv.url, model, messages, MAX_TOKENS)
+                       for _, messages in serve_demo.testbed_questions()]
+            stats = serve_demo.spec_decode_stats(srv.url)
+    except ServerStartError as e:
+        pytest.fail(str(e), pytrace=False)
+    return {"cmd": srv.cmd, "model": model, "stats": stats, "log": srv.log.read_text(),
+            "answers": [(a.choices[0].message.content, getattr(a.choices[0], "token_ids", None))
+                        for a in answers]}
+
+
+@pytest.fixture(scope="module")
+def one_arg(tmp_path_factory) -> dict:
+    return _serve(False, tmp_path_factory.mktemp("one_arg") / "server.log")
+
+
+@pytest.fixture(scope="module")
+def two_arg(one_arg, tmp_path_factory) -> dict:
+    return _serve(True, tmp_path_factory.mktemp("two_arg") / "server.log")
+
+
+def test_one_argument_serves_target_with_massv(one_arg) -> None:
+    cfg = json.loads((serve_demo.ROOT / serve_demo.DRAFTER / "config.json").read_text())
+    k = cfg["speculators_config"]["proposal_methods"][0]["speculative_tokens"]
+    assert one_arg["cmd"][1:3] == ["serve", str(serve_demo.DRAFTER)]
+    assert "--speculative-config" not in one_arg["cmd"]
+    assert "MASSV proposer active" in one_arg["log"]
+    stats = one_arg["stats"]
+    print(f"one argument: tau {stats['tau']:.2f}, {stats['drafts']} drafts, "
+          f"{stats['accepted_tokens']} accepted")
+    assert stats["drafts"] > 0 and stats["draft_tokens"] == k * stats["drafts"]
+    assert stats["tau"] > 2.0  # the trained MASSV drafter on the questions it was trained for
+    assert all(text and ids for text, ids in one_arg["answers"])
+
+
+def test_one_argument_equals_two_argument_form(one_arg, two_arg) -> None:
+    assert "--speculative-config" in two_arg["cmd"]
+    assert one_arg["answers"] == two_arg["answers"]
+    for key in ("drafts", "draft_tokens", "accepted_tokens"):
+        assert one_arg["stats"][key] == two_arg["stats"][key], key

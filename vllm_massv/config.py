@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -26,13 +26,49 @@ class MassvConfigError(ValueError):
     """A MASSV drafter checkpoint or its pairing with a target is invalid."""
 
 
-class MassvConfig(BaseModel):
+class DrafterBlock(BaseModel):
+    """A drafter's self-describing block in its `config.json` (`massv`, `msd`): a pydantic model
+    whose `Field(description=...)` is the documentation, serialized under `block_key`. Serving
+    (the plugin) and training read the same fields. Subclasses set the three class variables."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    block_key: ClassVar[str]
+    error: ClassVar[type[ValueError]]
+    drafter_kind: ClassVar[str]  # "a MASSV drafter", for messages
+    create_hint: ClassVar[str]   # the command that makes such a drafter
+
+    @classmethod
+    def from_hf_config(cls, hf_config: Any):
+        """Read the block from a transformers `PretrainedConfig` (vLLM's `EAGLEConfig` copies
+        it) or a plain dict.
+
+        Raises:
+            cls.error: the block is missing or malformed.
+        """
+        raw = hf_config.get(cls.block_key) if isinstance(hf_config, dict) else getattr(
+            hf_config, cls.block_key, None)
+        if raw is None:
+            raise cls.error(f"config.json has no '{cls.block_key}' block; this is not "
+                            f"{cls.drafter_kind}. Create one with `{cls.create_hint}`.")
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as e:
+            raise cls.error(f"invalid '{cls.block_key}' block in config.json: {e}") from e
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+class MassvConfig(DrafterBlock):
     """What serving and training need to know about a MASSV drafter (MASSV, arXiv 2505.10526 §3).
 
     Serialized as the `massv` block of the drafter's `config.json`.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    block_key: ClassVar[str] = MASSV_CONFIG_KEY
+    error: ClassVar[type[ValueError]] = MassvConfigError
+    drafter_kind: ClassVar[str] = "a MASSV drafter"
+    create_hint: ClassVar[str] = "massv init --target TARGET --draft-lm LM --out DIR"
 
     format_version: int = Field(1, description="Version of this block's schema.")
     vision_feature_dim: int = Field(
@@ -74,27 +110,6 @@ class MassvConfig(BaseModel):
     def uses_projector(self) -> bool:
         """False for a text-only (`projector: none`) drafter."""
         return self.projector != "none"
-
-    @classmethod
-    def from_hf_config(cls, hf_config: Any) -> "MassvConfig":
-        """Read the block from a transformers `PretrainedConfig` (or a plain dict).
-
-        Raises:
-            MassvConfigError: the block is missing or malformed.
-        """
-        raw = hf_config.get(MASSV_CONFIG_KEY) if isinstance(hf_config, dict) else getattr(
-            hf_config, MASSV_CONFIG_KEY, None)
-        if raw is None:
-            raise MassvConfigError(
-                "config.json has no 'massv' block; this is not a MASSV drafter. "
-                "Create one with `massv init --target TARGET --draft-lm LM --out DIR`.")
-        try:
-            return cls.model_validate(raw)
-        except ValidationError as e:
-            raise MassvConfigError(f"invalid 'massv' block in config.json: {e}") from e
-
-    def to_json_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
 
 
 def is_massv_hf_config(hf_config: Any) -> bool:

@@ -18,9 +18,11 @@ All checks raise :class:`MsdConfigError` (a `ValueError`) whose message names th
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field
+
+from vllm_massv.config import DrafterBlock
 
 MSD_CONFIG_KEY = "msd"
 #: The vLLM architecture name (`vllm_massv.models`); vLLM's `EAGLEConfig` keeps names that
@@ -36,13 +38,16 @@ class MsdConfigError(ValueError):
     """An MSD drafter checkpoint or its pairing with a target is invalid."""
 
 
-class MsdConfig(BaseModel):
+class MsdConfig(DrafterBlock):
     """What serving and training need to know about an MSD drafter.
 
     Serialized as the `msd` block of the drafter's `config.json`.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    block_key: ClassVar[str] = MSD_CONFIG_KEY
+    error: ClassVar[type[ValueError]] = MsdConfigError
+    drafter_kind: ClassVar[str] = "an MSD drafter"
+    create_hint: ClassVar[str] = "massv init --method msd --target TARGET --out DIR"
 
     format_version: int = Field(1, ge=1, le=1, description="Version of this block's schema.")
     target: str = Field(
@@ -62,28 +67,6 @@ class MsdConfig(BaseModel):
         "with the image embedding as the row's token embedding).")
     fc_bias: bool = Field(
         True, description="Whether the fc has a bias (as released, MSD cnets.py l.118).")
-
-    @classmethod
-    def from_hf_config(cls, hf_config: Any) -> "MsdConfig":
-        """Read the block from a transformers `PretrainedConfig` (vLLM's `EAGLEConfig` copies it)
-        or a plain dict.
-
-        Raises:
-            MsdConfigError: the block is missing or malformed.
-        """
-        raw = hf_config.get(MSD_CONFIG_KEY) if isinstance(hf_config, dict) else getattr(
-            hf_config, MSD_CONFIG_KEY, None)
-        if raw is None:
-            raise MsdConfigError(
-                "config.json has no 'msd' block; this is not an MSD drafter. Create one with "
-                "`massv init --method msd --target TARGET --out DIR`.")
-        try:
-            return cls.model_validate(raw)
-        except ValidationError as e:
-            raise MsdConfigError(f"invalid 'msd' block in config.json: {e}") from e
-
-    def to_json_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
 
 
 def is_msd_hf_config(hf_config: Any) -> bool:

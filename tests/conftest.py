@@ -253,6 +253,25 @@ def assert_replay_equal(target: Path, drafter_dir: Path, outputs: dict[str, Any]
     return total_steps, total_accepted
 
 
+def check_engine_mode(label: str, models: "TinyModels", drafter_dir: Path, outputs: dict[str, Any],
+                      mode_reference: dict[str, list[int]], reference: dict[str, list[int]]
+                      ) -> None:
+    """A MASSV engine in a non-default mode (TP = 2, compiled) on the mixed batch: lossless
+    against the target alone *in the same mode* (the mode's own numerics may flip a near-tie of
+    the target's argmax against TP = 1 eager, with or without speculation), and every verify
+    step accepts what the transformers replay accepts (:func:`assert_replay_equal`), i.e. the
+    same tau as the TP = 1 eager engine."""
+    assert token_ids(outputs) == mode_reference
+    same = [n for n in reference if reference[n] == mode_reference[n]]
+    print(f"{label} target alone vs TP=1 eager target alone: {len(same)}/{len(reference)} "
+          "outputs identical")
+    steps, accepted = assert_replay_equal(models.target, drafter_dir, outputs,
+                                          mixed_batch(models.target))
+    print(f"{label}: {accepted} accepted over {steps} verify steps, "
+          f"tau {1 + accepted / steps:.3f}, every step equal to the TP=1 eager replay")
+    assert accepted > 0
+
+
 def emitted_accepted(per_step_accepted: list[int], num_output_tokens: int) -> list[int]:
     """vLLM's per-step accepted counts, clipped to the tokens the request emitted: a step can
     accept drafts past `max_tokens` (they are verified, then cut), which a replay along the

@@ -12,7 +12,7 @@ the eager engine accepts (tests/test_reference_1d.py), so tau is the same.
 from __future__ import annotations
 
 import pytest
-from conftest import assert_replay_equal, engine, generate, mixed_batch, spec_config, token_ids
+from conftest import check_engine_mode, engine, generate, mixed_batch, spec_config, token_ids
 
 pytestmark = pytest.mark.slow
 
@@ -35,17 +35,7 @@ def compiled_outputs(models):
         return generate(llm, mixed_batch(models.target))
 
 
-def test_compiled_lossless(compiled_outputs, compiled_reference, reference):
-    assert token_ids(compiled_outputs) == compiled_reference
-    # the mode's own numerics (not speculation) may flip a near-tie of the target's argmax
-    same = [n for n in reference if reference[n] == compiled_reference[n]]
-    print(f"compiled target alone vs TP=1 eager target alone: {len(same)}/{len(reference)} "
-          f"outputs identical")
-
-
-def test_compiled_tau_equals_eager(models, compiled_outputs):
-    steps, accepted = assert_replay_equal(models.target, models.sanity_1d, compiled_outputs,
-                                          mixed_batch(models.target))
-    print(f"compiled: {accepted} accepted over {steps} verify steps, "
-          f"tau {1 + accepted / steps:.3f}, every step equal to the eager replay")
-    assert accepted > 0
+def test_compiled_lossless_and_tau_equals_eager_tp1(models, compiled_outputs, compiled_reference,
+                                                     reference):
+    check_engine_mode("compiled", models, models.sanity_1d, compiled_outputs, compiled_reference,
+                      reference)

@@ -57,8 +57,8 @@ def _about(block: MassvConfig | MsdConfig) -> tuple[str, str, str]:
     if isinstance(block, MsdConfig):
         decouple = ("on: rows whose next token is an image placeholder take the target's image "
                     "embedding" if block.decouple_visual_tokens else "off (EAGLE-1-style ablation)")
-        return ("MSD drafter", f"""An MSD drafter ([arXiv 2505.14260](https://arxiv.org/abs/2505.14260)) for speculative decoding of
-the vision-language model **{block.target}** (`{block.target_architecture}`), made with
+        return ("MSD drafter", f"""An MSD drafter ([arXiv 2505.14260](https://arxiv.org/abs/2505.14260))
+for speculative decoding of the vision-language model **{block.target}** (`{block.target_architecture}`), made with
 vllm-massv: one Qwen2 decoder layer over fc([token embedding; the target's last hidden state])
 ({block.target_hidden_size} wide), 1-D positions, the target's embedding and LM head reused.
 Decoupled visual tokens: {decouple}. Served through vLLM's EAGLE proposer (method `eagle`).""",

@@ -6,7 +6,8 @@ The layout is the MSD checkpoint contract (see :mod:`vllm_massv.msd.config`): `c
 ["EagleMsdQwen2ForCausalLM"]`, the `msd` block), `model.safetensors` (`model.fc.{weight,bias}`,
 `model.layers.0.*`; no embedding, LM head or final norm: the target's embedding and LM head are
 reused, frozen) and the target's tokenizer files. `config.json` also carries a speculators block
-(`speculators_model_type: "msd"`, `vllm_massv.speculators`) so `vllm serve DIR` serves the target. `massv train` trains it.
+(`speculators_model_type: "msd"`, `vllm_massv.speculators`) so `vllm serve DIR` serves the
+target. `massv train` trains it.
 """
 
 from __future__ import annotations

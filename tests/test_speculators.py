@@ -1,6 +1,7 @@
 """One-argument serving config (`vllm_massv/speculators.py`, patch 7 in `vllm_massv/patches.py`)
-for MASSV and MSD drafters, without an engine: what `massv init` writes, how vLLM's speculators detection maps it, and the
-errors for a verifier that is missing or is not the drafter's target. The served form is tested
+for MASSV and MSD drafters, without an engine: what `massv init` writes, how vLLM's speculators
+detection maps it, and the errors for a verifier that is missing or is not the drafter's target.
+The served form is tested
 in tests/test_serve_one_arg.py."""
 
 from __future__ import annotations

@@ -187,8 +187,9 @@ def test_init_msd_layout(models: TinyModels, tmp_path: Path, capsys) -> None:
 
     out = tmp_path / "msd"
     assert massv_main(["init", "--method", "msd", "--target", str(models.target), "--out",
-                       str(out), "--no-decouple"]) == 0
-    assert '"method": "eagle"' in capsys.readouterr().out
+                       str(out), "--no-decouple", "--num-speculative-tokens", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert '"method": "eagle"' in printed and f"vllm serve {out}" in printed
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["architectures"] == ["EagleMsdQwen2ForCausalLM"] and cfg["model_type"] == "qwen2"
     assert cfg["num_hidden_layers"] == 1 and cfg["tie_word_embeddings"] is False
@@ -197,6 +198,8 @@ def test_init_msd_layout(models: TinyModels, tmp_path: Path, capsys) -> None:
     assert sorted(load_file(out / "model.safetensors")) == sorted(expected_weight_names(1, True))
     assert (out / "tokenizer.json").is_file()
     assert not MsdQwen2Drafter.from_pretrained(out).decouple_visual_tokens
+    assert cfg["speculators_model_type"] == "msd"   # `vllm serve DIR` (tests/test_speculators.py)
+    assert cfg["speculators_config"]["proposal_methods"][0]["speculative_tokens"] == 2
 
 
 def test_init_msd_text_only_target(models: TinyModels, tmp_path: Path, capsys) -> None:

@@ -179,6 +179,21 @@ def test_msd_training_lowers_loss_and_exports(models, msd_drafter, dataset, tmp_
              draft_vocab_size=cfg.vocab_size)
     check_checkpoint_weights(out, cfg, trained.msd)
     assert (out / "tokenizer.json").is_file()
+    # self-describing: the speculators block (k of the input drafter) and the model card
+    raw = json.loads((out / "config.json").read_text())
+    assert raw["speculators_model_type"] == "msd"
+    assert raw["speculators_config"]["proposal_methods"][0]["speculative_tokens"] == 4
+    assert raw["speculators_config"]["verifier"]["name_or_path"] == str(models.target)
+    from vllm_massv.speculators import vllm_speculative_config
+
+    assert vllm_speculative_config(raw) == {"method": "eagle", "num_speculative_tokens": 4}
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\n") and "- msd" in card and "license: other" in card
+    assert f"vllm serve {out}" in card and '"method": "eagle"' in card
+    assert '"draft_model"' not in card
+    row = next(ln for ln in card.splitlines() if ln.startswith("| msd (fc + decoder layer"))
+    assert f"| 30 | {final['train_examples']} / {final['eval_examples']} |" in row
+    assert f"{final['eval_agreement']:.4f}" in row
 
     ablation = tmp_path / "msd-no-decouple"
     train(_cfg(models, msd_drafter, dataset, ablation, max_steps=1, save_every=0,

@@ -212,3 +212,20 @@ def test_model_card_hub_target() -> None:
     assert card.data.base_model == "Qwen/Qwen2.5-VL-7B-Instruct"
     assert "vllm serve org/massv-drafter" in card.text
     assert "not measured" in card.text
+
+
+def test_model_card_msd() -> None:
+    """An MSD drafter's card (training/msd.py export) names MSD and serves with method eagle."""
+    from vllm_massv.msd.config import MsdConfig
+    from vllm_massv.training.model_card import build_model_card, phase_record
+
+    msd = MsdConfig(target="Qwen/Qwen2.5-VL-7B-Instruct", image_token_id=151655,
+                    target_architecture="Qwen2_5_VLForConditionalGeneration",
+                    target_hidden_size=3584)
+    phases = [phase_record("msd", "data/sdvit", {"steps": 7, "eval_agreement": 0.625}, {})]
+    card = build_model_card("org/msd-drafter", msd, 3, phases)
+    assert card.data.base_model == "Qwen/Qwen2.5-VL-7B-Instruct" and "msd" in card.data.tags
+    assert card.text.lstrip().startswith("# MSD drafter for Qwen/Qwen2.5-VL-7B-Instruct")
+    assert '"method": "eagle", "model": "org/msd-drafter", "num_speculative_tokens": 3' in card.text
+    assert "| msd (fc + decoder layer" in card.text and "**0.625**" in card.text
+    assert "`data/sdvit`" in card.text and "projector" not in card.text

@@ -1,4 +1,4 @@
-"""The model card (`README.md`) `massv train` writes into a drafter directory.
+"""The model card (`README.md`) `massv train` writes into a drafter directory (MASSV or MSD).
 
 A Hugging Face Hub model card (`huggingface_hub.ModelCard`): YAML front matter (base model,
 license, tags, library) and a body that says which target the drafter serves, what it was
@@ -17,10 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from vllm_massv.config import MassvConfig
+from vllm_massv.msd.config import MsdConfig
 
 PHASE_NAMES = {"align": "phase 1, align (projector only, LM frozen; reference answers)",
-               "sdvit": "phase 2, sdvit (projector + LM; the target's own responses)"}
+               "sdvit": "phase 2, sdvit (projector + LM; the target's own responses)",
+               "msd": "msd (fc + decoder layer; the target's own responses, image curriculum)"}
 CARD_TAGS = ["massv", "speculative-decoding", "speculators", "vision-language", "vllm"]
+MSD_CARD_TAGS = ["msd", "eagle", "speculative-decoding", "speculators", "vision-language", "vllm"]
 
 
 def phase_history(drafter_dir: str | Path) -> list[dict[str, Any]]:
@@ -49,13 +52,34 @@ def _fmt(x: Any, digits: int = 4) -> str:
     return f"{x:.{digits}f}" if isinstance(x, float) else ("-" if x is None else str(x))
 
 
-def build_model_card(out: str | Path, massv: MassvConfig, num_speculative_tokens: int,
-                     phases: list[dict[str, Any]], license: str | None = None):
+def _about(block: MassvConfig | MsdConfig) -> tuple[str, str, str]:
+    """(title, description paragraph, vLLM method) of a MASSV or MSD drafter."""
+    if isinstance(block, MsdConfig):
+        decouple = ("on: rows whose next token is an image placeholder take the target's image "
+                    "embedding" if block.decouple_visual_tokens else "off (EAGLE-1-style ablation)")
+        return ("MSD drafter", f"""An MSD drafter ([arXiv 2505.14260](https://arxiv.org/abs/2505.14260))
+for speculative decoding of the vision-language model **{block.target}** (`{block.target_architecture}`), made with
+vllm-massv: one Qwen2 decoder layer over fc([token embedding; the target's last hidden state])
+({block.target_hidden_size} wide), 1-D positions, the target's embedding and LM head reused.
+Decoupled visual tokens: {decouple}. Served through vLLM's EAGLE proposer (method `eagle`).""",
+                "eagle")
+    return ("MASSV drafter", f"""A multimodal drafter for speculative decoding of the vision-language model **{block.target}**
+(`{block.target_architecture}`), made with vllm-massv (MASSV,
+[arXiv 2505.10526](https://arxiv.org/abs/2505.10526)): a small text LM with a `{block.projector}` projector from the target's
+image embeddings ({block.vision_feature_dim} wide) into its embedding space, positions
+`{block.positions}`. It shares the target's tokenizer (vocabulary padded from
+{block.orig_vocab_size} to the target's).""", "draft_model")
+
+
+def build_model_card(out: str | Path, massv: MassvConfig | MsdConfig,
+                     num_speculative_tokens: int, phases: list[dict[str, Any]],
+                     license: str | None = None):
     """The card of the drafter in `out`.
 
     Args:
         out: the drafter directory (named in the serving commands).
-        massv: its `massv` block.
+        massv: its `massv` block, or the `msd` block of an MSD drafter (served with method
+            `eagle`).
         num_speculative_tokens: k of its `speculators_config`.
         phases: :func:`phase_history` rows, oldest first; the last one gives the held-out
             agreement.
@@ -71,7 +95,8 @@ def build_model_card(out: str | Path, massv: MassvConfig, num_speculative_tokens
         license=license or "other",
         library_name="vllm",
         pipeline_tag="image-text-to-text",
-        tags=list(CARD_TAGS))
+        tags=list(MSD_CARD_TAGS if isinstance(massv, MsdConfig) else CARD_TAGS))
+    title, about, method = _about(massv)
     out = str(out)
     last = phases[-1] if phases else {}
     rows = "\n".join(
@@ -80,21 +105,16 @@ def build_model_card(out: str | Path, massv: MassvConfig, num_speculative_tokens
         f"{_fmt(p.get('loss'))} | {_fmt(p.get('eval_loss'))} | {_fmt(p.get('eval_agreement'))} |"
         for p in phases) or "| (untrained) | 0 | - | - | - | - |"
     datasets = sorted({p["data"] for p in phases if p.get("data")})
-    two_arg = json.dumps({"method": "draft_model", "model": out,
+    two_arg = json.dumps({"method": method, "model": out,
                           "num_speculative_tokens": num_speculative_tokens})
     agreement = last.get("eval_agreement")
     text = f"""---
 {data.to_yaml()}
 ---
 
-# MASSV drafter for {target or 'its target'}
+# {title} for {target or 'its target'}
 
-A multimodal drafter for speculative decoding of the vision-language model **{target}**
-(`{massv.target_architecture}`), made with vllm-massv (MASSV,
-[arXiv 2505.10526](https://arxiv.org/abs/2505.10526)): a small text LM with a `{massv.projector}` projector from the target's
-image embeddings ({massv.vision_feature_dim} wide) into its embedding space, positions
-`{massv.positions}`. It shares the target's tokenizer (vocabulary padded from
-{massv.orig_vocab_size} to the target's).
+{about}
 
 ## Serve it
 
@@ -123,7 +143,7 @@ serving (τ = 1 + accepted / drafts) depends on k and the prompts; vLLM reports 
     return ModelCard(text)
 
 
-def write_model_card(out: str | Path, massv: MassvConfig, num_speculative_tokens: int,
+def write_model_card(out: str | Path, massv: MassvConfig | MsdConfig, num_speculative_tokens: int,
                      phases: list[dict[str, Any]], license: str | None = None) -> Path:
     """Write `out/README.md` (see :func:`build_model_card`); returns its path."""
     path = Path(out) / "README.md"

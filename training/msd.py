@@ -201,13 +201,29 @@ class MsdSetup:
 
     @staticmethod
     def export(model, state_dict: dict, cfg, out, phases: list[dict]) -> None:
+        """Write the trained drafter: weights, config.json (the `msd` block and a speculators
+        block, `speculators_model_type: "msd"`, with the input drafter's k, so `vllm serve
+        <out>` serves the target with method eagle), tokenizer, and the model card README.md
+        (`vllm_massv.training.model_card`, phases from `phases`)."""
+        import json
         from pathlib import Path
 
         from vllm_massv.init_drafter import copy_tokenizer_files
+        from vllm_massv.speculators import (DEFAULT_NUM_SPECULATIVE_TOKENS,
+                                            checkpoint_num_speculative_tokens, speculators_fields)
+        from vllm_massv.training.model_card import write_model_card
 
+        out = Path(out)
         model.load_state_dict(state_dict)   # FSDP: the gathered full weights
         model.save_pretrained(out)
-        copy_tokenizer_files(Path(cfg.drafter), Path(out))
+        cfg_path = out / "config.json"
+        config = json.loads(cfg_path.read_text())
+        source = json.loads((Path(cfg.drafter) / "config.json").read_text())
+        k = checkpoint_num_speculative_tokens(source) or DEFAULT_NUM_SPECULATIVE_TOKENS
+        config.update(speculators_fields(model.msd, k, verifier=model.msd.target or cfg.target))
+        cfg_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        copy_tokenizer_files(Path(cfg.drafter), out)
+        write_model_card(out, model.msd, k, phases, license=cfg.license)
 
 
 def setup(cfg, device: str | torch.device = "cpu") -> MsdSetup:

@@ -39,13 +39,16 @@ def _cmd_init_msd(args: argparse.Namespace) -> int:
     from vllm_massv.msd.init import init_msd_drafter
 
     report = init_msd_drafter(args.target, args.out, decouple=not args.no_decouple,
-                              seed=args.seed)
+                              seed=args.seed, num_speculative_tokens=args.num_speculative_tokens)
     m = report.msd
     print(f"MSD drafter written to {report.out_dir}\n"
           f"  1 decoder layer + fc, {report.params:,} params, hidden {m.target_hidden_size}, "
           f"decoupled visual tokens {'on' if m.decouple_visual_tokens else 'off'}\n"
-          f"Serve: --speculative-config '{{\"method\": \"eagle\", \"model\": "
-          f"\"{report.out_dir}\", \"num_speculative_tokens\": 3}}'")
+          f"Serve: vllm serve {report.out_dir}   (serves {m.target}, method eagle, k = "
+          f"{args.num_speculative_tokens})\n"
+          f"   or: vllm serve {m.target} --speculative-config '{{\"method\": \"eagle\", "
+          f"\"model\": \"{report.out_dir}\", \"num_speculative_tokens\": "
+          f"{args.num_speculative_tokens}}}'")
     return 0
 
 

@@ -52,13 +52,14 @@ every other config behaves exactly as stock vLLM:
    Patches 2 and 3 also cover MSD drafters: V1 runner pinned, and `vllm_massv.msd.config`'s
    pair and weight checks run while the `SpeculativeConfig` is built.
 
-7. One-argument serving, `vllm serve <massv-drafter-dir>` (`vllm_massv.speculators`): the
-   speculators registry (`vllm/transformers_utils/configs/speculators/algos.py`,
-   `register_speculator`) gets a "massv" entry, and
+7. One-argument serving, `vllm serve <massv-or-msd-drafter-dir>` (`vllm_massv.speculators`):
+   the speculators registry (`vllm/transformers_utils/configs/speculators/algos.py`,
+   `register_speculator`) gets "massv" and "msd" entries, and
    `SpeculatorsConfig.extract_vllm_speculative_config` (`.../speculators/base.py`, called by
    `transformers_utils/config.py::maybe_override_with_speculators` from
    `EngineArgs.create_engine_config`) maps `speculators_model_type: "massv"` to the
-   `draft_model` method at the checkpoint's k, after checking the verifier. Other
+   `draft_model` method and "msd" to `eagle`, at the checkpoint's k, after checking the
+   verifier. Other
    speculators types go to the stock method unchanged.
 
 The modules are patched right after they are first imported (a `sys.meta_path` hook), so the
@@ -500,11 +501,12 @@ def fix_cpu_rejection_sampler() -> bool:
     return True
 
 
-# --- patch 7: one-argument serving of a MASSV drafter (speculators format) ----------------------
+# --- patch 7: one-argument serving of a MASSV or MSD drafter (speculators format) ---------------
 def _register_massv_speculator(module: Any) -> None:
-    from vllm_massv.speculators import SPECULATORS_MODEL_TYPE, update_massv
+    from vllm_massv.speculators import SPECULATORS_TYPES, update_massv
 
-    module.register_speculator(SPECULATORS_MODEL_TYPE)(update_massv)
+    for name in SPECULATORS_TYPES:   # "massv", "msd"
+        module.register_speculator(name)(update_massv)
 
 
 def _patch_speculators_config(module: Any) -> None:
@@ -514,9 +516,9 @@ def _patch_speculators_config(module: Any) -> None:
     stock = cls.extract_vllm_speculative_config.__func__
 
     def extract_vllm_speculative_config(klass, config_dict: dict[str, Any]) -> dict[str, Any]:
-        from vllm_massv.speculators import SPECULATORS_MODEL_TYPE, vllm_speculative_config
+        from vllm_massv.speculators import SPECULATORS_TYPES, vllm_speculative_config
 
-        if config_dict.get("speculators_model_type") == SPECULATORS_MODEL_TYPE:
+        if config_dict.get("speculators_model_type") in SPECULATORS_TYPES:
             return vllm_speculative_config(config_dict)
         return stock(klass, config_dict)
 

@@ -1,4 +1,4 @@
-"""One-argument serving: a MASSV drafter's `config.json` in the speculators format.
+"""One-argument serving: a MASSV or MSD drafter's `config.json` in the speculators format.
 
 vLLM serves a draft checkpoint that names its target with one argument, `vllm serve <drafter>`,
 when its `config.json` follows the speculators convention (vllm-project/speculators): a top-level
@@ -13,8 +13,9 @@ when its `config.json` follows the speculators convention (vllm-project/speculat
                    "architectures": ["Qwen2_5_VLForConditionalGeneration"]}
     }
 
-next to the `massv` block (`vllm_massv.config.MassvConfig`). `massv init` and `massv train`
-write it (:func:`speculators_fields`).
+next to the `massv` block (`vllm_massv.config.MassvConfig`); an MSD drafter has
+`"speculators_model_type": "msd"` next to its `msd` block (`vllm_massv.msd.config.MsdConfig`).
+`massv init` and `massv train` (both methods) write it (:func:`speculators_fields`).
 
 How vLLM 0.32 reads it: `EngineArgs.create_engine_config` calls
 `vllm/transformers_utils/config.py::maybe_override_with_speculators`, which finds
@@ -23,11 +24,13 @@ How vLLM 0.32 reads it: `EngineArgs.create_engine_config` calls
 (`vllm/transformers_utils/configs/speculators/base.py`) for the speculative config (method =
 `speculators_model_type`, k = the first proposal method's `speculative_tokens`), merges the
 user's `--speculative-config` over it, sets its `model` to the drafter directory, and serves
-`verifier.name_or_path` as the model. For `speculators_model_type: "massv"` the plugin answers
-with :func:`vllm_speculative_config`: method `draft_model` (the MASSV proposer serves every
-`draft_model` config whose drafter is a MASSV architecture), k from the checkpoint, after
-checking the verifier (`vllm_massv/patches.py`, patch 6). `--speculative-config` still
-overrides any field but `method` and `model`, e.g. `'{"num_speculative_tokens": 2}'`.
+`verifier.name_or_path` as the model. For `speculators_model_type` "massv" or "msd" the plugin
+answers with :func:`vllm_speculative_config` (`vllm_massv/patches.py`, patch 7): method
+`draft_model` for MASSV (the MASSV proposer serves every `draft_model` config whose drafter is a
+MASSV architecture) or `eagle` for MSD (the MSD proposer serves every `eagle` config whose
+drafter has an `msd` block), k from the checkpoint, after checking the verifier against the
+block's `target`. `--speculative-config` still overrides any field but `method` and `model`,
+e.g. `'{"num_speculative_tokens": 2}'`.
 """
 
 from __future__ import annotations
@@ -37,39 +40,53 @@ from pathlib import Path
 from typing import Any
 
 from vllm_massv.config import MassvConfig, MassvConfigError
+from vllm_massv.msd.config import MSD_CONFIG_KEY, MsdConfig
 
 SPECULATORS_MODEL_TYPE = "massv"
+MSD_SPECULATORS_MODEL_TYPE = "msd"
+#: speculators_model_type -> (the drafter's block key, its pydantic class, vLLM's method).
+SPECULATORS_TYPES: dict[str, tuple[str, type, str]] = {
+    SPECULATORS_MODEL_TYPE: ("massv", MassvConfig, "draft_model"),
+    MSD_SPECULATORS_MODEL_TYPE: (MSD_CONFIG_KEY, MsdConfig, "eagle"),
+}
 DEFAULT_NUM_SPECULATIVE_TOKENS = 4
 _SPECULATORS_KEYS = ("speculators_model_type", "speculators_config", "speculators_version")
 
 
-def speculators_fields(massv: MassvConfig, num_speculative_tokens: int,
+def _type_of(block: MassvConfig | MsdConfig) -> str:
+    return next(t for t, (_, cls, _) in SPECULATORS_TYPES.items() if isinstance(block, cls))
+
+
+def speculators_fields(block: MassvConfig | MsdConfig, num_speculative_tokens: int,
                        verifier: str | None = None) -> dict[str, Any]:
-    """The top-level `config.json` keys that make a MASSV drafter servable with one argument.
+    """The top-level `config.json` keys that make a MASSV or MSD drafter servable with one
+    argument (`speculators_model_type` "massv" or "msd", from the block's type).
 
     Args:
-        massv: the drafter's `massv` block; its `target` / `target_architecture` name the
-            verifier unless `verifier` is given.
+        block: the drafter's `massv` or `msd` block; its `target` / `target_architecture` name
+            the verifier unless `verifier` is given.
         num_speculative_tokens: k the checkpoint is served with (>= 1).
-        verifier: name or path of the target (default: `massv.target`).
+        verifier: name or path of the target (default: `block.target`).
     Raises:
         MassvConfigError: k < 1, or no verifier name.
     """
+    model_type = _type_of(block)
+    key = SPECULATORS_TYPES[model_type][0]
     if num_speculative_tokens < 1:
         raise MassvConfigError(f"num_speculative_tokens must be >= 1, got {num_speculative_tokens}")
-    name = verifier if verifier is not None else massv.target
+    name = verifier if verifier is not None else block.target
     if not name:
-        raise MassvConfigError("the drafter names no target (massv.target is empty); "
+        raise MassvConfigError(f"the drafter names no target ({key}.target is empty); "
                                "pass the target's name or path")
     return {
-        "speculators_model_type": SPECULATORS_MODEL_TYPE,
+        "speculators_model_type": model_type,
         "speculators_config": {
-            "algorithm": SPECULATORS_MODEL_TYPE,
+            "algorithm": model_type,
             "proposal_methods": [{"proposal_type": "greedy",
                                   "speculative_tokens": int(num_speculative_tokens)}],
             "default_proposal_method": "greedy",
             "verifier": {"name_or_path": str(name),
-                         "architectures": [a for a in [massv.target_architecture] if a]},
+                         "architectures": [a for a in [block.target_architecture] if a]},
         },
     }
 
@@ -109,30 +126,34 @@ def _verifier_config(name_or_path: str) -> dict[str, Any]:
             f"(speculators_config.verifier.name_or_path), cannot be found: no config.json at "
             f"{where} and no such hub model ({type(e).__name__}). Run `vllm serve` from the "
             "directory the path is relative to, fix the path in the drafter's config.json (and "
-            "massv.target), or serve with two arguments: `vllm serve TARGET "
-            "--speculative-config massv.json`.") from e
+            "massv.target or msd.target), or serve with two arguments: `vllm serve TARGET "
+            "--speculative-config SPEC.json`.") from e
     return config_dict
 
 
 def vllm_speculative_config(config_dict: dict[str, Any]) -> dict[str, Any]:
-    """vLLM's speculative config for a MASSV drafter `config.json` in the speculators format.
+    """vLLM's speculative config for a MASSV or MSD drafter `config.json` in the speculators
+    format.
 
     The drop-in for `SpeculatorsConfig.extract_vllm_speculative_config`
     (`vllm/transformers_utils/configs/speculators/base.py`) when `speculators_model_type` is
-    "massv". Checks that the `massv` block is valid, that the verifier is the drafter's
-    `massv.target` (same name, or the same directory) with the architecture recorded in
-    `massv.target_architecture`, and that the verifier's `config.json` can be read and names
-    that architecture. The full pairing checks (`vllm_massv.config.validate_pair`) run later,
-    while vLLM builds the speculative config.
+    "massv" or "msd". Checks that the drafter's block (`massv` / `msd`) is valid, that the
+    verifier is the block's `target` (same name, or the same directory) with the architecture
+    recorded in its `target_architecture`, and that the verifier's `config.json` can be read and
+    names that architecture. The full pairing checks (`vllm_massv.config.validate_pair`,
+    `vllm_massv.msd.config.validate`) run later, while vLLM builds the speculative config.
 
     Returns:
-        `{"method": "draft_model", "num_speculative_tokens": k}`; vLLM adds `model` (the
-        drafter directory) and the user's `--speculative-config` fields.
+        `{"method": "draft_model" (MASSV) or "eagle" (MSD), "num_speculative_tokens": k}`;
+        vLLM adds `model` (the drafter directory) and the user's `--speculative-config` fields.
     Raises:
         MassvConfigError: a malformed block, a verifier that cannot be found, or one that does
-            not match `massv.target`.
+            not match the block's `target`. (An invalid `msd` block raises `MsdConfigError`;
+            both are `ValueError`s.)
+        KeyError: `speculators_model_type` is not "massv" or "msd".
     """
-    massv = MassvConfig.from_hf_config(config_dict)
+    key, block_cls, method = SPECULATORS_TYPES[config_dict["speculators_model_type"]]
+    block = block_cls.from_hf_config(config_dict)
     spec = config_dict.get("speculators_config")
     k = checkpoint_num_speculative_tokens(config_dict)
     try:
@@ -143,6 +164,7 @@ def vllm_speculative_config(config_dict: dict[str, Any]) -> dict[str, Any]:
         raise MassvConfigError(
             "invalid speculators_config in the drafter's config.json: it needs "
             "verifier.name_or_path (rewrite it with `massv init` or `massv train`)") from e
+    target = f"{key}.target"
     if k is None or k < 1:
         raise MassvConfigError(
             "invalid speculators_config in the drafter's config.json: proposal_methods[0]."
@@ -150,30 +172,31 @@ def vllm_speculative_config(config_dict: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(name, str) or not name:
         raise MassvConfigError("speculators_config.verifier.name_or_path is empty; set it to "
                                "the target the drafter was trained for")
-    if massv.target and not _same_model(name, massv.target):
+    if block.target and not _same_model(name, block.target):
         raise MassvConfigError(
             f"the drafter's verifier {name!r} (speculators_config.verifier.name_or_path) is not "
-            f"the target it was built for, massv.target={massv.target!r}. Edit both to the "
+            f"the target it was built for, {target}={block.target!r}. Edit both to the "
             "target's current location if it moved; a different target needs its own drafter.")
-    if massv.target_architecture and archs and massv.target_architecture not in archs:
+    if block.target_architecture and archs and block.target_architecture not in archs:
         raise MassvConfigError(
             f"speculators_config.verifier.architectures={archs} does not include "
-            f"massv.target_architecture={massv.target_architecture!r}")
+            f"{key}.target_architecture={block.target_architecture!r}")
     found = list(_verifier_config(name).get("architectures") or [])
-    expected = archs or [a for a in [massv.target_architecture] if a]
+    expected = archs or [a for a in [block.target_architecture] if a]
     if expected and found and not set(expected) & set(found):
         raise MassvConfigError(
             f"the verifier {name!r} is a {','.join(found)} model; this drafter was built for "
-            f"{','.join(expected)} ({massv.target}).")
-    return {"method": "draft_model", "num_speculative_tokens": k}
+            f"{','.join(expected)} ({block.target}).")
+    return {"method": method, "num_speculative_tokens": k}
 
 
 def update_massv(config_dict: dict[str, Any], pre_trained_config: dict[str, Any]) -> None:
-    """The MASSV entry of vLLM's speculators registry (`register_speculator("massv")`,
-    `vllm/transformers_utils/configs/speculators/algos.py`).
+    """The MASSV and MSD entry of vLLM's speculators registry (`register_speculator("massv")`
+    and `("msd")`, `vllm/transformers_utils/configs/speculators/algos.py`).
 
     vLLM calls it to build the drafter's transformers config when a `config.json` has
-    `speculators_config` but no `model_type`; a MASSV drafter's config is the LM's own config,
+    `speculators_config` but no `model_type`; a MASSV (MSD) drafter's config is the LM's
+    (the Qwen2 decoder layer's) own config,
     so every non-speculators key is kept as is (a `transformer_layer_config`, if present, wins).
     """
     for key, value in config_dict.items():

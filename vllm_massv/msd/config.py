@@ -10,7 +10,9 @@ An MSD drafter directory holds a Qwen2 text config (`model_type: "qwen2"`, 1 lay
 text dims, no `mrope_section`: MSD uses 1-D RoPE positions = absolute token index) with
 `architectures: ["EagleMsdQwen2ForCausalLM"]` and one extra block, `"msd": {...}`
 (:class:`MsdConfig`); weights `model.fc.*` and `model.layers.0.*` only (no embedding, LM head or
-final norm). It is served with ``{"method": "eagle", "model": DIR, "num_speculative_tokens": k}``.
+final norm). It is served with ``{"method": "eagle", "model": DIR, "num_speculative_tokens": k}``,
+or with one argument, `vllm serve DIR`, from its speculators block (`speculators_model_type:
+"msd"`, `vllm_massv.speculators`).
 
 All checks raise :class:`MsdConfigError` (a `ValueError`) whose message names the fix.
 """

@@ -5,7 +5,9 @@ The layout is the MSD checkpoint contract (see :mod:`vllm_massv.msd.config`): `c
 1-layer Qwen2 text config with the target's text dims, 1-D RoPE, `architectures:
 ["EagleMsdQwen2ForCausalLM"]`, the `msd` block), `model.safetensors` (`model.fc.{weight,bias}`,
 `model.layers.0.*`; no embedding, LM head or final norm: the target's embedding and LM head are
-reused, frozen) and the target's tokenizer files. `massv train` trains it.
+reused, frozen) and the target's tokenizer files. `config.json` also carries a speculators block
+(`speculators_model_type: "msd"`, `vllm_massv.speculators`) so `vllm serve DIR` serves the
+target. `massv train` trains it.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ class MsdInitReport:
 
 
 def init_msd_drafter(target: str | Path, out: str | Path, *, decouple: bool = True,
-                     fc_bias: bool = True, seed: int = 0) -> MsdInitReport:
+                     fc_bias: bool = True, seed: int = 0,
+                     num_speculative_tokens: int = 4) -> MsdInitReport:
     """Build an untrained MSD drafter directory at `out` for a Qwen2-VL / Qwen2.5-VL target.
 
     Weights: Linear weights ~ N(0, initializer_range) (transformers' Qwen2 init), biases 0,
@@ -44,12 +47,18 @@ def init_msd_drafter(target: str | Path, out: str | Path, *, decouple: bool = Tr
         decouple: `msd.decouple_visual_tokens` (False = the EAGLE-1-style ablation).
         fc_bias: whether the fc has a bias (True as released).
         seed: initialization seed.
+        num_speculative_tokens: k written to the `speculators_config` block
+            (`speculators_model_type: "msd"`), which makes `vllm serve <out>` serve the target
+            with this drafter, method `eagle` (`vllm_massv.speculators`).
     Returns:
         A :class:`MsdInitReport`.
     Raises:
         MsdConfigError: a text-only or unsupported target.
+        MassvConfigError: num_speculative_tokens < 1.
     """
     from transformers import AutoConfig
+
+    from vllm_massv.speculators import speculators_fields
 
     target, out = _local_dir(target), Path(out)
     target_cfg = AutoConfig.from_pretrained(target)
@@ -68,7 +77,8 @@ def init_msd_drafter(target: str | Path, out: str | Path, *, decouple: bool = Tr
                     video_token_id=getattr(target_cfg, "video_token_id", None),
                     decouple_visual_tokens=decouple, fc_bias=fc_bias)
     cfg.update(architectures=[MSD_ARCHITECTURE], model_type="qwen2", num_hidden_layers=1,
-               tie_word_embeddings=False, msd=msd.to_json_dict())
+               tie_word_embeddings=False, msd=msd.to_json_dict(),
+               **speculators_fields(msd, num_speculative_tokens))
     cfg.pop("max_window_layers", None)
 
     state = _init_weights(cfg, fc_bias, seed)

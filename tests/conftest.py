@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -101,6 +103,17 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
     return TinyModels(target, text_lm, sanity, sanity_1d,
                       _zero_projector(target, root / "sanity_zeroed"), blind,
                       mt.build_stock_drafter(target, root / "stock"))
+
+
+def copy_model(src: Path, dst: Path, edit: Callable[[dict[str, Any]], None] | None = None
+               ) -> Path:
+    """Copy a model directory; `edit` mutates its config.json dict in place."""
+    shutil.copytree(src, dst)
+    if edit is not None:
+        cfg = json.loads((dst / "config.json").read_text())
+        edit(cfg)
+        (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+    return dst
 
 
 def spec_config(draft: Path, k: int) -> dict[str, Any]:

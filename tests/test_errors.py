@@ -13,28 +13,19 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 from safetensors.torch import load_file, save_file
 
-from conftest import ENGINE_ARGS, TinyModels, spec_config
+from conftest import ENGINE_ARGS, TinyModels, copy_model, spec_config
 from vllm_massv import testing as mt
 from vllm_massv.cli import main as massv_main
 from vllm_massv.patches import UnsupportedVllmVersionError, check_vllm_version
 
 
 # --- helpers ------------------------------------------------------------------------------------
-def _copy(src: Path, dst: Path, edit: Callable[[dict[str, Any]], None] | None = None) -> Path:
-    """Copy a model directory; `edit` mutates its config.json dict in place."""
-    shutil.copytree(src, dst)
-    if edit is not None:
-        cfg = json.loads((dst / "config.json").read_text())
-        edit(cfg)
-        (dst / "config.json").write_text(json.dumps(cfg, indent=2))
-    return dst
 
 
 def _build_llm(target: Path, draft: Path, **overrides: Any) -> None:
@@ -95,7 +86,7 @@ def test_stock_draft_config_passes(models: TinyModels) -> None:
 
 def test_stock_draft_keeps_vllm_vocab_check(models: TinyModels, tmp_path: Path) -> None:
     """A stock drafter is checked by vLLM's own code, not by the MASSV checks."""
-    draft = _copy(models.stock, tmp_path / "stock", lambda c: c.update(vocab_size=2048))
+    draft = copy_model(models.stock, tmp_path / "stock", lambda c: c.update(vocab_size=2048))
     message = _refused(models.target, draft, "should have the same vocabulary size",
                        "vocab_size=2112", "vocab_size=2048")
     assert "massv" not in message.lower()
@@ -103,7 +94,7 @@ def test_stock_draft_keeps_vllm_vocab_check(models: TinyModels, tmp_path: Path) 
 
 # --- MASSV pairing checks (vllm_massv.config.validate_pair / check_checkpoint_weights) ----------
 def test_projector_input_dim_mismatch(models: TinyModels, tmp_path: Path) -> None:
-    draft = _copy(models.blind, tmp_path / "d",
+    draft = copy_model(models.blind, tmp_path / "d",
                   lambda c: c["massv"].update(vision_feature_dim=512))
     _refused(models.target, draft, "projector input dim 512 != the target's image-embedding dim 256",
              "massv init --target")
@@ -112,7 +103,8 @@ def test_projector_input_dim_mismatch(models: TinyModels, tmp_path: Path) -> Non
 def test_identity_projector_width_mismatch(models: TinyModels, tmp_path: Path) -> None:
     """`identity` on a drafter whose hidden size (128) != the image-embedding width (256) must be
     refused while the config is built, not in the worker after the engine has started."""
-    draft = _copy(models.blind, tmp_path / "d", lambda c: c["massv"].update(projector="identity"))
+    draft = copy_model(models.blind, tmp_path / "d",
+                       lambda c: c["massv"].update(projector="identity"))
     _refused(models.target, draft, "projector 'identity'", "hidden size (128)", "mlp2x_gelu")
 
 
@@ -129,19 +121,19 @@ def test_identity_projector_width_mismatch(models: TinyModels, tmp_path: Path) -
 )
 def test_vocab_sizes_cannot_be_reconciled(models: TinyModels, tmp_path: Path, edit,
                                           hint: str) -> None:
-    draft = _copy(models.blind, tmp_path / "d", edit)
+    draft = copy_model(models.blind, tmp_path / "d", edit)
     _refused(models.target, draft, "vocab sizes cannot be reconciled", "target vocab_size=2112",
              hint)
 
 
 def test_image_token_id_differs(models: TinyModels, tmp_path: Path) -> None:
-    draft = _copy(models.blind, tmp_path / "d", lambda c: c["massv"].update(image_token_id=99))
+    draft = copy_model(models.blind, tmp_path / "d", lambda c: c["massv"].update(image_token_id=99))
     _refused(models.target, draft, "image/video token ids differ", "image=99",
              f"image={mt.IMAGE_TOKEN_ID}", "must use the target's tokenizer")
 
 
 def test_missing_projector_weights(models: TinyModels, tmp_path: Path) -> None:
-    draft = _copy(models.blind, tmp_path / "d")
+    draft = copy_model(models.blind, tmp_path / "d")
     state = load_file(draft / "model.safetensors")
     dropped = [k for k in state if k.startswith("mm_projector.")]
     assert dropped, "the blind drafter should have mlp2x_gelu projector weights"
@@ -152,7 +144,7 @@ def test_missing_projector_weights(models: TinyModels, tmp_path: Path) -> None:
 
 
 def test_truncated_safetensors(models: TinyModels, tmp_path: Path) -> None:
-    draft = _copy(models.blind, tmp_path / "d")
+    draft = copy_model(models.blind, tmp_path / "d")
     weights = draft / "model.safetensors"
     with open(weights, "r+b") as fh:
         fh.truncate(weights.stat().st_size // 2)
@@ -236,7 +228,7 @@ def test_init_text_only_target(models: TinyModels, tmp_path: Path, capsys) -> No
 
 def test_init_tokenizers_disagree(models: TinyModels, tmp_path: Path, capsys) -> None:
     """Same vocabulary size, but two token ids swapped: the draft LM cannot read target ids."""
-    lm = _copy(models.text_lm, tmp_path / "permuted_lm")
+    lm = copy_model(models.text_lm, tmp_path / "permuted_lm")
     tok = json.loads((lm / "tokenizer.json").read_text())
     vocab = tok["model"]["vocab"]
     by_id = {i: t for t, i in vocab.items()}
@@ -285,7 +277,7 @@ def test_init_positions_mrope_scales_sections(models: TinyModels, tmp_path: Path
 def test_heterogeneous_vocab_does_not_bypass_checks(models: TinyModels, tmp_path: Path) -> None:
     from vllm.engine.arg_utils import EngineArgs
 
-    draft = _copy(models.blind, tmp_path / "d",
+    draft = copy_model(models.blind, tmp_path / "d",
                   lambda c: c["massv"].update(vision_feature_dim=512))
     spec = {**spec_config(draft, 3), "use_heterogeneous_vocab": True}
     # vLLM skips its vocab check (where the MASSV checks run) in this mode: refused outright

@@ -9,14 +9,13 @@ the config is built, before any engine process starts. No engine runs in this mo
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 from safetensors.torch import load_file, save_file
 
-from conftest import ENGINE_ARGS, TinyModels
+from conftest import ENGINE_ARGS, TinyModels, copy_model
 from vllm_massv.cli import main as massv_main
 from vllm_massv.testing.msd import build_msd_drafter
 
@@ -30,13 +29,6 @@ def _spec(draft: Path, method: str = "eagle") -> dict[str, Any]:
     return {"method": method, "model": str(draft), "num_speculative_tokens": 3}
 
 
-def _copy(src: Path, dst: Path, edit: Callable[[dict[str, Any]], None] | None = None) -> Path:
-    shutil.copytree(src, dst)
-    if edit is not None:
-        cfg = json.loads((dst / "config.json").read_text())
-        edit(cfg)
-        (dst / "config.json").write_text(json.dumps(cfg, indent=2))
-    return dst
 
 
 def _edit_weights(draft: Path, edit: Callable[[dict], dict]) -> None:
@@ -79,14 +71,14 @@ def test_wrong_method(models: TinyModels, msd: Path) -> None:
 
 
 def test_hidden_size_differs(models: TinyModels, msd: Path, tmp_path: Path) -> None:
-    draft = _copy(msd, tmp_path / "d", lambda c: (c.update(hidden_size=128),
+    draft = copy_model(msd, tmp_path / "d", lambda c: (c.update(hidden_size=128),
                                                    c["msd"].update(target_hidden_size=128)))
     _refused(models.target, draft, "hidden_size=128", "!= the target's hidden size 256",
              "massv init --method msd")
 
 
 def test_missing_weights(models: TinyModels, msd: Path, tmp_path: Path) -> None:
-    draft = _copy(msd, tmp_path / "d")
+    draft = copy_model(msd, tmp_path / "d")
     _edit_weights(draft, lambda s: {k: v for k, v in s.items() if k != "model.fc.bias"})
     _refused(models.target, draft, "missing MSD weights", "model.fc.bias")
 
@@ -94,21 +86,21 @@ def test_missing_weights(models: TinyModels, msd: Path, tmp_path: Path) -> None:
 def test_own_lm_head_refused(models: TinyModels, msd: Path, tmp_path: Path) -> None:
     import torch
 
-    draft = _copy(msd, tmp_path / "d")
+    draft = copy_model(msd, tmp_path / "d")
     _edit_weights(draft, lambda s: {**s, "lm_head.weight": torch.zeros(2112, 256)})
     _refused(models.target, draft, "unexpected weights ['lm_head.weight']",
              "reuses the target's embedding and LM head")
 
 
 def test_fc_shape(models: TinyModels, msd: Path, tmp_path: Path) -> None:
-    draft = _copy(msd, tmp_path / "d")
+    draft = copy_model(msd, tmp_path / "d")
     _edit_weights(draft, lambda s: {**s,
                                     "model.fc.weight": s["model.fc.weight"][:, :256].contiguous()})
     _refused(models.target, draft, "model.fc.weight has shape [256, 256]", "expected [256, 512]")
 
 
 def test_truncated_weights(models: TinyModels, msd: Path, tmp_path: Path) -> None:
-    draft = _copy(msd, tmp_path / "d")
+    draft = copy_model(msd, tmp_path / "d")
     weights = draft / "model.safetensors"
     with open(weights, "r+b") as fh:
         fh.truncate(weights.stat().st_size // 2)
@@ -116,17 +108,17 @@ def test_truncated_weights(models: TinyModels, msd: Path, tmp_path: Path) -> Non
 
 
 def test_invalid_msd_block(models: TinyModels, msd: Path, tmp_path: Path) -> None:
-    draft = _copy(msd, tmp_path / "d", lambda c: c["msd"].update(decouple="yes please"))
+    draft = copy_model(msd, tmp_path / "d", lambda c: c["msd"].update(decouple="yes please"))
     _refused(models.target, draft, "invalid 'msd' block", "decouple")
 
 
 def test_image_token_id_differs(models: TinyModels, msd: Path, tmp_path: Path) -> None:
-    draft = _copy(msd, tmp_path / "d", lambda c: c["msd"].update(image_token_id=99))
+    draft = copy_model(msd, tmp_path / "d", lambda c: c["msd"].update(image_token_id=99))
     _refused(models.target, draft, "image/video token ids differ", "image=99")
 
 
 def test_mrope_drafter_refused(models: TinyModels, msd: Path, tmp_path: Path) -> None:
-    draft = _copy(msd, tmp_path / "d",
+    draft = copy_model(msd, tmp_path / "d",
                   lambda c: c["rope_parameters"].update(mrope_section=[8, 12, 12]))
     _refused(models.target, draft, "mrope_section", "1-D RoPE positions")
 
@@ -143,10 +135,10 @@ def test_decoupling_needs_a_multimodal_target(models: TinyModels, msd: Path,
         c.update(hidden_size=lm.hidden_size, vocab_size=lm.vocab_size)
         c["msd"].update(target_hidden_size=lm.hidden_size, decouple_visual_tokens=decouple)
 
-    on = _copy(msd, tmp_path / "on", lambda c: to_lm(c, True))
+    on = copy_model(msd, tmp_path / "on", lambda c: to_lm(c, True))
     _refused(models.text_lm, on, "decouple_visual_tokens is on", "text-only",
              "set decouple_visual_tokens to false")
-    off = _copy(msd, tmp_path / "off", lambda c: to_lm(c, False))
+    off = copy_model(msd, tmp_path / "off", lambda c: to_lm(c, False))
     _refused(models.text_lm, off, "model.fc.weight has shape [256, 512]")  # weights: next check
 
 

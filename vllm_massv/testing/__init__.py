@@ -818,7 +818,6 @@ class ApiServer:
                  port: int | None = None, log: str | Path | None = None,
                  env: dict[str, str | None] | None = None, startup_timeout: float = 240.0,
                  stop_timeout: float = 30.0, cwd: str | Path | None = None) -> None:
-        import sys
         import tempfile
 
         self.model = str(model)

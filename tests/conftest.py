@@ -300,13 +300,20 @@ def prompt_logprobs_vs_transformers(drafter_dir: Path, prompt: str, top: int = 5
     """Serve a MASSV drafter as a plain text model with prompt logprobs and compare them with its
     transformers twin (`vllm_massv.hf`), fp32. Returns (the vLLM output, the largest
     |vLLM - transformers| logprob over vLLM's top-`top` entries of every position)."""
+    import tempfile
+
     from vllm import SamplingParams
 
     from vllm_massv.hf import drafter_class
+    from vllm_massv.speculators import SPECULATORS_KEYS
 
-    with engine(drafter_dir, max_model_len=512, limit_mm_per_prompt=None, **FP32) as llm:
-        out = llm.generate([prompt], SamplingParams(max_tokens=1, prompt_logprobs=top),
-                           use_tqdm=False)[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        # without its speculators block: vLLM would serve the drafter's verifier instead
+        plain = copy_model(drafter_dir, Path(tmp) / "drafter",
+                           lambda c: [c.pop(k, None) for k in SPECULATORS_KEYS])
+        with engine(plain, max_model_len=512, limit_mm_per_prompt=None, **FP32) as llm:
+            out = llm.generate([prompt], SamplingParams(max_tokens=1, prompt_logprobs=top),
+                               use_tqdm=False)[0]
     ids = list(out.prompt_token_ids)
     drafter = drafter_class(drafter_dir).from_pretrained(drafter_dir, dtype=torch.float32).eval()
     with torch.no_grad():

@@ -78,7 +78,7 @@ def test_stock_positions_shift_drafts_after_images(models, stock_run, reference,
     RoPE positions (the temporal row), the first disagreement on every image prompt is at draft
     position >= 2: the first pass agrees until draft steps 2..k have written KV into wrong slots
     (the KV-slot part of the defect, apart from the RoPE-position part)."""
-    from training.features import TargetHiddenStates
+    from vllm_massv.training.features import TargetHiddenStates
     from vllm_massv.msd.hf_model import MsdQwen2Drafter
     from vllm_massv.testing import msd as tm
 

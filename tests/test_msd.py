@@ -53,7 +53,7 @@ def drafters(models, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def features(models, tmp_path_factory):
-    from training.features import TargetHiddenStates
+    from vllm_massv.training.features import TargetHiddenStates
 
     return TargetHiddenStates(models.target, cache_dir=tmp_path_factory.mktemp("features"))
 

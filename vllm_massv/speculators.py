@@ -50,7 +50,9 @@ SPECULATORS_TYPES: dict[str, tuple[str, type, str]] = {
     MSD_SPECULATORS_MODEL_TYPE: (MSD_CONFIG_KEY, MsdConfig, "eagle"),
 }
 DEFAULT_NUM_SPECULATIVE_TOKENS = 4
-_SPECULATORS_KEYS = ("speculators_model_type", "speculators_config", "speculators_version")
+#: The top-level config.json keys of the speculators format (drop them to serve a drafter as a
+#: plain model: vLLM turns a config with them into "serve the verifier with this drafter").
+SPECULATORS_KEYS = ("speculators_model_type", "speculators_config", "speculators_version")
 
 
 def _type_of(block: MassvConfig | MsdConfig) -> str:
@@ -200,5 +202,5 @@ def update_massv(config_dict: dict[str, Any], pre_trained_config: dict[str, Any]
     so every non-speculators key is kept as is (a `transformer_layer_config`, if present, wins).
     """
     for key, value in config_dict.items():
-        if key not in _SPECULATORS_KEYS and key != "transformer_layer_config":
+        if key not in SPECULATORS_KEYS and key != "transformer_layer_config":
             pre_trained_config.setdefault(key, value)

@@ -693,12 +693,13 @@ def build_stock_drafter(target_dir: str | Path, out_dir: str | Path) -> Path:
     """The target's language model as a plain `Qwen2ForCausalLM` draft (1-D RoPE, no `massv`
     block): what stock vLLM `draft_model` serves, with the sanity drafter's weights."""
     from vllm_massv.init_drafter import init_drafter
+    from vllm_massv.speculators import SPECULATORS_KEYS
 
     out_dir = Path(out_dir)
     init_drafter(target_dir, target_dir, out_dir, projector="identity", positions="1d")
     cfg = json.loads((out_dir / "config.json").read_text())
-    for key in ("massv", "speculators_model_type", "speculators_config"):
-        cfg.pop(key)
+    for key in ("massv", *SPECULATORS_KEYS):
+        cfg.pop(key, None)
     cfg["architectures"] = ["Qwen2ForCausalLM"]
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
     return out_dir

@@ -74,10 +74,12 @@ def test_stock_positions_shift_drafts_after_images(models, stock_run, reference,
                                                    tmp_path_factory):
     """Measured answer to issue 11 item 2: with stock positions, vLLM's drafts disagree with the
     twin on image prompts (and agree on the text-only prompt, where the temporal M-RoPE row is
-    the token index); the output stays lossless (verification). Against a twin given stock's own
-    RoPE positions (the temporal row), the first disagreement on every image prompt is at draft
-    position >= 2: the first pass agrees until draft steps 2..k have written KV into wrong slots
-    (the KV-slot part of the defect, apart from the RoPE-position part)."""
+    the token index); the output stays lossless (verification). A twin given stock's own RoPE
+    positions (the temporal row) still disagrees on every image prompt: draft steps 2..k write
+    KV into wrong slots (the KV-slot part of the defect, apart from the RoPE-position part). Where
+    the first disagreement falls depends on the schedule: chained draft steps also run after
+    prefill chunks, so on an image mid-prompt even step 0's first draft can see overwritten KV
+    (seen in a full-suite run; in isolation the first mismatch was at draft position >= 2)."""
     from vllm_massv.training.features import TargetHiddenStates
     from vllm_massv.msd.hf_model import MsdQwen2Drafter
     from vllm_massv.testing import msd as tm
@@ -96,4 +98,5 @@ def test_stock_positions_shift_drafts_after_images(models, stock_run, reference,
     assert sum(temporal["text"]["mismatches"]) == 0
     for name in ("astronaut", "two_images", "mid_prompt", "gradient_long"):
         assert sum(absolute[name]["mismatches"]) >= absolute[name]["steps"] // 2, name
-        assert temporal[name]["first"] is not None and temporal[name]["first"][1] >= 1, name
+        # the KV-slot part: a twin given stock's own RoPE positions still disagrees
+        assert temporal[name]["first"] is not None, name

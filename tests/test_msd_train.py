@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from test_train import assert_same_loss_curve
 from vllm_massv import testing as mt
 from vllm_massv.msd.hf_model import MsdQwen2Drafter
 from vllm_massv.testing.msd import build_msd_drafter
@@ -209,12 +210,7 @@ def test_msd_resume_equals_uninterrupted(models, msd_drafter, dataset, tmp_path)
     assert train(_cfg(models, msd_drafter, dataset, interrupted, stop_after=4)) == \
         {"stopped_at": 4}
     resumed = train(_cfg(models, msd_drafter, dataset, interrupted))
-    a, b = _log(tmp_path / "straight"), _log(interrupted)
-    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(7))
-    for ra, rb in zip(a, b):
-        for key in ("loss", "eval_loss", "agreement"):
-            if key in ra:
-                assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-6), (ra, rb)
+    assert_same_loss_curve(tmp_path / "straight", interrupted, steps=6)
     assert resumed["steps"] == straight["steps"] == 6
 
 

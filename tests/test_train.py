@@ -53,17 +53,22 @@ def _log(out: Path) -> list[dict]:
     return [json.loads(ln) for ln in (out / "train_log.jsonl").read_text().splitlines()]
 
 
+def assert_same_loss_curve(a_dir: Path, b_dir: Path, steps: int) -> None:
+    """Two runs' `train_log.jsonl`: steps 0..`steps`, equal loss, eval loss and agreement."""
+    a, b = _log(a_dir), _log(b_dir)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(steps + 1))
+    for ra, rb in zip(a, b):
+        for key in ("loss", "eval_loss", "agreement"):
+            if key in ra:
+                assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-6), (ra, rb)
+
+
 def test_resume_continues_the_same_loss_curve(models, dataset, tmp_path):
     straight = train(_cfg(models, dataset, tmp_path / "straight"))
     interrupted = tmp_path / "resumed"
     assert train(_cfg(models, dataset, interrupted, stop_after=4)) == {"stopped_at": 4}
     resumed = train(_cfg(models, dataset, interrupted))   # continues from checkpoints/step-3
-    a, b = _log(tmp_path / "straight"), _log(interrupted)
-    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(7))
-    for ra, rb in zip(a, b):
-        for key in ("loss", "eval_loss", "agreement"):
-            if key in ra:
-                assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-6), (ra, rb)
+    assert_same_loss_curve(tmp_path / "straight", interrupted, steps=6)
     assert resumed["steps"] == straight["steps"] == 6
 
 

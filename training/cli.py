@@ -254,18 +254,21 @@ def _add_train(subparsers: Any) -> None:
     d = TrainConfig.__dataclass_fields__
     p = subparsers.add_parser(
         "train", help="train a drafter: MASSV --phase align (projector) or sdvit (projector + "
-        "LM), or --method msd",
+        "LM), or --method msd / eagle3",
         description="MASSV phase 1 (align): projector only, LM frozen, on the data set's reference "
         "answers. Phase 2 (sdvit): projector + LM on the target's own responses. --method msd: "
         "an MSD head (from `massv init --method msd`) on the target's hidden states with the "
-        "image, its own answers, text-only first then a growing image share. Input: a "
+        "image, its own answers, text-only first then a growing image share. --method eagle3: vLLM's "
+        "EAGLE-3 head (from `massv init --method eagle3`) on three target layers, training-time "
+        "test over k draft steps, KL to the target's distribution. Input: a "
         "`massv generate` output directory; output: a drafter directory vLLM serves. Rerun the "
         "same command to resume from the newest checkpoint. Multi-GPU: `accelerate launch "
         "--num_processes N -m vllm_massv.cli train ...` (DDP, or FSDP with --use_fsdp): "
         "--batch-size is per process, one optimizer step takes batch-size x N x grad-accum "
         "examples, and --epochs/--max-steps/the LR schedule count those steps.")
-    p.add_argument("--method", choices=["massv", "msd"], default="massv",
-                   help="massv (default) or msd (EAGLE-style head with decoupled visual tokens)")
+    p.add_argument("--method", choices=["massv", "msd", "eagle3"], default="massv",
+                   help="massv (default), msd (EAGLE-style head with decoupled visual tokens) or "
+                   "eagle3 (vLLM's EAGLE-3 head from `massv init --method eagle3`)")
     p.add_argument("--phase", choices=["align", "sdvit"], default=None,
                    help="MASSV phase (required with --method massv)")
     p.add_argument("--no-decouple", dest="decouple", action="store_const", const=False,
@@ -281,6 +284,12 @@ def _add_train(subparsers: Any) -> None:
         f = d[name]
         kind = float if f.type in ("float", float) else int
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=f.default)
+    p.add_argument("--ttt-steps", type=int, default=None,
+                   help="eagle3: draft steps unrolled in the training-time-test loss (default: "
+                   "the head's k)")
+    p.add_argument("--ttt-decay", type=float, default=1.0,
+                   help="eagle3: loss weight of draft step j is DECAY**j (default 1.0, as "
+                   "speculators)")
     p.add_argument("--loss", choices=["ce", "kl"], default="ce",
                    help="ce: cross-entropy to the target's tokens; kl: KL to its stored top-k "
                    "logprobs (generate with --logprobs K)")
@@ -298,10 +307,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
     fields = TrainConfig.__dataclass_fields__
     if args.method == "massv" and args.phase is None:
         raise MassvConfigError("massv train --method massv needs --phase align or sdvit")
-    if args.method == "msd" and args.phase is not None:
-        raise MassvConfigError("--phase is a MASSV option; --method msd has one schedule")
-    if args.method == "massv" and args.decouple is not None:
+    if args.method != "massv" and args.phase is not None:
+        raise MassvConfigError(f"--phase is a MASSV option; --method {args.method} has one "
+                               "schedule")
+    if args.method != "msd" and args.decouple is not None:
         raise MassvConfigError("--no-decouple is an MSD option (--method msd)")
+    if args.method != "eagle3" and (args.ttt_steps is not None or args.ttt_decay != 1.0):
+        raise MassvConfigError("--ttt-steps/--ttt-decay are EAGLE-3 options (--method eagle3)")
+    if args.method != "massv" and args.loss != "ce":
+        raise MassvConfigError(f"--loss is a MASSV option; --method {args.method} has its own "
+                               "loss")
+    if args.ttt_steps is not None and args.ttt_steps < 1:
+        raise MassvConfigError("--ttt-steps must be >= 1")
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
     final = train(cfg)
     print(json.dumps(final, indent=2))

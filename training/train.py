@@ -11,7 +11,9 @@ The loss covers response tokens only. Image embeddings come from the target's fr
 directory is a drafter that `vllm serve --speculative-config` loads with no extra flags.
 
 `--method msd` trains an MSD drafter instead (EAGLE-style head over the target's hidden states;
-data, loss and curriculum in `training/msd.py`), with this module's loop, optimizer and checkpoints:
+data, loss and curriculum in `training/msd.py`), and `--method eagle3` vLLM's EAGLE-3 head
+(three target layers, training-time test; `training/eagle3.py`), with this module's loop,
+optimizer and checkpoints:
 each method supplies a setup object (model, batcher, summed loss and its weight, the curriculum's
 view of an example in its epoch, export).
 
@@ -81,8 +83,10 @@ class TrainConfig:
     save_every: int = 0           # 0: no intermediate checkpoints
     seed: int = 0
     feature_cache: str | None = None
-    method: Literal["massv", "msd"] = "massv"
+    method: Literal["massv", "msd", "eagle3"] = "massv"
     decouple: bool | None = None  # msd: False = train without decoupled visual tokens
+    ttt_steps: int | None = None  # eagle3: draft steps unrolled in the loss (default: the head's k)
+    ttt_decay: float = 1.0        # eagle3: loss weight of step j is ttt_decay ** j
     license: str | None = None    # Hub license id for the model card (default "other")
     stop_after: int | None = field(default=None, metadata={"help": "testing: stop after N steps"})
     log_examples: bool = field(default=False, metadata={
@@ -379,6 +383,10 @@ def train(cfg: TrainConfig) -> dict:
         from vllm_massv.training import msd
 
         algo = msd.setup(cfg, accelerator.device)
+    elif cfg.method == "eagle3":
+        from vllm_massv.training import eagle3
+
+        algo = eagle3.setup(cfg, accelerator.device)
     else:
         algo = _MassvSetup.build(cfg, tokenizer)
     model = algo.model

@@ -14,6 +14,8 @@ from vllm_massv.speculators import DEFAULT_NUM_SPECULATIVE_TOKENS
 def _cmd_init(args: argparse.Namespace) -> int:
     if args.method == "msd":
         return _cmd_init_msd(args)
+    if args.method == "eagle3":
+        return _cmd_init_eagle3(args)
     if args.draft_lm is None:
         raise MassvConfigError("--draft-lm is required for --method massv")
     from vllm_massv.init_drafter import init_drafter
@@ -52,14 +54,36 @@ def _cmd_init_msd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_init_eagle3(args: argparse.Namespace) -> int:
+    from vllm_massv.eagle3.init import init_eagle3_drafter
+
+    layers = [int(x) for x in args.aux_layers.split(",")] if args.aux_layers else None
+    report = init_eagle3_drafter(args.target, args.out, aux_layer_ids=layers,
+                                 draft_vocab_size=args.draft_vocab_size, data=args.data,
+                                 num_speculative_tokens=args.num_speculative_tokens,
+                                 seed=args.seed)
+    c = report.cfg
+    print(f"EAGLE-3 head written to {report.out_dir}\n"
+          f"  fc over target layers {c.eagle_aux_hidden_state_layer_ids} + 1 decoder layer, "
+          f"{report.params:,} params ({report.trainable:,} trainable), draft vocab "
+          f"{c.draft_vocab_size}/{c.vocab_size}\n"
+          f"Serve: vllm serve {report.out_dir}   (serves {c.verifier}, method eagle3, k = "
+          f"{args.num_speculative_tokens})\n"
+          f"   or: vllm serve {c.verifier} --speculative-config '{{\"method\": \"eagle3\", "
+          f"\"model\": \"{report.out_dir}\", \"num_speculative_tokens\": "
+          f"{args.num_speculative_tokens}}}'")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="massv", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("init", help="build an untrained drafter: MASSV (a text LM + target VLM) "
-                       "or MSD (--method msd: an EAGLE-style head for the target)")
-    p.add_argument("--method", choices=["massv", "msd"], default="massv",
+                       "MSD (--method msd: an EAGLE-style head for the target) or EAGLE-3 (--method eagle3)")
+    p.add_argument("--method", choices=["massv", "msd", "eagle3"], default="massv",
                    help="massv: MASSV drafter from --draft-lm; msd: 1-layer MSD head (arXiv "
-                   "2505.14260) for a Qwen2-VL/Qwen2.5-VL target, served with method 'eagle'")
+                   "2505.14260) for a Qwen2-VL/Qwen2.5-VL target, served with method 'eagle'; "
+                   "eagle3: vLLM's EAGLE-3 head (speculators format), served with method 'eagle3'")
     p.add_argument("--target", required=True, help="target VLM directory or hub name (Qwen2-VL/Qwen2.5-VL or Gemma3)")
     p.add_argument("--draft-lm", default=None,
                    help="(massv) text LM of the target's family (Qwen2 for Qwen targets, "
@@ -74,6 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "mrope for Qwen2-VL, for the target's LM)")
     p.add_argument("--no-decouple", action="store_true",
                    help="(msd) turn decoupled visual tokens off: the EAGLE-1-style ablation")
+    p.add_argument("--aux-layers", default=None, metavar="A,B,C",
+                   help="(eagle3) target aux layer ids, vLLM convention (id a = output of layer "
+                   "a-1); default (2, L//2, L-3), or (1, L//2, L-1) where those collide")
+    p.add_argument("--draft-vocab-size", type=int, default=None,
+                   help="(eagle3) draft vocabulary (default: the target's); smaller needs --data")
+    p.add_argument("--data", default=None,
+                   help="(eagle3) massv generate output whose response tokens pick the draft "
+                   "vocabulary")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-speculative-tokens", type=int, default=DEFAULT_NUM_SPECULATIVE_TOKENS,
                    help="k recorded in config.json's speculators_config (what `vllm serve "

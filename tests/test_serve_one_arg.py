@@ -4,6 +4,11 @@ target and k) against the two-argument form `vllm serve TARGET --speculative-con
 Both servers run `vllm serve` itself, one after the other; the same held-out testbed questions
 (with images, greedy) must give token-identical answers and identical speculative-decoding
 counters on `/metrics` (so the same τ), and the one-argument server must use the MASSV proposer.
+
+A third server serves the trained testbed EAGLE-3 head the same way, with stock vLLM's speculators
+path (`vllm serve benchmarks/testbed/models/drafter-eagle3`: method eagle3, issue 12): its answers
+must equal the MASSV servers' token for token (both lossless, so both are the target's greedy
+answers).
 """
 
 from __future__ import annotations
@@ -20,8 +25,11 @@ pytestmark = pytest.mark.slow
 MAX_TOKENS = 48
 
 
-def _serve(two_arguments: bool, log) -> dict:
-    srv: ApiServer = serve_demo.server(two_arguments, log=log)
+EAGLE3 = serve_demo.DRAFTER.parent / "drafter-eagle3"
+
+
+def _serve(two_arguments: bool, log, drafter=serve_demo.DRAFTER) -> dict:
+    srv: ApiServer = serve_demo.server(two_arguments, log=log, drafter=drafter)
     srv.startup_timeout = 300
     try:
         with srv:
@@ -65,3 +73,20 @@ def test_one_argument_equals_two_argument_form(one_arg, two_arg) -> None:
     assert one_arg["answers"] == two_arg["answers"]
     for key in ("drafts", "draft_tokens", "accepted_tokens"):
         assert one_arg["stats"][key] == two_arg["stats"][key], key
+
+
+@pytest.fixture(scope="module")
+def eagle3_one_arg(two_arg, tmp_path_factory) -> dict:
+    return _serve(False, tmp_path_factory.mktemp("eagle3") / "server.log", drafter=EAGLE3)
+
+
+def test_one_argument_eagle3_head_is_lossless(one_arg, eagle3_one_arg) -> None:
+    """`vllm serve drafter-eagle3` (stock vLLM, method eagle3 from the speculators block, k = 4)
+    answers exactly as the MASSV servers do, and the trained head is accepted."""
+    assert eagle3_one_arg["cmd"][1:3] == ["serve", str(EAGLE3)]
+    assert "MASSV proposer active" not in eagle3_one_arg["log"]
+    stats = eagle3_one_arg["stats"]
+    print(f"EAGLE-3 one argument: tau {stats['tau']:.2f}, {stats['drafts']} drafts")
+    assert stats["drafts"] > 0 and stats["draft_tokens"] == 4 * stats["drafts"]
+    assert stats["tau"] > 2.0
+    assert eagle3_one_arg["answers"] == one_arg["answers"]

@@ -24,11 +24,12 @@ from benchmarks.testbed import assets, models, task
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = assets.MODELS
 DRAFTERS = ("drafter-distilled", "drafter-phase1", "drafter-massv", "drafter-massv-mrope")
+EAGLE_HEADS = ("drafter-msd", "drafter-msd-no-decouple", "drafter-eagle3")
 
 
 def test_checked_in_models_are_complete_and_small() -> None:
     total = 0
-    for name in ("target", "blind", *DRAFTERS):
+    for name in ("target", "blind", *DRAFTERS, *EAGLE_HEADS):
         d = MODELS / name
         assert (d / "config.json").is_file(), d
         assert (d / "model.safetensors").is_file(), d
@@ -42,6 +43,10 @@ def test_checked_in_models_are_complete_and_small() -> None:
         expected = "none" if name == "drafter-distilled" else "mlp2x_gelu"
         assert cfg["massv"]["projector"] == expected, name
         assert cfg["massv"]["positions"] == ("mrope" if name.endswith("mrope") else "1d"), name
+    for name in EAGLE_HEADS:   # one-argument serving names the checked-in target, relatively
+        cfg = json.loads((MODELS / name / "config.json").read_text())
+        verifier = cfg["speculators_config"]["verifier"]["name_or_path"]
+        assert verifier == "benchmarks/testbed/models/target", name
 
 
 def test_padding_keeps_logits_identical(tmp_path: Path) -> None:

@@ -1,0 +1,102 @@
+"""The trained testbed EAGLE-3 head (issue 12, `benchmarks/testbed/models/drafter-eagle3`) in
+stock vLLM, method eagle3, k = 4, on the unpadded testbed target (CPU, fp32, eager, the test
+profile's 64-token chunks): 12 held-out test-split questions (the scenes never appear in the
+training data), greedy.
+
+* vLLM's per-step accepted counts equal a replay: the transformers twin drafts greedily along
+  the emitted output (with vLLM's partial-prefill rows, `vllm_massv.testing.eagle3`), and a draft
+  counts until the first one that differs from the token the target emitted;
+* the trained head is accepted (τ on these image questions well above 1).
+
+Lossless output through the OpenAI server is checked in `test_serve_one_arg.py`.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import throughput as tp
+from benchmarks.testbed import assets, task
+from conftest import emitted_accepted, engine
+from vllm_massv.testing import eagle3 as te
+from vllm_massv.testing import msd as tm
+
+pytestmark = pytest.mark.slow
+
+K = 4
+ENV = {"VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
+HEAD = assets.MODELS / "drafter-eagle3"
+TARGET = assets.MODELS / "target"
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory) -> dict[str, dict]:
+    from transformers import AutoTokenizer
+
+    data = tmp_path_factory.mktemp("testbed") / "data"
+    task.build_splits(data, seed=0, **assets.TEST_SPLIT)
+    items = tp.render_prompts(tp.testbed_prompts(data, 12), AutoTokenizer.from_pretrained(TARGET))
+    return {f"{i.id}:{i.kind}": i.inputs for i in items}
+
+
+@pytest.fixture(scope="module")
+def run(prompts) -> dict:
+    from vllm import SamplingParams
+
+    with engine(TARGET, {"method": "eagle3", "model": str(HEAD), "num_speculative_tokens": K},
+                env=ENV, max_model_len=1024) as llm:
+        llm.collective_rpc(tm.install_draft_recorder)
+        llm.collective_rpc(te.install_logit_recorder)
+        outs = llm.generate(list(prompts.values()),
+                            SamplingParams(temperature=0.0, max_tokens=48), use_tqdm=False)
+        return {"outputs": dict(zip(prompts, outs)),
+                "chunk_ends": llm.collective_rpc(te.read_chunk_ends)[0]}
+
+
+@pytest.fixture(scope="module")
+def twin():
+    from vllm_massv.eagle3.model import Eagle3Drafter
+
+    return Eagle3Drafter.from_pretrained(HEAD).eval()
+
+
+def test_accepted_counts_equal_replay(run, prompts, twin) -> None:
+    from vllm_massv.training.features import FINAL, TargetHiddenStates
+
+    features = TargetHiddenStates(TARGET, layers=tuple(
+        a - 1 for a in twin.cfg.eagle_aux_hidden_state_layer_ids) + (FINAL,))
+    rows = te.chunk_end_overrides(run["chunk_ends"], run["outputs"])
+    steps = accepted = 0
+    for name, out in run["outputs"].items():
+        image = prompts[name].get("multi_modal_data", {}).get("image")
+        images = [] if image is None else (image if isinstance(image, list) else [image])
+        prompt, tokens = list(out.prompt_token_ids), list(out.outputs[0].token_ids)
+        seq, p = prompt + tokens, len(prompt)
+        (states, _), = features([seq], [images], [p])
+        replay = te.Eagle3Replay(twin, features.embed_tokens, rows[name])
+        metrics, expected, m = out.outputs[0].spec_decode_metrics, [], 1
+        for drafted in metrics.per_step_drafted:
+            if m >= len(tokens):
+                break
+            drafts, _ = replay(seq, states, None, p, p + m, drafted)
+            a = 0
+            while a < drafted and m + a < len(tokens) and drafts[a] == tokens[m + a]:
+                a += 1
+            expected.append(a)
+            m += a + 1
+        got = emitted_accepted(metrics.per_step_accepted, len(tokens))[: len(expected)]
+        assert got == expected, name
+        steps, accepted = steps + len(expected), accepted + sum(expected)
+    print(f"replayed {steps} verify steps, {accepted} accepted drafts")
+    assert accepted > steps   # the trained head is accepted: > 1 draft per step on average
+
+
+def test_trained_head_is_accepted(run) -> None:
+    drafted = accepted = 0
+    for out in run["outputs"].values():
+        metrics = out.outputs[0].spec_decode_metrics
+        drafted += len(metrics.per_step_drafted)
+        accepted += sum(metrics.per_step_accepted)
+    tau = 1 + accepted / drafted
+    print(f"tau {tau:.2f} over {drafted} verify steps")
+    assert tau > 2.5

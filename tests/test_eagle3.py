@@ -21,7 +21,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import engine, generate, mixed_batch, token_ids
 from vllm_massv.testing import eagle3 as te
@@ -121,35 +120,7 @@ def test_chunk_end_rows_differ(run, models, features, twin):
 
 
 def _logprob_diffs(run, models, features, replays) -> tuple[float, int]:
-    batch = mixed_batch(models.target)
-    drafts = [e for e in run["log"] if not e[1]]
-    steps_by_req: dict[str, list] = {}
-    for entry in run["logits"]:
-        for req, rows in entry.items():
-            steps_by_req.setdefault(req.split("-")[0], []).append(rows)
-    worst, compared = 0.0, 0
-    for name, out in run["outputs"].items():
-        images = batch[name].get("multi_modal_data", {}).get("image")
-        images = [] if images is None else (images if isinstance(images, list) else [images])
-        prompt, tokens = list(out.prompt_token_ids), list(out.outputs[0].token_ids)
-        seq, p = prompt + tokens, len(prompt)
-        (states, _), = features([seq], [images], [p])
-        mine = [e[2] for e in drafts if e[0].split("-")[0] == out.request_id]
-        logged = steps_by_req[out.request_id][-len(mine):]   # the proposals after the prompt
-        metrics, m = out.outputs[0].spec_decode_metrics, 1
-        for n, (accepted, drafted) in enumerate(zip(metrics.per_step_accepted,
-                                                    metrics.per_step_drafted)):
-            if p + m > len(seq) or n >= 6:
-                break
-            replay = replays[name]
-            replay(seq, states, None, p, p + m, drafted, None, mine[n][:drafted])
-            for j in range(drafted):
-                want = torch.log_softmax(replay.last_logits[j], -1)
-                got = torch.log_softmax(logged[n][j][: want.shape[0]], -1)
-                finite = torch.isfinite(want)
-                assert torch.equal(finite, torch.isfinite(got)), (name, n, j)
-                assert int(finite.sum()) == DRAFT_VOCAB
-                worst = max(worst, float((want[finite] - got[finite]).abs().max()))
-                compared += 1
-            m += accepted + 1
+    worst, compared, finite = te.draft_logprob_diffs(
+        run["outputs"], run["log"], run["logits"], mixed_batch(models.target), features, replays)
+    assert finite == {DRAFT_VOCAB}   # the d2t-mapped logits are finite exactly on the draft vocab
     return worst, compared

@@ -50,6 +50,8 @@ def run(prompts) -> dict:
         outs = llm.generate(list(prompts.values()),
                             SamplingParams(temperature=0.0, max_tokens=48), use_tqdm=False)
         return {"outputs": dict(zip(prompts, outs)),
+                "log": llm.collective_rpc(tm.read_draft_log)[0],
+                "logits": llm.collective_rpc(te.read_logit_log)[0],
                 "chunk_ends": llm.collective_rpc(te.read_chunk_ends)[0]}
 
 
@@ -60,11 +62,26 @@ def twin():
     return Eagle3Drafter.from_pretrained(HEAD).eval()
 
 
-def test_accepted_counts_equal_replay(run, prompts, twin) -> None:
+@pytest.fixture(scope="module")
+def features(twin):
     from vllm_massv.training.features import FINAL, TargetHiddenStates
 
-    features = TargetHiddenStates(TARGET, layers=tuple(
+    return TargetHiddenStates(TARGET, layers=tuple(
         a - 1 for a in twin.cfg.eagle_aux_hidden_state_layer_ids) + (FINAL,))
+
+
+def test_trained_head_logprobs_match_twin(run, prompts, twin, features) -> None:
+    """The trained head loads in vLLM and in the transformers twin with equal next-token
+    log-probabilities at every draft step (first 6 verify steps of each request)."""
+    rows = te.chunk_end_overrides(run["chunk_ends"], run["outputs"])
+    replays = {n: te.Eagle3Replay(twin, features.embed_tokens, rows[n]) for n in run["outputs"]}
+    worst, compared, _ = te.draft_logprob_diffs(run["outputs"], run["log"], run["logits"],
+                                                prompts, features, replays)
+    print(f"compared {compared} draft steps, max |logprob diff| {worst:.2e}")
+    assert compared >= 200 and worst < 2e-3
+
+
+def test_accepted_counts_equal_replay(run, prompts, twin, features) -> None:
     rows = te.chunk_end_overrides(run["chunk_ends"], run["outputs"])
     steps = accepted = 0
     for name, out in run["outputs"].items():

@@ -135,7 +135,8 @@ def _cfg(models, head, data, out, **kw) -> TrainConfig:
     return TrainConfig(**(base | kw))
 
 
-def test_eagle3_training_lowers_loss_and_exports(models, head, dataset, tmp_path) -> None:  # noqa: F811
+def test_eagle3_training_lowers_loss_and_exports(models, head, dataset,  # noqa: F811
+                                                 tmp_path) -> None:
     """Loss (TTT over k = 3 steps, KL) falls, first-draft agreement rises, only trainable
     weights change (lm_head frozen), and the export reloads as the same head."""
     from safetensors.torch import load_file

@@ -48,17 +48,9 @@ class Eagle3Batcher:
         self.features, self.num_aux, self.max_pixels = features, num_aux, max_pixels
 
     def __call__(self, batch: list[Example]) -> dict[str, torch.Tensor]:
-        from vllm_massv.training.data import load_image
-
-        images = []
-        for e in batch:
-            own = [load_image(p, self.max_pixels) for p in e.images]
-            if any(im is None for im in own):
-                raise ValueError(f"{e.id}: an image is no longer readable")
-            images.append(own)
-        feats = self.features([e.input_ids for e in batch], images,
-                              [e.prompt_len for e in batch])
-        width, hidden, b = max(len(e.input_ids) for e in batch), self.features.hidden_size, len(batch)
+        feats = self.features.for_examples(batch, self.max_pixels)
+        width, hidden = max(len(e.input_ids) for e in batch), self.features.hidden_size
+        b = len(batch)
         out = {"aux": torch.zeros(b, width, self.num_aux * hidden),
                "token_embeds": torch.zeros(b, width, hidden),
                "target_final": torch.zeros(b, width, hidden),

@@ -295,6 +295,25 @@ class TargetHiddenStates:
                     torch.save(result, self.cache_dir / f"h-{keys[i]}.pt")  # type: ignore[operator]
         return out
 
+    def for_examples(self, batch: list, max_pixels: int | None
+                     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`__call__` on training examples (`train.Example`: token ids, prompt length,
+        image paths), their images loaded at `max_pixels`.
+
+        Raises:
+            ValueError: an image that can no longer be read (training data must stay readable
+                once `massv generate` accepted it).
+        """
+        from vllm_massv.training.data import load_image
+
+        images = []
+        for e in batch:
+            own = [load_image(p, max_pixels) for p in e.images]
+            if any(im is None for im in own):
+                raise ValueError(f"{e.id}: an image is no longer readable")
+            images.append(own)
+        return self([e.input_ids for e in batch], images, [e.prompt_len for e in batch])
+
     def _forward(self, sequences, images, prompt_lens):
         from vllm_massv.hf.modeling_massv_qwen2 import mrope_positions
 

@@ -113,16 +113,7 @@ class MsdBatcher:
         self.features, self.max_pixels = features, max_pixels
 
     def __call__(self, batch: list[Example]) -> dict[str, torch.Tensor]:
-        from vllm_massv.training.data import load_image
-
-        images = []
-        for e in batch:
-            own = [load_image(p, self.max_pixels) for p in e.images]
-            if any(im is None for im in own):
-                raise ValueError(f"{e.id}: an image is no longer readable")
-            images.append(own)
-        feats = self.features([e.input_ids for e in batch], images,
-                              [e.prompt_len for e in batch])
+        feats = self.features.for_examples(batch, self.max_pixels)
         width, hidden = max(len(e.input_ids) for e in batch), self.features.hidden_size
         b = len(batch)
         out = {name: torch.zeros(b, width, hidden) for name in

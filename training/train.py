@@ -57,6 +57,8 @@ from vllm_massv.speculators import (DEFAULT_NUM_SPECULATIVE_TOKENS,
 from vllm_massv.training.model_card import phase_history, phase_record, write_model_card
 
 Phase = Literal["align", "sdvit"]
+#: The loss each non-MASSV method trains with (recorded in the phase history).
+METHOD_LOSSES = {"msd": "smooth-l1 + 0.1 soft ce", "eagle3": "ttt kl"}
 IGNORE = -100
 
 
@@ -494,7 +496,8 @@ def train(cfg: TrainConfig) -> dict:
              "train_examples": len(train_set), "eval_examples": len(eval_set),
              "processes": world, "global_batch": global_batch, **record}
     final["phases"] = phase_history(cfg.drafter) + [phase_record(
-        cfg.phase or cfg.method, cfg.data, final, {**asdict(cfg), "loss_kind": cfg.loss})]
+        cfg.phase or cfg.method, cfg.data, final,
+        {**asdict(cfg), "loss_kind": METHOD_LOSSES.get(cfg.method, cfg.loss)})]
     if main:
         algo.export(accelerator.unwrap_model(model), state, cfg, out, final["phases"])
         (out / "train_summary.json").write_text(json.dumps(final, indent=2))

@@ -56,7 +56,8 @@ def default_aux_layer_ids(num_layers: int) -> list[int]:
         Eagle3ConfigError: fewer than 3 decoder layers.
     """
     if num_layers < 3:
-        raise Eagle3ConfigError(f"EAGLE-3 needs a target with >= 3 decoder layers, got {num_layers}")
+        raise Eagle3ConfigError(
+            f"EAGLE-3 needs a target with >= 3 decoder layers, got {num_layers}")
     ids = [2, num_layers // 2, num_layers - 3]
     if len(set(ids)) == 3 and min(ids) >= 1:
         return ids

@@ -131,7 +131,8 @@ class Eagle3Drafter(nn.Module):
 
     # ------------------------------------------------------------------ pieces
     def combine_hidden_states(self, aux: torch.Tensor) -> torch.Tensor:
-        """[..., n_aux*H] target aux states (vLLM concatenates them in layer-id order) -> [..., H]."""
+        """[..., n_aux*H] target aux states (vLLM concatenates them in layer-id order) ->
+        [..., H]: `fc(input_norm(aux))`."""
         if self.input_norm is not None:
             aux = self.input_norm(aux)
         return self.fc(aux)

@@ -147,3 +147,48 @@ def chunk_end_overrides(chunk_ends: dict, outputs: dict) -> dict[str, dict[int, 
         ends.setdefault(req.split("-")[0], set()).update(positions)
     return {name: {e: int(out.prompt_token_ids[-1]) for e in ends.get(out.request_id, ())}
             for name, out in outputs.items()}
+
+
+def draft_logprob_diffs(outputs: dict, draft_log: list, logit_log: list, prompts: dict,
+                        features, replays: dict, steps: int = 6) -> tuple[float, int, set]:
+    """Compare vLLM's draft log-probabilities (recorded by :func:`install_logit_recorder`) with
+    the twin's (:class:`Eagle3Replay` per request name, fed vLLM's own earlier drafts) over the
+    first `steps` verify steps of each request.
+
+    Returns:
+        (max |log p_vllm - log p_twin| over finite entries, draft steps compared, the set of
+        finite-entry counts seen).
+    Raises:
+        AssertionError: vLLM and the twin disagree on which ids are -inf.
+    """
+    drafts = [e for e in draft_log if not e[1]]
+    steps_by_req: dict[str, list] = {}
+    for entry in logit_log:
+        for req, rows in entry.items():
+            steps_by_req.setdefault(req.split("-")[0], []).append(rows)
+    worst, compared, finite_counts = 0.0, 0, set()
+    for name, out in outputs.items():
+        image = prompts[name].get("multi_modal_data", {}).get("image")
+        images = [] if image is None else (image if isinstance(image, list) else [image])
+        prompt, tokens = list(out.prompt_token_ids), list(out.outputs[0].token_ids)
+        seq, p = prompt + tokens, len(prompt)
+        (states, _), = features([seq], [images], [p])
+        mine = [e[2] for e in drafts if e[0].split("-")[0] == out.request_id]
+        logged = steps_by_req[out.request_id][-len(mine):]   # the proposals after the prompt
+        metrics, m = out.outputs[0].spec_decode_metrics, 1
+        replay = replays[name]
+        for n, (accepted, drafted) in enumerate(zip(metrics.per_step_accepted,
+                                                    metrics.per_step_drafted)):
+            if p + m > len(seq) or n >= steps:
+                break
+            replay(seq, states, None, p, p + m, drafted, None, mine[n][:drafted])
+            for j in range(drafted):
+                want = torch.log_softmax(replay.last_logits[j], -1)
+                got = torch.log_softmax(logged[n][j][: want.shape[0]], -1)
+                finite = torch.isfinite(want)
+                assert torch.equal(finite, torch.isfinite(got)), (name, n, j)
+                finite_counts.add(int(finite.sum()))
+                worst = max(worst, float((want[finite] - got[finite]).abs().max()))
+                compared += 1
+            m += accepted + 1
+    return worst, compared, finite_counts

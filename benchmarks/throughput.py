@@ -34,7 +34,8 @@ target ITL): on a CPU with tiny models it includes the proposer's fixed per-pass
 speculation at the same batch size; a mismatch is reported and makes the run exit with status 1.
 
 Outputs (``--out``): ``results.json`` (every run and setting), ``results.md`` (tables) and PNG
-plots (τ vs k, speedup vs batch size, per-position acceptance). On the CPU testbed
+plots (:func:`plots`: τ vs k, speedup vs batch size per temperature, per-position acceptance, τ
+per prompt kind; ``--replot results.json`` redraws them without an engine). On the CPU testbed
 (``--testbed DIR``, see ``benchmarks/testbed/``) the methods default to the testbed's models.
 On a GPU pass real models instead, e.g.::
 

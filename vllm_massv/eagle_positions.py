@@ -29,7 +29,7 @@ import torch
 from vllm.logger import init_logger
 from vllm.v1.spec_decode.eagle import EagleProposer
 
-logger = init_logger(__name__)
+logger = init_logger("vllm.massv.eagle_positions")
 
 #: Testing aid: keep stock vLLM's temporal-row positions (to measure the defect). Never set in
 #: production.

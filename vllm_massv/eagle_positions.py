@@ -76,8 +76,9 @@ class EagleAbsolutePositionsProposer(EagleProposer):
 
         self._stock_positions = os.environ.get(STOCK_POSITIONS_ENV, "0") == "1"
         logger.info("EAGLE proposer on an M-RoPE target (%s): draft positions = %s",
-                    type(self).__name__, "stock vLLM (temporal M-RoPE row; %s=1)"
-                    % STOCK_POSITIONS_ENV if self._stock_positions else "1-D absolute (patch 6)")
+                    type(self).__name__,
+                    f"stock vLLM (temporal M-RoPE row; {STOCK_POSITIONS_ENV}=1)"
+                    if self._stock_positions else "1-D absolute (patch 6)")
         # patch 5: these engines draft images-and-text on CPU at temperature > 0 too (EAGLE-3
         # heads trained by massv; issue 12)
         fix_cpu_rejection_sampler()

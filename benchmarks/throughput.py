@@ -10,7 +10,15 @@ Every method runs the same prompts through vLLM's offline engine with the same t
                               ``massv init --projector none`` is the fair text-only baseline);
 * ``msd:PATH``             -- an MSD drafter (EAGLE-style head, ``massv init --method msd``),
                               served with vLLM's EAGLE proposer (``method: eagle``) through the
-                              plugin.
+                              plugin;
+* ``eagle3:PATH``          -- an EAGLE-3 head (speculators ``eagle3`` format, ``massv init
+                              --method eagle3``, or vLLM's native EAGLE-3 layout), served by stock
+                              vLLM (``method: eagle3``); on an M-RoPE target the plugin gives the
+                              head 1-D absolute positions (patch 6, ``vllm_massv.eagle_positions``);
+* ``eagle3-stock:PATH``    -- the same head with stock vLLM's positions on an M-RoPE target (the
+                              temporal M-RoPE row, and draft KV slots computed from it): the
+                              engine is started with ``VLLM_MASSV_TEST_STOCK_EAGLE_POSITIONS=1``,
+                              to measure what the fix is worth.
 
 For each method and each k (``--k``), one engine is started; inside it every batch size
 (``--batch-sizes``: requests kept in flight, continuous batching) and temperature
@@ -26,7 +34,8 @@ target ITL): on a CPU with tiny models it includes the proposer's fixed per-pass
 speculation at the same batch size; a mismatch is reported and makes the run exit with status 1.
 
 Outputs (``--out``): ``results.json`` (every run and setting), ``results.md`` (tables) and PNG
-plots (τ vs k, speedup vs batch size, per-position acceptance). On the CPU testbed
+plots (:func:`plots`: τ vs k, speedup vs batch size per temperature, per-position acceptance, τ
+per prompt kind; ``--replot results.json`` redraws them without an engine). On the CPU testbed
 (``--testbed DIR``, see ``benchmarks/testbed/``) the methods default to the testbed's models.
 On a GPU pass real models instead, e.g.::
 
@@ -38,6 +47,7 @@ On a GPU pass real models instead, e.g.::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import math
@@ -46,6 +56,7 @@ import statistics
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,7 +77,7 @@ METRIC_NAMES = {
 
 @dataclass(frozen=True)
 class Method:
-    """One way of decoding: ``kind`` is none | ngram | draft_model | massv | msd."""
+    """One way of decoding: ``kind`` is one of :data:`KINDS`."""
 
     label: str
     kind: str
@@ -74,8 +85,8 @@ class Method:
 
     @classmethod
     def parse(cls, text: str) -> Method:
-        """``LABEL=none``, ``LABEL=ngram``, ``LABEL=draft_model:PATH``, ``LABEL=massv:PATH`` or
-        ``LABEL=msd:PATH``.
+        """``LABEL=none``, ``LABEL=ngram``, ``LABEL=draft_model:PATH``, ``LABEL=massv:PATH``,
+        ``LABEL=msd:PATH``, ``LABEL=eagle3:PATH`` or ``LABEL=eagle3-stock:PATH``.
 
         Raises:
             ValueError: malformed text or unknown kind.
@@ -88,14 +99,19 @@ class Method:
             if model:
                 raise ValueError(f"--method {text!r}: {kind} takes no model")
             return cls(label, kind)
-        if kind in ("draft_model", "massv", "msd"):
+        if kind in KINDS:
             if not model:
                 raise ValueError(f"--method {text!r}: {kind} needs a model path")
             return cls(label, kind, model)
-        raise ValueError(f"--method {text!r}: kind must be none, ngram, draft_model, massv or msd")
+        raise ValueError(f"--method {text!r}: kind must be one of {', '.join(KINDS)}")
 
     def speculative_config(self, k: int) -> dict[str, Any] | None:
-        """vLLM's ``speculative_config`` for ``k`` speculative tokens (None: no speculation)."""
+        """vLLM's ``speculative_config`` for ``k`` speculative tokens (None: no speculation).
+
+        Raises:
+            ValueError: the model folder is not of the method's kind (massv/msd block, EAGLE-3
+                config).
+        """
         if self.kind == "none":
             return None
         if self.kind == "ngram":
@@ -104,11 +120,29 @@ class Method:
         if self.kind == "msd":
             _require_block(self.model, "msd", "an MSD drafter")
             return {"method": "eagle", "model": self.model, "num_speculative_tokens": k}
+        if self.kind in ("eagle3", "eagle3-stock"):
+            _require_eagle3(self.model)
+            return {"method": "eagle3", "model": self.model, "num_speculative_tokens": k}
         # A MASSV drafter is a draft_model whose config has a `massv` block; the plugin's
         # proposer takes it from there. A stock draft model goes through vLLM unchanged.
         if self.kind == "massv":
             _require_block(self.model, "massv", "a MASSV drafter")
         return {"method": "draft_model", "model": self.model, "num_speculative_tokens": k}
+
+    def engine_env(self) -> dict[str, str]:
+        """Environment variables the engine of this method must start with (read by the
+        proposer's ``__init__`` in the engine-core process): EAGLE-path methods set the
+        stock-positions switch of ``vllm_massv.eagle_positions`` explicitly, on for
+        ``eagle3-stock`` and off otherwise, so a variable left in the shell cannot relabel them."""
+        if self.kind in ("msd", "eagle3", "eagle3-stock"):
+            return {STOCK_POSITIONS_ENV: "1" if self.kind == "eagle3-stock" else "0"}
+        return {}
+
+
+#: Method kinds (:meth:`Method.parse`).
+KINDS = ("none", "ngram", "draft_model", "massv", "msd", "eagle3", "eagle3-stock")
+#: = ``vllm_massv.eagle_positions.STOCK_POSITIONS_ENV`` (not imported: that module loads vLLM).
+STOCK_POSITIONS_ENV = "VLLM_MASSV_TEST_STOCK_EAGLE_POSITIONS"
 
 
 def _require_block(model: str | None, key: str, what: str) -> None:
@@ -116,6 +150,46 @@ def _require_block(model: str | None, key: str, what: str) -> None:
     if config.is_file() and key not in json.loads(config.read_text()):
         raise ValueError(f"{model} has no `{key}` block in config.json: not {what} "
                          "(use draft_model:PATH for a stock draft model)")
+
+
+def _require_eagle3(model: str | None) -> None:
+    """A local ``model`` folder must hold an EAGLE-3 head: ``speculators_model_type: "eagle3"``
+    (speculators format, what ``massv init --method eagle3`` writes) or an ``Eagle3*``
+    architecture (vLLM's native layout, e.g. ``Eagle3LlamaForCausalLM``). Hub ids pass through.
+
+    Raises:
+        ValueError: a local folder without config.json, or whose config is not EAGLE-3.
+    """
+    path = Path(str(model))
+    if not path.exists():
+        return
+    config = path / "config.json"
+    if not config.is_file():
+        raise ValueError(f"{model} has no config.json: not an EAGLE-3 head")
+    cfg = json.loads(config.read_text())
+    if cfg.get("speculators_model_type") == "eagle3" or any(
+            "eagle3" in a.lower() for a in cfg.get("architectures") or []):
+        return
+    raise ValueError(f"{model} is not an EAGLE-3 head: config.json has speculators_model_type "
+                     f"{cfg.get('speculators_model_type')!r} and architectures "
+                     f"{cfg.get('architectures')} (expected speculators_model_type 'eagle3', "
+                     "e.g. from `massv init --method eagle3`)")
+
+
+@contextlib.contextmanager
+def engine_env(env: dict[str, str]) -> Iterator[None]:
+    """Set ``env`` in this process for the block (an engine started inside inherits it), then
+    restore the previous values."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @dataclass
@@ -395,64 +469,172 @@ def markdown(results: list[RunResult], meta: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plots(results: list[RunResult], out: Path) -> list[str]:
+#: Plot style: at most this many series per axes (more methods: more panels, each with the
+#: reference); every method keeps one colour (tab10) and one marker in every plot.
+MAX_SERIES = 7
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "h", "<")
+
+
+def plots(results: list[RunResult], out: Path, reference: str | None = None) -> list[str]:
+    """Write the PNG plots into ``out``; returns their file names.
+
+    * ``tau_vs_k.png``: τ against k (batch 1, T = 0);
+    * ``speedup_vs_batch.png``: speedup over no speculation against batch size, one column per
+      temperature;
+    * ``acceptance_per_position.png``: acceptance rate at each draft position (batch 1, T = 0);
+    * ``tau_per_kind.png``: τ per prompt kind, grouped bars (batch 1, T = 0).
+
+    With more than :data:`MAX_SERIES` methods each plot gets several rows of panels, every row
+    with ``reference`` (the blind drafter) for comparison. Each method's k is its main k (the k
+    with the most settings: not a k-sweep point).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    written = []
     spec = [r for r in results if r.tau is not None]
     methods = list(dict.fromkeys(r.method for r in spec))
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for m in methods:
-        pts = sorted({(r.k, r.tau) for r in spec if r.method == m and r.batch_size == 1
-                      and r.temperature == 0})
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
-    ax.set_xlabel("k (num_speculative_tokens)")
-    ax.set_ylabel("τ (1 + accepted / drafts)")
-    ax.set_title("Acceptance length, batch 1, greedy")
-    written.append(_save(fig, ax, out / "tau_vs_k.png", legend_size=7))
+    if not methods:
+        return []
+    style = _styles(methods)
+    panels = _panels(methods, reference)
+    main_k = {m: _main_k([r for r in spec if r.method == m]) for m in methods}
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for m in methods:
-        for temp in sorted({r.temperature for r in spec}):
-            rows = [r for r in spec if r.method == m and r.temperature == temp
-                    and r.speedup_vs_none is not None]
-            ks = {r.k for r in rows}
-            if not rows:
-                continue
-            k = max(ks, key=lambda kk: sum(1 for r in rows if r.k == kk))
-            pts = sorted((r.batch_size, r.speedup_vs_none) for r in rows if r.k == k)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
-                    linestyle="-" if temp == 0 else "--", label=f"{m} k={k} T={temp:g}")
-    ax.axhline(1.0, color="grey", linewidth=0.8)
-    ax.set_xlabel("batch size (requests in flight)")
-    ax.set_ylabel("speedup vs no speculation (tokens/s)")
-    written.append(_save(fig, ax, out / "speedup_vs_batch.png", legend_size=6))
+    def greedy_b1(m: str, k: int | None = None) -> RunResult | None:
+        return next((r for r in spec if r.method == m and r.batch_size == 1
+                     and r.temperature == 0 and r.k == (k or main_k[m])), None)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for m in methods:
-        rows = [r for r in spec if r.method == m and r.batch_size == 1 and r.temperature == 0
-                and r.acceptance_per_position]
-        if rows:
-            r = max(rows, key=lambda r: r.k)
-            ax.plot(range(1, len(r.acceptance_per_position) + 1), r.acceptance_per_position,
-                    marker="o", label=f"{m} (k={r.k})")
-    ax.set_xlabel("draft position")
-    ax.set_ylabel("accepted / drafts")
-    ax.set_ylim(0, 1.02)
-    written.append(_save(fig, ax, out / "acceptance_per_position.png", legend_size=7))
+    written = []
+    # τ against k
+    fig, axes = _grid(plt, len(panels), 1)
+    for row, group in zip(axes, panels):
+        ax = row[0]
+        for m in group:
+            pts = sorted({(r.k, r.tau) for r in spec if r.method == m and r.batch_size == 1
+                          and r.temperature == 0})
+            if pts:
+                _line(ax, style, m, [p[0] for p in pts], [p[1] for p in pts])
+        ks = sorted({r.k for r in spec})
+        ax.plot(ks, [k + 1 for k in ks], color="grey", linestyle=":", linewidth=1,
+                label="limit k + 1")
+        ax.set_xlabel("k (num_speculative_tokens)")
+        ax.set_ylabel("τ (tokens per verification step)")
+        ax.set_xticks(ks)
+        _legend(ax)
+    axes[0][0].set_title("Acceptance length τ vs k (batch 1, temperature 0)")
+    written.append(_save(fig, out / "tau_vs_k.png"))
+
+    # speedup against batch size, one column per temperature
+    temps = sorted({r.temperature for r in spec})
+    fig, axes = _grid(plt, len(panels), len(temps), sharey=True)
+    for row, group in zip(axes, panels):
+        for ax, temp in zip(row, temps):
+            for m in group:
+                pts = sorted((r.batch_size, r.speedup_vs_none) for r in spec
+                             if r.method == m and r.temperature == temp and r.k == main_k[m]
+                             and r.speedup_vs_none is not None)
+                if pts:
+                    _line(ax, style, m, [p[0] for p in pts], [p[1] for p in pts],
+                          label=f"{m} (k={main_k[m]})")
+            ax.axhline(1.0, color="grey", linewidth=0.8)
+            ax.set_xticks(sorted({r.batch_size for r in spec}))
+            ax.set_xlabel("batch size (requests in flight)")
+            ax.set_title(f"temperature {temp:g}" + (" (greedy)" if temp == 0 else ""))
+        row[0].set_ylabel("speedup vs no speculation\n(× output tokens/s)")
+        _legend(row[-1])
+    written.append(_save(fig, out / "speedup_vs_batch.png"))
+
+    # acceptance per draft position
+    fig, axes = _grid(plt, len(panels), 1)
+    for row, group in zip(axes, panels):
+        ax = row[0]
+        for m in group:
+            r = greedy_b1(m)
+            if r is not None and r.acceptance_per_position:
+                _line(ax, style, m, list(range(1, len(r.acceptance_per_position) + 1)),
+                      r.acceptance_per_position, label=f"{m} (k={r.k})")
+        ax.set_xlabel("draft position")
+        ax.set_ylabel("acceptance rate\n(accepted / drafts)")
+        ax.set_ylim(0, 1.02)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        _legend(ax)
+    axes[0][0].set_title("Acceptance per draft position (batch 1, temperature 0)")
+    written.append(_save(fig, out / "acceptance_per_position.png"))
+
+    # τ per prompt kind, grouped bars
+    kinds = sorted({kd for r in spec for kd in r.tau_per_kind})
+    if kinds:
+        fig, axes = _grid(plt, len(panels), 1, width=max(7.0, 0.9 * len(kinds) + 3))
+        for row, group in zip(axes, panels):
+            ax = row[0]
+            rows = [(m, greedy_b1(m)) for m in group]
+            rows = [(m, r) for m, r in rows if r is not None and r.tau_per_kind]
+            width = 0.8 / max(1, len(rows))
+            for j, (m, r) in enumerate(rows):
+                xs = [i + (j - (len(rows) - 1) / 2) * width for i in range(len(kinds))]
+                ax.bar(xs, [r.tau_per_kind.get(kd, 0.0) for kd in kinds], width,
+                       color=style[m][0], label=f"{m} (k={r.k})", edgecolor="black",
+                       linewidth=0.3)
+            ax.set_xticks(range(len(kinds)))
+            ax.set_xticklabels(kinds, rotation=20, ha="right")
+            ax.set_ylabel("τ (tokens per verification step)")
+            ax.set_ylim(bottom=1.0)
+            _legend(ax)
+        axes[0][0].set_title("τ per prompt kind (batch 1, temperature 0)")
+        written.append(_save(fig, out / "tau_per_kind.png"))
     return written
 
 
-def _save(fig: Any, ax: Any, path: Path, legend_size: int) -> str:
+def _styles(methods: list[str]) -> dict[str, tuple[Any, str]]:
+    """method -> (tab10 colour, marker), fixed by the method's order in the run."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10"]
+    return {m: (cmap(i % 10), MARKERS[(i + i // 10) % len(MARKERS)])
+            for i, m in enumerate(methods)}
+
+
+def _panels(methods: list[str], reference: str | None) -> list[list[str]]:
+    """Methods split into groups of at most :data:`MAX_SERIES`, the reference in every group."""
+    if len(methods) <= MAX_SERIES:
+        return [methods]
+    ref = [reference] if reference in methods else []
+    others = [m for m in methods if m not in ref]
+    n = math.ceil(len(others) / (MAX_SERIES - len(ref)))
+    size = math.ceil(len(others) / n)
+    return [ref + others[i:i + size] for i in range(0, len(others), size)]
+
+
+def _main_k(rows: list[RunResult]) -> int:
+    ks = [r.k for r in rows]
+    return max(dict.fromkeys(ks), key=ks.count)
+
+
+def _grid(plt: Any, nrows: int, ncols: int, sharey: bool = False, width: float | None = None):
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width or 4.2 * ncols + 3, 3.4 * nrows),
+                             squeeze=False, sharey=sharey)
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+    return fig, axes
+
+
+def _line(ax: Any, style: dict[str, tuple[Any, str]], method: str, xs: list[Any],
+          ys: list[Any], label: str | None = None) -> None:
+    colour, marker = style[method]
+    ax.plot(xs, ys, color=colour, marker=marker, markersize=6, linewidth=1.5,
+            label=label or method)
+
+
+def _legend(ax: Any) -> None:
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
+
+
+def _save(fig: Any, path: Path) -> str:
     import matplotlib.pyplot as plt
 
-    ax.legend(fontsize=legend_size)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path.name
 
@@ -474,6 +656,12 @@ def testbed_methods(paths: dict[str, Path]) -> list[Method]:
     if (models / "drafter-massv-mrope").is_dir():
         methods.append(Method("MASSV (M-RoPE positions)", "massv",
                               str(models / "drafter-massv-mrope")))
+    if (models / "drafter-msd").is_dir():
+        methods.append(Method("MSD", "msd", str(models / "drafter-msd")))
+    if (models / "drafter-eagle3").is_dir():
+        methods += [Method("EAGLE-3", "eagle3", str(models / "drafter-eagle3")),
+                    Method("EAGLE-3 (stock vLLM positions)", "eagle3-stock",
+                           str(models / "drafter-eagle3"))]
     return methods
 
 
@@ -483,8 +671,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--target", help="target VLM (default with --testbed: its padded target)")
     p.add_argument("--method", action="append", default=[], metavar="LABEL=SPEC",
-                   help="none | ngram | draft_model:PATH | massv:PATH (repeatable; default with "
-                        "--testbed: every testbed method)")
+                   help="none | ngram | draft_model:PATH | massv:PATH | msd:PATH | eagle3:PATH | "
+                        "eagle3-stock:PATH (repeatable; default with --testbed: every testbed "
+                        "method)")
     p.add_argument("--reference", default=None,
                    help="label of the method speedups are also measured against (default: the "
                         "first massv method, on the testbed the blind LM with projector none)")
@@ -508,6 +697,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="extra vllm.LLM argument (VALUE parsed as JSON when it parses)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--replot", type=Path, default=None, metavar="RESULTS_JSON",
+                   help="only redraw the plots of an earlier run's results.json into --out "
+                        "(no engine)")
     return p
 
 
@@ -565,6 +757,13 @@ def main(argv: list[str] | None = None) -> int:
     # Every method, stock ones included, gets the CPU rejection-sampler fix (vllm_massv.patches,
     # patch 5): without it, stock methods at temperature > 0 verify against garbage on CPU.
     os.environ.setdefault("VLLM_MASSV_FIX_CPU_SAMPLER", "1")
+    if args.replot is not None:
+        data = json.loads(args.replot.read_text())
+        args.out.mkdir(parents=True, exist_ok=True)
+        names = plots([RunResult(**r) for r in data["results"]], args.out,
+                      data["meta"].get("reference"))
+        print(f"wrote {', '.join(names)} to {args.out}")
+        return 0
     from tqdm import tqdm
 
     target, methods, items = resolve(args)
@@ -595,7 +794,8 @@ def main(argv: list[str] | None = None) -> int:
     meta: dict[str, Any] = {"target": target, "num_prompts": len(items),
                             "num_image_prompts": sum(it.has_image for it in items),
                             "max_tokens": args.max_tokens, "engine_args": engine_args,
-                            "methods": [asdict(m) for m in methods], "reference": reference}
+                            "methods": [{**asdict(m), "engine_env": m.engine_env()}
+                                        for m in methods], "reference": reference}
     meta["device"] = _device_name()
     bar = tqdm(total=len(plan) + (2 if drafter_lm else 0), disable=args.no_progress,
                desc="engines")
@@ -613,24 +813,25 @@ def main(argv: list[str] | None = None) -> int:
     failures: list[str] = []
     for method, k, settings in plan:
         bar.set_postfix_str(f"{method.label} k={k}")
-        try:
-            llm = make_llm(target, method.speculative_config(k), max_num_seqs=max_seqs,
-                           engine_args=engine_args)
-        except Exception as e:  # one broken method must not lose the others' results
-            failures.append(f"{method.label} k={k}: {type(e).__name__}: {e}"[:2000])
-            bar.update()
-            continue
-        try:
-            run_requests(llm, items[:2], batch_size=2, temperature=0.0, max_tokens=8)  # warm-up
-            for b, temp in settings:
-                run = run_requests(llm, items, batch_size=b, temperature=temp,
-                                   max_tokens=args.max_tokens, per_request=b == 1)
-                res = summarize(method.label, k, b, temp, run)
-                if temp == 0:
-                    outputs[(method.label, k, b)] = [r["token_ids"] for r in run["records"]]
-                results.append(res)
-        finally:
-            shutdown(llm)
+        with engine_env(method.engine_env()):   # the engine-core process inherits it at start
+            try:
+                llm = make_llm(target, method.speculative_config(k), max_num_seqs=max_seqs,
+                               engine_args=engine_args)
+            except Exception as e:  # one broken method must not lose the others' results
+                failures.append(f"{method.label} k={k}: {type(e).__name__}: {e}"[:2000])
+                bar.update()
+                continue
+            try:
+                run_requests(llm, items[:2], batch_size=2, temperature=0.0, max_tokens=8)
+                for b, temp in settings:
+                    run = run_requests(llm, items, batch_size=b, temperature=temp,
+                                       max_tokens=args.max_tokens, per_request=b == 1)
+                    res = summarize(method.label, k, b, temp, run)
+                    if temp == 0:
+                        outputs[(method.label, k, b)] = [r["token_ids"] for r in run["records"]]
+                    results.append(res)
+            finally:
+                shutdown(llm)
         bar.update()
     bar.close()
 
@@ -640,7 +841,7 @@ def main(argv: list[str] | None = None) -> int:
         {"meta": meta, "results": [asdict(r) for r in results]}, indent=2) + "\n")
     md = markdown(results, meta)
     (args.out / "results.md").write_text(md)
-    meta["plots"] = plots(results, args.out)
+    meta["plots"] = plots(results, args.out, reference)
     print(md)
     bad = [r for r in results if r.greedy_equal is False]
     for r in bad:

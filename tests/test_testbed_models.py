@@ -142,13 +142,46 @@ def test_method_parse() -> None:
     assert tp.Method.parse("n=ngram").speculative_config(2)["method"] == "ngram"
     assert tp.Method.parse("s=msd:/x").speculative_config(3) == {
         "method": "eagle", "model": "/x", "num_speculative_tokens": 3}
-    for bad in ("nolabel", "a=draft_model", "a=none:/x", "a=eagle:/x", "a=msd"):
+    for bad in ("nolabel", "a=draft_model", "a=none:/x", "a=eagle:/x", "a=msd", "a=eagle3",
+                "a=eagle3-stock"):
         with pytest.raises(ValueError):
             tp.Method.parse(bad)
     with pytest.raises(ValueError, match="massv"):
         tp.Method("b", "massv", str(MODELS / "blind")).speculative_config(2)
     with pytest.raises(ValueError, match="no `msd` block"):
         tp.Method("b", "msd", str(MODELS / "blind")).speculative_config(2)
+
+
+def test_method_parse_eagle3(tmp_path: Path) -> None:
+    """`eagle3:PATH` and `eagle3-stock:PATH` serve the head with method eagle3; only the stock
+    variant's engine starts with stock vLLM's positions; a folder that is not an EAGLE-3 head is
+    refused before any engine starts."""
+    from vllm_massv.eagle_positions import STOCK_POSITIONS_ENV
+
+    head = tmp_path / "head"
+    head.mkdir()
+    (head / "config.json").write_text(json.dumps({"speculators_model_type": "eagle3"}))
+    fixed = tp.Method.parse(f"e=eagle3:{head}")
+    stock = tp.Method.parse(f"s=eagle3-stock:{head}")
+    for m in (fixed, stock):
+        assert m.speculative_config(4) == {"method": "eagle3", "model": str(head),
+                                           "num_speculative_tokens": 4}
+    assert tp.STOCK_POSITIONS_ENV == STOCK_POSITIONS_ENV
+    assert fixed.engine_env() == {STOCK_POSITIONS_ENV: "0"}
+    assert stock.engine_env() == {STOCK_POSITIONS_ENV: "1"}
+    assert tp.Method.parse(f"m=msd:{head}").engine_env() == {STOCK_POSITIONS_ENV: "0"}
+    assert tp.Method.parse(f"m=massv:{head}").engine_env() == {}
+    for bad in (MODELS / "blind", MODELS / "drafter-msd", tmp_path):
+        with pytest.raises(ValueError, match="EAGLE-3 head"):
+            tp.Method("b", "eagle3-stock", str(bad)).speculative_config(4)
+
+
+def test_engine_env_restores(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MASSV_TEST_A", "old")
+    monkeypatch.delenv("MASSV_TEST_B", raising=False)
+    with tp.engine_env({"MASSV_TEST_A": "1", "MASSV_TEST_B": "1"}):
+        assert os.environ["MASSV_TEST_A"] == os.environ["MASSV_TEST_B"] == "1"
+    assert os.environ["MASSV_TEST_A"] == "old" and "MASSV_TEST_B" not in os.environ
 
 
 def test_llava_prompts_render_for_qwen_and_gemma3(tmp_path: Path) -> None:
@@ -207,5 +240,5 @@ def test_throughput_smoke(tmp_path: Path) -> None:
     assert m["output_tokens"] > 0 and m["latency_p90_s"] >= m["latency_p50_s"] > 0
     assert rows["none"]["tau"] is None
     for name in ("results.md", "tau_vs_k.png", "speedup_vs_batch.png",
-                 "acceptance_per_position.png"):
+                 "acceptance_per_position.png", "tau_per_kind.png"):
         assert (out / name).stat().st_size > 0, name

@@ -26,7 +26,10 @@ proposers do.
 from __future__ import annotations
 
 import torch
+from vllm.logger import init_logger
 from vllm.v1.spec_decode.eagle import EagleProposer
+
+logger = init_logger("vllm.massv.eagle_positions")
 
 #: Testing aid: keep stock vLLM's temporal-row positions (to measure the defect). Never set in
 #: production.
@@ -72,6 +75,10 @@ class EagleAbsolutePositionsProposer(EagleProposer):
         from vllm_massv.patches import fix_cpu_rejection_sampler
 
         self._stock_positions = os.environ.get(STOCK_POSITIONS_ENV, "0") == "1"
+        logger.info("EAGLE proposer on an M-RoPE target (%s): draft positions = %s",
+                    type(self).__name__,
+                    f"stock vLLM (temporal M-RoPE row; {STOCK_POSITIONS_ENV}=1)"
+                    if self._stock_positions else "1-D absolute (patch 6)")
         # patch 5: these engines draft images-and-text on CPU at temperature > 0 too (EAGLE-3
         # heads trained by massv; issue 12)
         fix_cpu_rejection_sampler()

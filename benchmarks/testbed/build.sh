@@ -23,6 +23,13 @@ export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-2}
 export VLLM_CPU_OMP_THREADS_BIND=${VLLM_CPU_OMP_THREADS_BIND:-auto}
 mkdir -p "$W" "$M"
 has() { [[ " $STAGES " == *" $1 "* ]]; }
+# install_head SRC NAME: copy a trained EAGLE-path head (MSD, EAGLE-3) into $M/NAME
+install_head() {
+  rm -rf "$M/$2"
+  mkdir -p "$M/$2"
+  cp "$1"/{config.json,model.safetensors,tokenizer.json,tokenizer_config.json,train_summary.json,train_log.jsonl} "$M/$2/"
+  cp "$1"/chat_template.* "$M/$2/" 2>/dev/null || true
+}
 
 # 1. The target VLM and the blind text LM (plain PyTorch + transformers, fresh samples).
 if has target; then
@@ -79,10 +86,7 @@ if has msd; then
     $MASSV train --method msd $FLAG --drafter "$W/init-msd" --data "$W/distill" \
       --target $M/target --out "$W/$V" --epochs 4 --batch-size 32 --lr 1e-3 --warmup-steps 50 \
       --feature-cache "$W/features"
-    rm -rf "$M/drafter-$V"
-    mkdir -p "$M/drafter-$V"
-    cp "$W/$V"/{config.json,model.safetensors,tokenizer.json,tokenizer_config.json,train_summary.json,train_log.jsonl} "$M/drafter-$V/"
-    cp "$W/$V"/chat_template.* "$M/drafter-$V/" 2>/dev/null || true
+    install_head "$W/$V" "drafter-$V"
   done
 fi
 # 6. EAGLE-3 head (issue 12): vLLM's own EAGLE-3 layout (fc over target layers 1, 3, 5 + one
@@ -93,9 +97,6 @@ if has eagle3; then
   $MASSV train --method eagle3 --drafter "$W/init-eagle3" --data "$W/distill" \
     --target $M/target --out "$W/eagle3" --epochs 4 --batch-size 32 --lr 1e-3 --warmup-steps 50 \
     --feature-cache "$W/features"
-  rm -rf "$M/drafter-eagle3"
-  mkdir -p "$M/drafter-eagle3"
-  cp "$W/eagle3"/{config.json,model.safetensors,tokenizer.json,tokenizer_config.json,train_summary.json,train_log.jsonl} "$M/drafter-eagle3/"
-  cp "$W/eagle3"/chat_template.* "$M/drafter-eagle3/" 2>/dev/null || true
+  install_head "$W/eagle3" drafter-eagle3
 fi
 du -sh $M/*

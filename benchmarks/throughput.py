@@ -298,26 +298,32 @@ def shutdown(llm: Any) -> None:
 
 def decode_itl(model: str, engine_args: dict[str, Any], prompt: str, tokens: int = 96,
                repeats: int = 3) -> float:
-    """Inter-token latency (s) of ``model`` alone at batch 1: (total - first token) / (n - 1),
+    """Inter-token latency (s) of ``model`` alone at batch 1 (:func:`itl_of` in its own
+    engine)."""
+    llm = make_llm(model, None, max_num_seqs=1, engine_args=engine_args)
+    try:
+        return itl_of(llm, prompt, tokens, repeats)
+    finally:
+        shutdown(llm)
+
+
+def itl_of(llm: Any, prompt: str, tokens: int = 96, repeats: int = 3) -> float:
+    """Inter-token latency (s) of an engine at batch 1: (total - first token) / (n - 1),
     median of ``repeats`` runs of ``tokens`` tokens (``ignore_eos``) after one warm-up."""
     from vllm import SamplingParams
 
-    llm = make_llm(model, None, max_num_seqs=1, engine_args=engine_args)
-    try:
-        params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
-        first = SamplingParams(temperature=0.0, max_tokens=1)
+    params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
+    first = SamplingParams(temperature=0.0, max_tokens=1)
+    llm.generate([prompt], params, use_tqdm=False)
+    itls = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        llm.generate([prompt], first, use_tqdm=False)
+        t1 = time.perf_counter()
         llm.generate([prompt], params, use_tqdm=False)
-        itls = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            llm.generate([prompt], first, use_tqdm=False)
-            t1 = time.perf_counter()
-            llm.generate([prompt], params, use_tqdm=False)
-            t2 = time.perf_counter()
-            itls.append(((t2 - t1) - (t1 - t0)) / (tokens - 1))
-        return statistics.median(itls)
-    finally:
-        shutdown(llm)
+        t2 = time.perf_counter()
+        itls.append(((t2 - t1) - (t1 - t0)) / (tokens - 1))
+    return statistics.median(itls)
 
 
 def percentile(values: list[float], q: float) -> float:

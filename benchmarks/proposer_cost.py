@@ -75,9 +75,10 @@ RANGE = "massv_pc::"
 GROUPS: tuple[tuple[str, str, bool], ...] = (
     ("draft_step", "draft step (runner, total)", False),
     ("prepare", "runner: prepare next tokens / padded inputs", False),
-    ("gather_shift1", "runner: image-embedding gather (shift 1)", False),
+    ("gather_runner_shift1", "runner: image-embedding gather (shift 1)", False),
+    ("gather_runner_shift0", "runner: image-embedding gather (shift 0, for MASSV)", False),
     ("propose", "propose() total", False),
-    ("gather_shift0", "image-embedding gather (shift 0, MASSV)", True),
+    ("gather_propose_shift0", "image-embedding gather in propose() (shift 0)", True),
     ("mask_remap", "mask remap", True),
     ("first_pass_inputs", "positions / slots first pass (incl. M-RoPE fill)", True),
     ("mrope_fill", "  of which M-RoPE fill", False),
@@ -144,14 +145,26 @@ def _w_start_profile(worker) -> None:
 
     if not getattr(runner, "_pc_ranges", False):
         runner._pc_ranges = True
-        gather = runner._gather_mm_embeddings
+        gather = runner._gather_mm_embeddings  # the class's (MASSV may redirect it per step)
+        in_propose = [False]
 
         def gather_ranged(scheduler_output, shift_computed_tokens=0):
-            with record_function(f"massv_pc::gather_shift{shift_computed_tokens}"):
+            where = "propose" if in_propose[0] else "runner"
+            with record_function(f"massv_pc::gather_{where}_shift{shift_computed_tokens}"):
                 return gather(scheduler_output, shift_computed_tokens=shift_computed_tokens)
 
         runner._gather_mm_embeddings = gather_ranged
         runner.propose_draft_token_ids = ranged(runner.propose_draft_token_ids, "draft_step")
+        propose = drafter.propose
+
+        def propose_flagged(*args, **kwargs):
+            in_propose[0] = True
+            try:
+                return propose(*args, **kwargs)
+            finally:
+                in_propose[0] = False
+
+        drafter.propose = propose_flagged
         for name, key in (("propose", "propose"), ("set_inputs_first_pass", "first_pass_inputs"),
                           ("_fill_mrope_first_pass", "mrope_fill"),
                           ("_update_positions_dependent_metadata", "step_positions"),
@@ -437,6 +450,63 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: range names of the first version of this script (before the proposer reused the runner's
+#: gather, shift 0 was only gathered inside propose())
+_OLD_KEYS = {"gather_shift1": "gather_runner_shift1", "gather_shift0": "gather_propose_shift0"}
+
+
+def compare(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """Markdown before/after tables of two result files (same variants and settings)."""
+    lines = [f"# MASSV proposer cost: {before['meta']['label']} vs {after['meta']['label']}", "",
+             (f"Stand-alone c: {_f(before['c_standalone'], 3)} / {_f(after['c_standalone'], 3)}; "
+             f"target ITL {_f(before['none']['itl_ms'])} / {_f(after['none']['itl_ms'])} ms."), "",
+             ("| variant | prompts | batch | propose mean ms | propose median ms | "
+             "draft step mean ms | c in loop | c pass | bound fraction |"),
+             "|---|---|---|---|---|---|---|---|---|"]
+    runs_a = {(v["variant"], r["prompts"], r["batch_size"]): r
+              for v in after["variants"] for r in v["runs"]}
+    for v in before["variants"]:
+        for rb in v["runs"]:
+            ra = runs_a.get((v["variant"], rb["prompts"], rb["batch_size"]))
+            if ra is None:
+                continue
+
+            def ba(get, d=2, rb=rb, ra=ra):
+                return f"{_f(get(rb), d)} → {_f(get(ra), d)}"
+            lines.append(
+                f"| {v['variant']} | {rb['prompts']} | {rb['batch_size']} | "
+                f"{ba(lambda r: r['propose']['mean_ms'])} | "
+                f"{ba(lambda r: r['propose']['median_ms'])} | "
+                f"{ba(lambda r: r['draft_step']['mean_ms'])} | "
+                f"{ba(lambda r: r.get('c_in_loop'), 3)} | {ba(lambda r: r.get('c_pass'), 3)} | "
+                f"{ba(lambda r: r.get('bound_fraction'))} |")
+    lines += ["", "| MASSV / | batch | propose mean | propose median | draft step mean |",
+              "|---|---|---|---|---|"]
+    ratios_a = {(r["vs"], r["batch_size"]): r for r in after["ratios"]}
+    for rb in before["ratios"]:
+        ra = ratios_a.get((rb["vs"], rb["batch_size"]))
+        if ra is not None:
+            lines.append(f"| {rb['vs']} | {rb['batch_size']} | " + " | ".join(
+                f"{_f(rb[key])}× → {_f(ra[key])}×"
+                for key in ("propose_mean", "propose_median", "draft_step_mean")) + " |")
+    var_a = {v["variant"]: v for v in after["variants"]}
+    for v in before["variants"]:
+        va = var_a.get(v["variant"])
+        for which in ("text", "image"):
+            key_g = f"profile_{which}_groups"
+            if va is None or key_g not in v or key_g not in va:
+                continue
+            gb = {_OLD_KEYS.get(r["group"], r["group"]): r for r in v[key_g]}
+            ga = {r["group"]: r for r in va[key_g]}
+            lines += ["", f"Profile {v['variant']}, {which} prompts: ms per pass (before → after)",
+                      "", "| part | before | after |", "|---|---|---|"]
+            for key, label, _ in (*GROUPS, ("other", "other (rest of propose())", True)):
+                if key in gb or key in ga:
+                    lines.append(f"| {label} | {_f(gb.get(key, {}).get('ms_per_pass'), 3)} | "
+                                 f"{_f(ga.get(key, {}).get('ms_per_pass'), 3)} |")
+    return "\n".join(lines) + "\n"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--testbed", type=Path, default=ROOT / "benchmarks" / "testbed")
@@ -453,11 +523,18 @@ def build_parser() -> argparse.ArgumentParser:
                    default=ROOT / "benchmarks" / "results" / "cpu-testbed-proposer-cost")
     p.add_argument("--label", default="", help="a name for this run (e.g. before / after)")
     p.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--compare", nargs=2, type=Path, metavar=("BEFORE.json", "AFTER.json"),
+                   help="no engines: write OUT.md with before/after tables of two result files")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.compare:
+        md = compare(*(json.loads(p.read_text()) for p in args.compare))
+        Path(f"{args.out}.md").write_text(md)
+        print(md)
+        return 0
     from transformers import AutoTokenizer
 
     from benchmarks.testbed import assets, task

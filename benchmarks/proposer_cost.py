@@ -5,8 +5,9 @@ Engines (fp32, ``enforce_eager``, ``block_size=32`` on CPU, like ``benchmarks/th
 
 * ``none``           -- the target alone: its inter-token latency (ITL) at batch 1 and its
                         tokens/s on the same prompts (the speedup baseline);
-* ``drafter``        -- the MASSV drafter served alone: its ITL (stand-alone c = drafter ITL /
-                        target ITL, as in ``throughput.py``);
+* ``drafter``        -- the MASSV drafter served alone (a copy of its config without the
+                        speculators keys, ``throughput.plain_lm``; with them vLLM would serve
+                        its verifier): its ITL; stand-alone c = drafter ITL / target ITL;
 * ``massv``          -- the MASSV drafter through the plugin's proposer
                         (``vllm_massv.proposer.MassvDraftModelProposer``);
 * ``stock-proposer`` -- the same drafter directory, same model class, through vLLM's stock
@@ -60,6 +61,7 @@ import os
 import shutil
 import statistics
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -362,7 +364,8 @@ def summarize(result: dict[str, Any], k: int) -> dict[str, Any]:
             if r["prompts"] == "text":
                 b = r["batch_size"]
                 r["speedup_vs_none"] = r["tokens_per_s"] / none_tps[b]
-                r["greedy_equal_none"] = r["token_ids"] == none_ids[b]
+                if "token_ids" in r:
+                    r["greedy_equal_none"] = r["token_ids"] == none_ids[b]
                 if r["tau"]:
                     r["bound"] = r["tau"] / (1 + k * c_alone)
                     r["bound_fraction"] = r["speedup_vs_none"] / r["bound"]
@@ -523,6 +526,9 @@ def build_parser() -> argparse.ArgumentParser:
                    default=ROOT / "benchmarks" / "results" / "cpu-testbed-proposer-cost")
     p.add_argument("--label", default="", help="a name for this run (e.g. before / after)")
     p.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--baseline", type=Path, metavar="RESULT.json",
+                   help="take the target-alone run (ITL, tokens/s, greedy reference) from an "
+                        "earlier result of the same settings (skips one engine)")
     p.add_argument("--compare", nargs=2, type=Path, metavar=("BEFORE.json", "AFTER.json"),
                    help="no engines: write OUT.md with before/after tables of two result files")
     return p
@@ -542,6 +548,7 @@ def main(argv: list[str] | None = None) -> int:
         _device_name,
         _engine_args,
         decode_itl,
+        plain_lm,
         render_prompts,
         testbed_prompts,
     )
@@ -575,11 +582,17 @@ def main(argv: list[str] | None = None) -> int:
             if argv is None else "main(" + repr(argv) + ")"}
     itl_prompt = text[0].inputs["prompt"]
     result: dict[str, Any] = {"meta": meta}
-    result["none"] = run_none(target, batch_sizes=batch_sizes, text_items=text,
-                              max_tokens=args.max_tokens, engine_args=engine_args,
-                              itl_prompt=itl_prompt)
-    result["drafter_itl_ms"] = decode_itl(str(drafters.get("massv", models / "drafter-massv")),
-                                          engine_args, itl_prompt) * 1e3
+    if args.baseline:
+        result["none"] = json.loads(args.baseline.read_text())["none"]
+        meta["baseline"] = str(args.baseline)
+    else:
+        result["none"] = run_none(target, batch_sizes=batch_sizes, text_items=text,
+                                  max_tokens=args.max_tokens, engine_args=engine_args,
+                                  itl_prompt=itl_prompt)
+    with tempfile.TemporaryDirectory() as tmp:  # the drafter alone, not its verifier
+        result["drafter_itl_ms"] = decode_itl(
+            plain_lm(str(models / "drafter-massv"), Path(tmp) / "drafter"), engine_args,
+            itl_prompt) * 1e3
     result["variants"] = []
     for v in variants:
         env = {STOCK_PROPOSER_ENV: "1" if v == "stock-proposer" else "0"}
@@ -592,14 +605,13 @@ def main(argv: list[str] | None = None) -> int:
     md = markdown(result)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{args.out}.md").write_text(md)
-    for v in result["variants"]:  # keep the json readable: drop token ids, trim op tables
+    for v in result["variants"]:  # keep the json short: drop token ids (not none's, the
+        # greedy reference of --baseline), trim op tables
         for r in v["runs"]:
             r.pop("token_ids", None)
         for which in ("profile_text", "profile_image"):
             if which in v:
                 v[which]["ops"] = v[which]["ops"][:40]
-    for r in result["none"]["runs"]:
-        r.pop("token_ids", None)
     Path(f"{args.out}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(md)
     print(f"wrote {args.out}.md and {args.out}.json")

@@ -75,10 +75,11 @@ if str(ROOT) not in sys.path:
 #: Profiler range prefix; groups in display order: (range name, label, inside propose()).
 RANGE = "massv_pc::"
 GROUPS: tuple[tuple[str, str, bool], ...] = (
+    ("gather_target_shift0", "target's own image-embedding gather (not drafting)", False),
     ("draft_step", "draft step (runner, total)", False),
     ("prepare", "runner: prepare next tokens / padded inputs", False),
-    ("gather_runner_shift1", "runner: image-embedding gather (shift 1)", False),
-    ("gather_runner_shift0", "runner: image-embedding gather (shift 0, for MASSV)", False),
+    ("gather_runner_shift1", "runner: image-embedding gather for the drafter (shift 1)", False),
+    ("gather_runner_shift0", "runner: image-embedding gather for the drafter (shift 0)", False),
     ("propose", "propose() total", False),
     ("gather_propose_shift0", "image-embedding gather in propose() (shift 0)", True),
     ("mask_remap", "mask remap", True),
@@ -148,15 +149,24 @@ def _w_start_profile(worker) -> None:
     if not getattr(runner, "_pc_ranges", False):
         runner._pc_ranges = True
         gather = runner._gather_mm_embeddings  # the class's (MASSV may redirect it per step)
-        in_propose = [False]
+        in_propose, in_step = [False], [False]
 
         def gather_ranged(scheduler_output, shift_computed_tokens=0):
-            where = "propose" if in_propose[0] else "runner"
+            where = ("propose" if in_propose[0] else "runner") if in_step[0] else "target"
             with record_function(f"massv_pc::gather_{where}_shift{shift_computed_tokens}"):
                 return gather(scheduler_output, shift_computed_tokens=shift_computed_tokens)
 
         runner._gather_mm_embeddings = gather_ranged
-        runner.propose_draft_token_ids = ranged(runner.propose_draft_token_ids, "draft_step")
+        step = runner.propose_draft_token_ids
+
+        def step_flagged(*args, **kwargs):
+            in_step[0] = True
+            try:
+                return step(*args, **kwargs)
+            finally:
+                in_step[0] = False
+
+        runner.propose_draft_token_ids = ranged(step_flagged, "draft_step")
         propose = drafter.propose
 
         def propose_flagged(*args, **kwargs):
@@ -454,8 +464,8 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 #: range names of the first version of this script (before the proposer reused the runner's
-#: gather, shift 0 was only gathered inside propose())
-_OLD_KEYS = {"gather_shift1": "gather_runner_shift1", "gather_shift0": "gather_propose_shift0"}
+#: gather, shift 0 was gathered by the target and inside propose())
+_OLD_KEYS = {"gather_shift1": "gather_runner_shift1"}
 
 
 def compare(before: dict[str, Any], after: dict[str, Any]) -> str:

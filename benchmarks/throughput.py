@@ -54,6 +54,7 @@ import math
 import os
 import statistics
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -372,26 +373,57 @@ def shutdown(llm: Any) -> None:
 
 def decode_itl(model: str, engine_args: dict[str, Any], prompt: str, tokens: int = 96,
                repeats: int = 3) -> float:
-    """Inter-token latency (s) of ``model`` alone at batch 1: (total - first token) / (n - 1),
+    """Inter-token latency (s) of ``model`` alone at batch 1 (:func:`itl_of` in its own
+    engine)."""
+    llm = make_llm(model, None, max_num_seqs=1, engine_args=engine_args)
+    try:
+        return itl_of(llm, prompt, tokens, repeats)
+    finally:
+        shutdown(llm)
+
+
+def plain_lm(model: str, out: Path) -> str:
+    """``model`` as a directory vLLM serves on its own. A drafter in the speculators format
+    (``vllm_massv.speculators``: ``massv init``/``train`` write it) makes vLLM serve its verifier
+    with the drafter as draft model instead (one-argument serving), so for such a directory
+    ``config.json`` is written to ``out`` without the speculators keys and the other files are
+    linked. Other models are returned unchanged."""
+    from vllm_massv.speculators import SPECULATORS_KEYS
+
+    src = Path(model)
+    config_path = src / "config.json"
+    if not config_path.is_file():
+        return model
+    config = json.loads(config_path.read_text())
+    if not any(k in config for k in SPECULATORS_KEYS):
+        return model
+    out.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and f.name != "config.json" and not (out / f.name).exists():
+            (out / f.name).symlink_to(f.resolve())
+    for k in SPECULATORS_KEYS:
+        config.pop(k, None)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return str(out)
+
+
+def itl_of(llm: Any, prompt: str, tokens: int = 96, repeats: int = 3) -> float:
+    """Inter-token latency (s) of an engine at batch 1: (total - first token) / (n - 1),
     median of ``repeats`` runs of ``tokens`` tokens (``ignore_eos``) after one warm-up."""
     from vllm import SamplingParams
 
-    llm = make_llm(model, None, max_num_seqs=1, engine_args=engine_args)
-    try:
-        params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
-        first = SamplingParams(temperature=0.0, max_tokens=1)
+    params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
+    first = SamplingParams(temperature=0.0, max_tokens=1)
+    llm.generate([prompt], params, use_tqdm=False)
+    itls = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        llm.generate([prompt], first, use_tqdm=False)
+        t1 = time.perf_counter()
         llm.generate([prompt], params, use_tqdm=False)
-        itls = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            llm.generate([prompt], first, use_tqdm=False)
-            t1 = time.perf_counter()
-            llm.generate([prompt], params, use_tqdm=False)
-            t2 = time.perf_counter()
-            itls.append(((t2 - t1) - (t1 - t0)) / (tokens - 1))
-        return statistics.median(itls)
-    finally:
-        shutdown(llm)
+        t2 = time.perf_counter()
+        itls.append(((t2 - t1) - (t1 - t0)) / (tokens - 1))
+    return statistics.median(itls)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -802,7 +834,9 @@ def main(argv: list[str] | None = None) -> int:
     if drafter_lm:
         t_itl = decode_itl(target, engine_args, text_prompt)
         bar.update()
-        d_itl = decode_itl(drafter_lm, engine_args, text_prompt)
+        with tempfile.TemporaryDirectory() as tmp:  # the drafter alone, not its verifier
+            d_itl = decode_itl(plain_lm(drafter_lm, Path(tmp) / "drafter"), engine_args,
+                               text_prompt)
         bar.update()
         meta.update(target_itl_ms=t_itl * 1e3, drafter_itl_ms=d_itl * 1e3, c=d_itl / t_itl,
                     drafter_lm=drafter_lm)

@@ -8,7 +8,8 @@ every other config behaves exactly as stock vLLM:
 1. `DraftModelProposer(...)` constructs a `MassvDraftModelProposer` (a subclass) instead, via
    `DraftModelProposer.__new__` (`vllm/v1/spec_decode/draft_model.py`; the V1 runner builds it in
    `vllm/v1/worker/gpu_model_runner.py`). `isinstance(..., DraftModelProposer)` checks in the
-   runner keep working because it is a subclass.
+   runner keep working because it is a subclass. (`VLLM_MASSV_TEST_STOCK_PROPOSER=1` turns this
+   patch off, for `benchmarks/proposer_cost.py` only.)
 2. `VllmConfig.use_v2_model_runner` is False for MASSV (`vllm/config/vllm.py`): the V2 runner's
    `StandaloneARSpeculator` ignores image embeddings, so it would draft text-only. An explicit
    `VLLM_USE_V2_MODEL_RUNNER=1` is refused. `VllmConfig.__post_init__` turns the hybrid
@@ -78,6 +79,10 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 SUPPORTED_VLLM_SERIES = ("0.32.", "0.33.")
+#: Benchmark aid (`benchmarks/proposer_cost.py`): serve a MASSV drafter through vLLM's stock
+#: `DraftModelProposer` (patch 1 off), to time the stock pass on the same weights. Correct only on
+#: text-only prompts (stock drafts text-only). Never set in production.
+STOCK_PROPOSER_ENV = "VLLM_MASSV_TEST_STOCK_PROPOSER"
 _PATCHED_FLAG = "_massv_patched"
 
 # Every vLLM function, method, class or attribute that the plugin (this module, proposer.py,
@@ -239,7 +244,8 @@ def _patch_draft_model_proposer(module: Any) -> None:
     def __new__(klass, *args, **kwargs):
         if klass is cls:
             vllm_config = kwargs.get("vllm_config", args[0] if args else None)
-            if draft_is_massv(getattr(vllm_config, "speculative_config", None)):
+            if (draft_is_massv(getattr(vllm_config, "speculative_config", None))
+                    and os.environ.get(STOCK_PROPOSER_ENV, "0") != "1"):
                 from vllm_massv.proposer import MassvDraftModelProposer
 
                 klass = MassvDraftModelProposer

@@ -15,9 +15,10 @@ place of `DraftModelProposer` only when the draft checkpoint is a MASSV drafter.
 2. Image embeddings land at the right draft positions. The runner gathers the target's cached
    image embeddings with a look-ahead of one token (`_gather_mm_embeddings(...,
    shift_computed_tokens=1)`, EAGLE semantics), but a standalone drafter sees the target's tokens
-   unshifted, with one extra (bonus) slot per request. We gather with shift 0 (exact under
-   chunked prefill too) and move each mask entry by its request index `r`
-   (draft index = target index + r).
+   unshifted, with one extra (bonus) slot per request. We make that one gather use shift 0
+   (exact under chunked prefill too; no second gather) and move each mask entry by its request
+   index `r` (draft index = target index + r). Steps without image embeddings (every decode
+   step) skip the mask entirely.
 3. No silent text-only fallback: a MASSV drafter with a projector that cannot receive image
    embeddings raises.
 4. The drafter attends causally over image tokens. For prefix-LM targets (Gemma3) the runner
@@ -71,6 +72,8 @@ class MassvDraftModelProposer(DraftModelProposer):
             self._mrope_delta = torch.zeros(self.max_batch_size, dtype=torch.int64, device=device)
         self._target_mrope: torch.Tensor | None = None
         self._scheduler_output: Any = None
+        # the runner's own gather of this step, redirected to shift 0 (_capture_scheduler_output)
+        self._shift0_gather: tuple[list[torch.Tensor], torch.Tensor] | None = None
         self._corrupt_last_draft = os.environ.get(CORRUPT_LAST_DRAFT_ENV, "0") == "1"
         _capture_scheduler_output(runner, self)
         if fix_cpu_rejection_sampler():
@@ -110,7 +113,8 @@ class MassvDraftModelProposer(DraftModelProposer):
         self._target_mrope = target_positions if target_positions.dim() == 2 else None
         positions_1d = self.runner.positions[:num_tokens]
         if self.supports_mm_inputs:
-            mm_embed_inputs = self._gather_draft_mm_embeddings(common_attn_metadata, num_tokens)
+            mm_embed_inputs = self._draft_mm_embeddings(mm_embed_inputs, common_attn_metadata,
+                                                        num_tokens)
         if common_attn_metadata.mm_req_doc_ranges is not None:
             common_attn_metadata = common_attn_metadata.replace(mm_req_doc_ranges=None)
         draft = super().propose(
@@ -122,24 +126,35 @@ class MassvDraftModelProposer(DraftModelProposer):
             draft[:, -1] = (draft[:, -1] + 1) % self.massv_config.orig_vocab_size
         return draft
 
-    def _gather_draft_mm_embeddings(self, cad, num_tokens: int):
+    def _draft_mm_embeddings(self, mm_embed_inputs, cad, num_tokens: int):
         """Image embeddings for this step's draft prefill, with a mask in the draft layout.
 
+        Uses the runner's gather of this step when it ran with shift 0 (the usual case: the
+        runner's shift-1 call is redirected, see :func:`_capture_scheduler_output`), else
+        gathers with shift 0 itself.
+
         Returns:
+            None when no image embedding falls in this step's tokens (the drafter then embeds
+            token ids only, as `MassvDrafterMixin.embed_input_ids` does for an empty list), else
             (embeds, is_mm) with embeds a list of [n_i, vision_feature_dim] tensors and is_mm a
             [num_tokens + batch] bool CPU tensor: True at draft index `i + r` for each target
             token `i` (of request `r`) that is an image position.
         Raises:
             RuntimeError: the scheduler output was not captured, or layouts disagree.
         """
-        so = self._scheduler_output
-        if so is None:
-            raise RuntimeError("MASSV proposer did not see this step's scheduler output; "
-                               "image embeddings cannot reach the drafter")
-        embeds, is_mm = self.runner._gather_mm_embeddings(so, shift_computed_tokens=0)
+        gathered, self._shift0_gather = self._shift0_gather, None
+        if gathered is None or mm_embed_inputs is not gathered:
+            so = self._scheduler_output
+            if so is None:
+                raise RuntimeError("MASSV proposer did not see this step's scheduler output; "
+                                   "image embeddings cannot reach the drafter")
+            gathered = self.runner._gather_mm_embeddings(so, shift_computed_tokens=0)
+        embeds, is_mm = gathered
         if is_mm.shape[0] != num_tokens:
             raise RuntimeError(f"MASSV: image mask covers {is_mm.shape[0]} tokens but the "
                                f"drafter gets {num_tokens} target tokens")
+        if not embeds:
+            return None
         return embeds, shift_mask_to_draft_layout(is_mm, cad.query_start_loc_cpu)
 
     def set_inputs_first_pass(self, target_token_ids, next_token_ids, target_positions,
@@ -223,18 +238,37 @@ def shift_mask_to_draft_layout(is_mm: torch.Tensor, query_start_loc_cpu: torch.T
 
 
 def _capture_scheduler_output(runner, proposer: MassvDraftModelProposer) -> None:
-    """Wrap `runner.propose_draft_token_ids` (instance attribute) to keep its scheduler output.
+    """Wrap `runner.propose_draft_token_ids` (instance attribute) to keep its scheduler output,
+    and make the runner's image-embedding gather inside it use shift 0.
 
-    The proposer needs it to gather image embeddings without the runner's +1 look-ahead.
+    The runner gathers with `shift_computed_tokens=1` for EAGLE
+    (`gpu_model_runner.py::propose_draft_token_ids`) and passes the result to `propose`; a
+    standalone drafter needs shift 0. While the draft step runs, `runner._gather_mm_embeddings`
+    (instance attribute) gathers with shift 0 and hands the result to the proposer, so the step
+    gathers once. The scheduler output lets the proposer gather itself if the runner did not.
     """
     original = runner.propose_draft_token_ids
 
     @functools.wraps(original)
     def propose_draft_token_ids(scheduler_output, *args, **kwargs):
         proposer._scheduler_output = scheduler_output
+        proposer._shift0_gather = None
+        previous = runner.__dict__.get("_gather_mm_embeddings")  # e.g. a profiler's wrapper
+        gather = runner._gather_mm_embeddings
+
+        def gather_shift0(scheduler_output, shift_computed_tokens=0):
+            proposer._shift0_gather = gather(scheduler_output, shift_computed_tokens=0)
+            return proposer._shift0_gather
+
+        runner._gather_mm_embeddings = gather_shift0
         try:
             return original(scheduler_output, *args, **kwargs)
         finally:
             proposer._scheduler_output = None
+            proposer._shift0_gather = None
+            if previous is None:
+                del runner._gather_mm_embeddings
+            else:
+                runner._gather_mm_embeddings = previous
 
     runner.propose_draft_token_ids = propose_draft_token_ids

@@ -36,7 +36,7 @@ def test_checked_in_models_are_complete_and_small() -> None:
         assert (d / "tokenizer.json").is_file(), d
         assert not (d / "checkpoints").exists(), f"{d}: training scratch checked in"
         total += sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
-    assert total <= 30 * 2**20, f"testbed models take {total / 2**20:.1f} MiB (> 30 MiB)"
+    assert total <= 35 * 2**20, f"testbed models take {total / 2**20:.1f} MiB (> 35 MiB)"
     for name in DRAFTERS:
         cfg = json.loads((MODELS / name / "config.json").read_text())
         assert "massv" in cfg

@@ -263,20 +263,12 @@ def run_variant(name: str, target: str, drafter: str, env: dict[str, str], *, k:
                 batch_sizes: list[int], text_items: list, image_items: list, max_tokens: int,
                 engine_args: dict[str, Any], profile_prompts: int) -> dict[str, Any]:
     """One speculative engine: timed runs per batch size and prompt set, then a profile."""
-    from benchmarks.throughput import make_llm, run_requests, shutdown, tau_of
+    from benchmarks.throughput import engine_env, make_llm, run_requests, shutdown, tau_of
 
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    try:
+    with engine_env(env):
         llm = make_llm(target, {"method": "draft_model", "model": drafter,
                                 "num_speculative_tokens": k},
                        max_num_seqs=max(batch_sizes), engine_args=engine_args)
-    finally:
-        for key, v in saved.items():
-            if v is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = v
     out: dict[str, Any] = {"variant": name, "drafter": drafter, "runs": []}
     try:
         run_requests(llm, text_items[:2], batch_size=2, temperature=0.0, max_tokens=8)

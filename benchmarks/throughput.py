@@ -47,7 +47,6 @@ On a GPU pass real models instead, e.g.::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import math
@@ -57,7 +56,6 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -177,20 +175,12 @@ def _require_eagle3(model: str | None) -> None:
                      "e.g. from `massv init --method eagle3`)")
 
 
-@contextlib.contextmanager
-def engine_env(env: dict[str, str]) -> Iterator[None]:
-    """Set ``env`` in this process for the block (an engine started inside inherits it), then
-    restore the previous values."""
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+def engine_env(env: dict[str, str]):
+    """Set ``env`` for the block (an engine started inside inherits it), then restore it
+    (`vllm_massv.testing.scoped_env`)."""
+    from vllm_massv.testing import scoped_env
+
+    return scoped_env(env)
 
 
 @dataclass

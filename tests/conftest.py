@@ -126,21 +126,15 @@ def engine(target: Path, speculative_config: dict | None = None, env: dict | Non
     """A vLLM `LLM` on the tiny target; shut down (worker processes included) on exit."""
     from vllm import LLM
 
-    saved = {k: os.environ.get(k) for k in (env or {})}
-    os.environ.update(env or {})
     llm = None
     try:
-        if speculative_config is not None:
-            overrides.setdefault("per_request_spec_decode_metrics", "detailed")
-        llm = LLM(model=str(target), speculative_config=speculative_config,
-                  **{**ENGINE_ARGS, **overrides})
-        yield llm
+        with mt.scoped_env(env or {}):
+            if speculative_config is not None:
+                overrides.setdefault("per_request_spec_decode_metrics", "detailed")
+            llm = LLM(model=str(target), speculative_config=speculative_config,
+                      **{**ENGINE_ARGS, **overrides})
+            yield llm
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         if llm is not None:
             llm.llm_engine.engine_core.shutdown()
             del llm

@@ -20,12 +20,31 @@ The Gemma3 family's tiny target and text LM are in :mod:`vllm_massv.testing.gemm
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+
+@contextlib.contextmanager
+def scoped_env(env: dict[str, str]) -> Iterator[None]:
+    """Set ``env`` in this process for the block (a vLLM engine started inside inherits it in its
+    worker processes), then restore the previous values of those keys only."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 if TYPE_CHECKING:
     from PIL import Image

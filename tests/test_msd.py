@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import IMAGE_PROMPTS, emitted_accepted, engine, generate, mixed_batch, token_ids
+from vllm_massv.testing import eagle3 as te
 from vllm_massv.testing import msd as tm
 
 K = 3
@@ -32,15 +33,21 @@ def run_msd(target: Path, drafter: Path, env: dict | None = None, rerun: bool = 
     with engine(target, {"method": "eagle", "model": str(drafter), "num_speculative_tokens": K},
                 env={**ENV, **(env or {})}) as llm:
         llm.collective_rpc(tm.install_draft_recorder)
+        llm.collective_rpc(te.install_logit_recorder)   # for the partial-prefill chunk ends
         outputs = generate(llm, mixed_batch(target))
         result = {"outputs": outputs, "log": llm.collective_rpc(tm.read_draft_log)[0],
+                  "rows": te.chunk_end_overrides(llm.collective_rpc(te.read_chunk_ends)[0],
+                                                 outputs),
                   "proposer": llm.collective_rpc(tm.proposer_class)[0],
                   "cpu_sampler_fix": llm.collective_rpc(tm.cpu_sampler_fix_active)[0]}
         if rerun:
             llm.collective_rpc(tm.install_draft_recorder)   # clears the log
+            llm.collective_rpc(te.install_logit_recorder)
             prompts = {n: p for n, p in mixed_batch(target).items() if n in IMAGE_PROMPTS}
-            result["rerun"] = {"outputs": generate(llm, prompts),
-                               "log": llm.collective_rpc(tm.read_draft_log)[0]}
+            rerun = generate(llm, prompts)
+            result["rerun"] = {"outputs": rerun, "log": llm.collective_rpc(tm.read_draft_log)[0],
+                               "rows": te.chunk_end_overrides(
+                                   llm.collective_rpc(te.read_chunk_ends)[0], rerun)}
         return result
 
 
@@ -77,7 +84,7 @@ def msd_off(models, drafters):
 
 def _compare(run, models, features, drafter, **kwargs):
     result = tm.draft_mismatches(run["log"], run["outputs"], mixed_batch(models.target),
-                                 features, drafter, **kwargs)
+                                 features, drafter, row_tokens=run["rows"], **kwargs)
     for name, r in result.items():
         print(f"{name}: {r['steps']} steps, mismatches per draft position {r['mismatches']}, "
               f"ties {r['ties']}")
@@ -145,7 +152,8 @@ def test_accepted_counts_equal_replay(msd_on, models, features, twin):
         for drafted in metrics.per_step_drafted:
             drafts, _ = tm.twin_drafts(twin["on"], features.embed_tokens, features.lm_head, seq,
                                        hidden[0], image_embeds if images else None, len(prompt),
-                                       len(prompt) + m, drafted, features.image_token_id)
+                                       len(prompt) + m, drafted, features.image_token_id,
+                                       row_tokens=msd_on["rows"][name])
             a = 0
             while a < drafted and m + a < len(tokens) and drafts[a] == tokens[m + a]:
                 a += 1

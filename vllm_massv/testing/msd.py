@@ -74,8 +74,8 @@ def proposer_class(worker) -> str:
 # --- transformers replay of MSD drafting ------------------------------------------------------
 def twin_drafts(drafter, embed_tokens, lm_head, seq: list[int], hidden, image_embeds,
                 prompt_len: int, ctx_len: int, k: int, image_token_id: int,
-                decouple: bool | None = None, positions=None, follow: list[int] | None = None
-                ) -> tuple[list[int], list[float]]:
+                decouple: bool | None = None, positions=None, follow: list[int] | None = None,
+                row_tokens: dict[int, int] | None = None) -> tuple[list[int], list[float]]:
     """The k greedy drafts vLLM's EAGLE proposer should make for the context `seq[:ctx_len]`,
     computed with the transformers twin (`vllm_massv.msd.hf_model.MsdQwen2Drafter`).
 
@@ -98,6 +98,9 @@ def twin_drafts(drafter, embed_tokens, lm_head, seq: list[int], hidden, image_em
         positions: [>= ctx_len - 1 + k] int64 RoPE positions of the rows (None: 0, 1, ...).
         follow: draft tokens to feed back instead of the twin's own (e.g. vLLM's drafts, so
             that every draft position is compared on the same inputs).
+        row_tokens: {position: token id} next-token overrides for text rows: vLLM 0.32's
+            partial-prefill rows (`vllm_massv.testing.eagle3.Eagle3Replay`,
+            `chunk_end_overrides`).
     Returns:
         (k draft token ids, k top-1 minus top-2 logit margins).
     """
@@ -106,6 +109,9 @@ def twin_drafts(drafter, embed_tokens, lm_head, seq: list[int], hidden, image_em
     ids = torch.tensor(seq[1:ctx_len])
     is_image = ids == image_token_id
     is_image[prompt_len - 1:] = False
+    for row, tok in (row_tokens or {}).items():
+        if row < len(ids) and not is_image[row]:
+            ids[row] = tok
     with torch.no_grad():
         emb = embed_tokens(ids)
         if image_embeds is not None and is_image.any():
@@ -134,7 +140,8 @@ def twin_drafts(drafter, embed_tokens, lm_head, seq: list[int], hidden, image_em
 
 def draft_mismatches(log: list, outputs: dict, prompts: dict, features, drafter, *,
                      decouple: bool | None = None, temporal_positions: bool = False,
-                     tie: float = 1e-2, replay=None) -> dict[str, dict]:
+                     tie: float = 1e-2, replay=None,
+                     row_tokens: dict[str, dict[int, int]] | None = None) -> dict[str, dict]:
     """Compare the drafts vLLM made (recorded by :func:`install_draft_recorder`) with the
     transformers twin's, step by step along each request's output.
 
@@ -193,7 +200,8 @@ def draft_mismatches(log: list, outputs: dict, prompts: dict, features, drafter,
                 want, margins = twin_drafts(drafter, features.embed_tokens, features.lm_head,
                                             seq, hidden[0], image_embeds if images else None, p,
                                             p + m, drafted, features.image_token_id,
-                                            decouple=decouple, positions=positions, follow=got)
+                                            decouple=decouple, positions=positions, follow=got,
+                                            row_tokens=(row_tokens or {}).get(name))
             steps += 1
             for j in range(drafted):
                 if want[j] != got[j]:

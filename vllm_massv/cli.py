@@ -11,6 +11,13 @@ from vllm_massv.msd.config import MsdConfigError
 from vllm_massv.speculators import DEFAULT_NUM_SPECULATIVE_TOKENS
 
 
+def _serve_hint(out_dir, target, method: str, k: int) -> str:
+    """The two ways to serve a freshly built drafter (one argument; target + speculative config)."""
+    return (f"Serve: vllm serve {out_dir}   (serves {target}, method {method}, k = {k})\n"
+            f"   or: vllm serve {target} --speculative-config '{{\"method\": \"{method}\", "
+            f"\"model\": \"{out_dir}\", \"num_speculative_tokens\": {k}}}'")
+
+
 def _cmd_init(args: argparse.Namespace) -> int:
     if args.method == "msd":
         return _cmd_init_msd(args)
@@ -29,11 +36,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
           f"  LM params {report.drafter_params:,}, vocab {m.orig_vocab_size} padded by "
           f"{report.padded_rows} rows\n  image token id {m.image_token_id}, "
           f"vision feature dim {m.vision_feature_dim}\n"
-          f"Serve: vllm serve {report.out_dir}   (target {m.target}, k="
-          f"{args.num_speculative_tokens})\n"
-          f"   or: vllm serve {m.target} --speculative-config '{{\"method\": \"draft_model\", "
-          f"\"model\": \"{report.out_dir}\", \"num_speculative_tokens\": "
-          f"{args.num_speculative_tokens}}}'")
+          + _serve_hint(report.out_dir, m.target, "draft_model", args.num_speculative_tokens))
     return 0
 
 
@@ -46,11 +49,7 @@ def _cmd_init_msd(args: argparse.Namespace) -> int:
     print(f"MSD drafter written to {report.out_dir}\n"
           f"  1 decoder layer + fc, {report.params:,} params, hidden {m.target_hidden_size}, "
           f"decoupled visual tokens {'on' if m.decouple_visual_tokens else 'off'}\n"
-          f"Serve: vllm serve {report.out_dir}   (serves {m.target}, method eagle, k = "
-          f"{args.num_speculative_tokens})\n"
-          f"   or: vllm serve {m.target} --speculative-config '{{\"method\": \"eagle\", "
-          f"\"model\": \"{report.out_dir}\", \"num_speculative_tokens\": "
-          f"{args.num_speculative_tokens}}}'")
+          + _serve_hint(report.out_dir, m.target, "eagle", args.num_speculative_tokens))
     return 0
 
 
@@ -67,11 +66,7 @@ def _cmd_init_eagle3(args: argparse.Namespace) -> int:
           f"  fc over target layers {c.eagle_aux_hidden_state_layer_ids} + 1 decoder layer, "
           f"{report.params:,} params ({report.trainable:,} trainable), draft vocab "
           f"{c.draft_vocab_size}/{c.vocab_size}\n"
-          f"Serve: vllm serve {report.out_dir}   (serves {c.verifier}, method eagle3, k = "
-          f"{args.num_speculative_tokens})\n"
-          f"   or: vllm serve {c.verifier} --speculative-config '{{\"method\": \"eagle3\", "
-          f"\"model\": \"{report.out_dir}\", \"num_speculative_tokens\": "
-          f"{args.num_speculative_tokens}}}'")
+          + _serve_hint(report.out_dir, c.verifier, "eagle3", args.num_speculative_tokens))
     return 0
 
 

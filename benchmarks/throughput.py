@@ -22,7 +22,12 @@ Every method runs the same prompts through vLLM's offline engine with the same t
 
 For each method and each k (``--k``), one engine is started; inside it every batch size
 (``--batch-sizes``: requests kept in flight, continuous batching) and temperature
-(``--temperatures``) is run. Reported per run: output tokens/s, request latency p50/p90, τ
+(``--temperatures``) is run. The k sweep (``--k-sweep``, for ``--sweep-methods``) runs each extra
+k at temperature 0 and the ``--sweep-batch-sizes`` (which every method also runs at temperature
+0): ``results.md`` then gives the best k per batch size. ``--k-by-batch LABEL=SCHEDULE`` adds
+the method ``LABEL (k by batch size)``, served with vLLM's batch-size schedule for k
+(``num_speculative_tokens_per_batch_size``: the scheduler picks each step's k from the number of
+scheduled requests); its rows carry the k the schedule gives at their batch size. Reported per run: output tokens/s, request latency p50/p90, τ
 (vLLM's convention, 1 + accepted/drafts), acceptance rate, per-position acceptance, speedup over
 no speculation (same batch size and temperature) and over the ``--reference`` method (the blind
 drafter), and the analytic bound τ/(1 + k·c) (Leviathan et al. 2023, eq. 1 with the drafter's
@@ -81,6 +86,15 @@ class Method:
     label: str
     kind: str
     model: str | None = None
+    #: vLLM's ``num_speculative_tokens_per_batch_size``: (first batch size, last, k) ranges
+    schedule: tuple[tuple[int, int, int], ...] | None = None
+
+    def k_at(self, batch_size: int, k: int) -> int:
+        """The k this method drafts at ``batch_size`` (``k`` without a schedule)."""
+        if self.schedule is None:
+            return k
+        return next((kk for lo, hi, kk in self.schedule if lo <= batch_size <= hi),
+                    self.schedule[-1][2])
 
     @classmethod
     def parse(cls, text: str) -> Method:
@@ -105,12 +119,20 @@ class Method:
         raise ValueError(f"--method {text!r}: kind must be one of {', '.join(KINDS)}")
 
     def speculative_config(self, k: int) -> dict[str, Any] | None:
-        """vLLM's ``speculative_config`` for ``k`` speculative tokens (None: no speculation).
+        """vLLM's ``speculative_config`` for ``k`` speculative tokens (None: no speculation);
+        with a schedule, k is its largest k and the schedule is added.
 
         Raises:
             ValueError: the model folder is not of the method's kind (massv/msd block, EAGLE-3
                 config).
         """
+        spec = self._speculative_config(k)
+        if spec is not None and self.schedule is not None:
+            spec["num_speculative_tokens"] = max(kk for _, _, kk in self.schedule)
+            spec["num_speculative_tokens_per_batch_size"] = [list(e) for e in self.schedule]
+        return spec
+
+    def _speculative_config(self, k: int) -> dict[str, Any] | None:
         if self.kind == "none":
             return None
         if self.kind == "ngram":
@@ -138,6 +160,43 @@ class Method:
         return {}
 
 
+def parse_schedule(text: str) -> tuple[tuple[int, int, int], ...]:
+    """``"1-1:6,2-8:4,9-256:3"`` -> ((1, 1, 6), (2, 8, 4), (9, 256, 3)): batch sizes 1 to 1 draft
+    6 tokens, 2 to 8 draft 4, and so on (vLLM's ``num_speculative_tokens_per_batch_size``; k = 0
+    turns speculation off for that range).
+
+    Raises:
+        ValueError: malformed text, or a schedule vLLM would refuse (ranges must start at 1,
+            not overlap, k >= 0; the rule of ``vllm/v1/spec_decode/dynamic/utils.py``), checked
+            here so a bad schedule fails before any engine starts.
+    """
+    entries = []
+    for part in text.split(","):
+        rng, sep, k = part.strip().partition(":")
+        lo, dash, hi = rng.partition("-")
+        try:
+            if not sep or not dash:
+                raise ValueError
+            entries.append((int(lo), int(hi), int(k)))
+        except ValueError:
+            raise ValueError(f"k schedule {text!r}: expected FIRST-LAST:K[,FIRST-LAST:K...], "
+                             "e.g. 1-1:6,2-8:4,9-256:3") from None
+    entries.sort()
+    if entries[0][0] != 1:
+        raise ValueError(f"k schedule {text!r}: the first range must start at batch size 1")
+    prev_end = 0
+    for lo, hi, k in entries:
+        if lo > hi or lo <= prev_end or k < 0:
+            raise ValueError(f"k schedule {text!r}: ranges must be increasing, not overlap, "
+                             f"and k >= 0 (got {lo}-{hi}:{k})")
+        prev_end = hi
+    if max(k for _, _, k in entries) < 1:
+        raise ValueError(f"k schedule {text!r}: some range must draft (k >= 1)")
+    return tuple(entries)
+
+
+#: Label suffix of a ``--k-by-batch`` method.
+SCHEDULE_SUFFIX = " (k by batch size)"
 #: Method kinds (:meth:`Method.parse`).
 KINDS = ("none", "ngram", "draft_model", "massv", "msd", "eagle3", "eagle3-stock")
 #: = ``vllm_massv.eagle_positions.STOCK_POSITIONS_ENV`` (not imported: that module loads vLLM).
@@ -429,7 +488,8 @@ def summarize(method: str, k: int, batch_size: int, temperature: float,
     lat = [r["latency_s"] for r in recs]
     delta = run["delta"]
     tau = tau_of(delta)
-    per_pos = ([a / delta["drafts"] for a in delta["accepted_per_pos"]]
+    # (a schedule's engine counts positions up to its largest k: keep this row's k)
+    per_pos = ([a / delta["drafts"] for a in delta["accepted_per_pos"][:k or None]]
                if delta["drafts"] else None)
     per_kind: dict[str, float] = {}
     if recs and "delta" in recs[0]:
@@ -479,6 +539,7 @@ def markdown(results: list[RunResult], meta: dict[str, Any]) -> str:
             f"{_f(r.acceptance_rate)} | {pos} | {_f(r.speedup_vs_none, 2, '×')} | "
             f"{_f(r.speedup_vs_reference, 2, '×')} | {_f(r.analytic_bound, 2, '×')} | "
             f"{_f(r.c_in_loop, 3)} | {eq} |")
+    lines += best_k_table(results, meta.get("sweep_methods") or [])
     kinds = sorted({k for r in results for k in r.tau_per_kind})
     if kinds:
         lines += ["", "τ per prompt kind (batch 1):", "",
@@ -489,6 +550,43 @@ def markdown(results: list[RunResult], meta: dict[str, Any]) -> str:
                 lines.append(f"| {r.method} | {r.k} | {r.temperature:g} | " + " | ".join(
                     _f(r.tau_per_kind.get(k)) for k in kinds) + " |")
     return "\n".join(lines) + "\n"
+
+
+def speedup_by_k(results: list[RunResult], method: str) -> dict[int, dict[int, float]]:
+    """batch size -> {k: speedup over no speculation} of ``method`` at temperature 0."""
+    out: dict[int, dict[int, float]] = {}
+    for r in results:
+        if r.method == method and r.temperature == 0 and r.speedup_vs_none is not None:
+            out.setdefault(r.batch_size, {})[r.k] = r.speedup_vs_none
+    return dict(sorted(out.items()))
+
+
+def best_k_table(results: list[RunResult], sweep_methods: list[str]) -> list[str]:
+    """Markdown lines: per k-sweep method, its speedup over no speculation for every k and
+    batch size at temperature 0, the best k per batch size, and the method's schedule run
+    (``LABEL (k by batch size)``) when there is one. Empty without a sweep."""
+    lines: list[str] = []
+    for m in sweep_methods:
+        table = speedup_by_k(results, m)
+        ks = sorted({k for row in table.values() for k in row})
+        if len(ks) < 2:
+            continue
+        sched = speedup_by_k(results, m + SCHEDULE_SUFFIX)
+        lines += ["", f"Best k per batch size, {m} (speedup over no speculation, temperature 0; "
+                  "one run, so close values are within noise):", "",
+                  "| batch | " + " | ".join(f"k={k}" for k in ks) + " | best k |"
+                  + (" k by batch size (its k) |" if sched else ""),
+                  "|---|" + "---|" * (len(ks) + 1 + bool(sched))]
+        for b, row in table.items():
+            best = max(row, key=row.get)
+            cells = [("**" + _f(row[k], 2, "×") + "**") if k == best else _f(row.get(k), 2, "×")
+                     for k in ks]
+            extra = ""
+            if sched:
+                (kb, v), = sched.get(b, {0: None}).items()
+                extra = f" {_f(v, 2, '×')} ({kb}) |" if v is not None else " - |"
+            lines.append(f"| {b} | " + " | ".join(cells) + f" | {best} |" + extra)
+    return lines
 
 
 #: Plot style: at most this many series per axes (more methods: more panels, each with the
@@ -504,7 +602,9 @@ def plots(results: list[RunResult], out: Path, reference: str | None = None) -> 
     * ``speedup_vs_batch.png``: speedup over no speculation against batch size, one column per
       temperature;
     * ``acceptance_per_position.png``: acceptance rate at each draft position (batch 1, T = 0);
-    * ``tau_per_kind.png``: τ per prompt kind, grouped bars (batch 1, T = 0).
+    * ``tau_per_kind.png``: τ per prompt kind, grouped bars (batch 1, T = 0);
+    * ``speedup_vs_k.png``: speedup against k, one line per batch size, one panel per method
+      with a k sweep; stars: the method's ``(k by batch size)`` run at the k it used.
 
     With more than :data:`MAX_SERIES` methods each plot gets several rows of panels, every row
     with ``reference`` (the blind drafter) for comparison. Each method's k is its main k (the k
@@ -523,9 +623,13 @@ def plots(results: list[RunResult], out: Path, reference: str | None = None) -> 
     panels = _panels(methods, reference)
     main_k = {m: _main_k([r for r in spec if r.method == m]) for m in methods}
 
-    def greedy_b1(m: str, k: int | None = None) -> RunResult | None:
+    def main_row(r: RunResult) -> bool:
+        """Not a k-sweep point (a schedule run's k changes with the batch size)."""
+        return r.k == main_k[r.method] or r.method.endswith(SCHEDULE_SUFFIX)
+
+    def greedy_b1(m: str) -> RunResult | None:
         return next((r for r in spec if r.method == m and r.batch_size == 1
-                     and r.temperature == 0 and r.k == (k or main_k[m])), None)
+                     and r.temperature == 0 and main_row(r)), None)
 
     written = []
     # τ against k
@@ -554,11 +658,11 @@ def plots(results: list[RunResult], out: Path, reference: str | None = None) -> 
         for ax, temp in zip(row, temps):
             for m in group:
                 pts = sorted((r.batch_size, r.speedup_vs_none) for r in spec
-                             if r.method == m and r.temperature == temp and r.k == main_k[m]
+                             if r.method == m and r.temperature == temp and main_row(r)
                              and r.speedup_vs_none is not None)
                 if pts:
                     _line(ax, style, m, [p[0] for p in pts], [p[1] for p in pts],
-                          label=f"{m} (k={main_k[m]})")
+                          label=m if m.endswith(SCHEDULE_SUFFIX) else f"{m} (k={main_k[m]})")
             ax.axhline(1.0, color="grey", linewidth=0.8)
             ax.set_xticks(sorted({r.batch_size for r in spec}))
             ax.set_xlabel("batch size (requests in flight)")
@@ -605,6 +709,31 @@ def plots(results: list[RunResult], out: Path, reference: str | None = None) -> 
             _legend(ax)
         axes[0][0].set_title("τ per prompt kind (batch 1, temperature 0)")
         written.append(_save(fig, out / "tau_per_kind.png"))
+
+    # speedup against k, one line per batch size, one panel per swept method
+    swept = [m for m in methods if not m.endswith(SCHEDULE_SUFFIX) and len(
+        {r.k for r in spec if r.method == m and r.temperature == 0}) > 1]
+    if swept:
+        fig, axes = _grid(plt, 1, len(swept), sharey=True)
+        cmap = matplotlib.colormaps["viridis"]
+        for ax, m in zip(axes[0], swept):
+            table = speedup_by_k(results, m)
+            sched = speedup_by_k(results, m + SCHEDULE_SUFFIX)
+            for i, (b, row) in enumerate(table.items()):
+                colour = cmap(i / max(1, len(table) - 1) * 0.9)
+                ax.plot(sorted(row), [row[k] for k in sorted(row)], color=colour,
+                        marker=MARKERS[i % len(MARKERS)], label=f"batch {b}")
+                for kb, v in sched.get(b, {}).items():
+                    ax.plot([kb], [v], color=colour, marker="*", markersize=13,
+                            markeredgecolor="black", linestyle="none",
+                            label=f"batch {b}, k by batch size" if i == 0 else None)
+            ax.axhline(1.0, color="grey", linewidth=0.8)
+            ax.set_xlabel("k (num_speculative_tokens)")
+            ax.set_title(m)
+            ax.xaxis.get_major_locator().set_params(integer=True)
+        axes[0][0].set_ylabel("speedup vs no speculation\n(temperature 0)")
+        _legend(axes[0][-1])
+        written.append(_save(fig, out / "speedup_vs_k.png"))
     return written
 
 
@@ -710,9 +839,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=96)
     p.add_argument("--k", default="4", help="comma-separated k values (default 4)")
     p.add_argument("--k-sweep", default="",
-                   help="extra k values run at batch 1, temperature 0 only (e.g. 1,2,3,5,6)")
+                   help="extra k values run at temperature 0 and the sweep batch sizes only "
+                        "(e.g. 1,2,3,5,6)")
     p.add_argument("--sweep-methods", default="",
                    help="comma-separated labels the k sweep runs for (default: all spec methods)")
+    p.add_argument("--sweep-batch-sizes", default="1",
+                   help="batch sizes of the k sweep (default 1); every method also runs them "
+                        "at temperature 0, so each has a speedup there (e.g. 1,4,8,16)")
+    p.add_argument("--k-by-batch", action="append", default=[], metavar="LABEL=SCHEDULE",
+                   help="also run method LABEL with vLLM's batch-size schedule for k, e.g. "
+                        "'MASSV=1-1:6,2-8:4,9-256:3' (batch sizes 1-1 draft 6 tokens, ...; "
+                        "repeatable)")
     p.add_argument("--batch-sizes", default="1,4,8")
     p.add_argument("--temperatures", default="0,1")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "throughput")
@@ -767,6 +904,17 @@ def resolve(args: argparse.Namespace) -> tuple[str, list[Method], list[PromptIte
         raise SystemExit("give --testbed DIR or --llava-json FILE (see --help)")
     if not any(m.kind == "none" for m in methods):
         methods.insert(0, Method("none", "none"))
+    for item in args.k_by_batch:
+        label, sep, text = item.partition("=")
+        base = next((m for m in methods if m.label == label), None)
+        if not sep or base is None or base.kind in ("none", "ngram"):
+            raise SystemExit(f"--k-by-batch {item!r}: expected LABEL=SCHEDULE with LABEL one of "
+                             f"the drafter methods: {[m.label for m in methods if m.model]}")
+        try:
+            schedule = parse_schedule(text)
+        except ValueError as e:
+            raise SystemExit(f"--k-by-batch: {e}") from None
+        methods.append(Method(label + SCHEDULE_SUFFIX, base.kind, base.model, schedule))
     labels = [m.label for m in methods]
     if len(set(labels)) != len(labels):
         raise SystemExit(f"duplicate method labels: {labels}")
@@ -792,6 +940,10 @@ def main(argv: list[str] | None = None) -> int:
     engine_args = _engine_args(args)
     ks, sweep = _ints(args.k), [k for k in _ints(args.k_sweep) if k not in _ints(args.k)]
     batch_sizes, temps = _ints(args.batch_sizes), [float(t) for t in args.temperatures.split(",")]
+    sweep_batches = _ints(args.sweep_batch_sizes)
+    settings_all = [(b, t) for t in temps for b in batch_sizes] + [
+        (b, 0.0) for b in sweep_batches if (b, 0.0) not in {(b, t) for t in temps
+                                                             for b in batch_sizes}]
     spec_methods = [m for m in methods if m.kind != "none"]
     reference = args.reference or next((m.label for m in spec_methods if m.kind == "massv"),
                                        None)
@@ -800,12 +952,12 @@ def main(argv: list[str] | None = None) -> int:
     plan: list[tuple[Method, int, list[tuple[int, float]]]] = []
     for m in methods:
         if m.kind == "none":
-            plan.append((m, 0, [(b, t) for t in temps for b in batch_sizes]))
+            plan.append((m, 0, settings_all))
             continue
-        for k in ks:
-            plan.append((m, k, [(b, t) for t in temps for b in batch_sizes]))
-        if m.label in sweep_labels:
-            plan += [(m, k, [(1, 0.0)]) for k in sweep]
+        for k in ks[:1] if m.schedule else ks:
+            plan.append((m, k, settings_all))
+        if m.label in sweep_labels and not m.schedule:
+            plan += [(m, k, [(b, 0.0) for b in sweep_batches]) for k in sweep]
     args.out.mkdir(parents=True, exist_ok=True)
 
     # c: the drafter's and the target's inter-token latency, each alone at batch 1.
@@ -817,7 +969,9 @@ def main(argv: list[str] | None = None) -> int:
                             "num_image_prompts": sum(it.has_image for it in items),
                             "max_tokens": args.max_tokens, "engine_args": engine_args,
                             "methods": [{**asdict(m), "engine_env": m.engine_env()}
-                                        for m in methods], "reference": reference}
+                                        for m in methods], "reference": reference,
+                            "sweep_methods": [m.label for m in methods
+                                              if m.label in sweep_labels and sweep]}
     meta["device"] = _device_name()
     bar = tqdm(total=len(plan) + (2 if drafter_lm else 0), disable=args.no_progress,
                desc="engines")
@@ -833,7 +987,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results: list[RunResult] = []
     outputs: dict[tuple[str, int, int], list[list[int]]] = {}
-    max_seqs = max(batch_sizes)
+    max_seqs = max(batch_sizes + sweep_batches)
     failures: list[str] = []
     for method, k, settings in plan:
         bar.set_postfix_str(f"{method.label} k={k}")
@@ -850,9 +1004,10 @@ def main(argv: list[str] | None = None) -> int:
                 for b, temp in settings:
                     run = run_requests(llm, items, batch_size=b, temperature=temp,
                                        max_tokens=args.max_tokens, per_request=b == 1)
-                    res = summarize(method.label, k, b, temp, run)
+                    k_b = method.k_at(b, k)
+                    res = summarize(method.label, k_b, b, temp, run)
                     if temp == 0:
-                        outputs[(method.label, k, b)] = [r["token_ids"] for r in run["records"]]
+                        outputs[(method.label, k_b, b)] = [r["token_ids"] for r in run["records"]]
                     results.append(res)
             finally:
                 shutdown(llm)

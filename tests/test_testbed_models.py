@@ -176,6 +176,48 @@ def test_method_parse_eagle3(tmp_path: Path) -> None:
             tp.Method("b", "eagle3-stock", str(bad)).speculative_config(4)
 
 
+def test_k_schedule() -> None:
+    """`--k-by-batch` schedules: parsed into vLLM's `num_speculative_tokens_per_batch_size`
+    (k = the largest k), the k per batch size, and refused before any engine when vLLM would
+    refuse them (`vllm/v1/spec_decode/dynamic/utils.py`)."""
+    from vllm.v1.spec_decode.dynamic.utils import validate_and_normalize_dynamic_sd_schedule
+
+    sched = tp.parse_schedule("2-8:4, 1-1:6,9-256:0")
+    assert sched == ((1, 1, 6), (2, 8, 4), (9, 256, 0))
+    assert validate_and_normalize_dynamic_sd_schedule([list(e) for e in sched]) == list(sched)
+    m = tp.Method("MASSV (k by batch size)", "massv", str(MODELS / "drafter-massv"), sched)
+    assert m.speculative_config(4) == {
+        "method": "draft_model", "model": str(MODELS / "drafter-massv"),
+        "num_speculative_tokens": 6,
+        "num_speculative_tokens_per_batch_size": [[1, 1, 6], [2, 8, 4], [9, 256, 0]]}
+    assert [m.k_at(b, 4) for b in (1, 2, 8, 9, 300)] == [6, 4, 4, 0, 0]
+    assert tp.Method("x", "massv", "/x").k_at(16, 3) == 3
+    for bad in ("2-4:3", "1-4:3,4-8:2", "1-4", "1:4", "a-b:c", "1-4:-1", "1-4:0", "4-1:2"):
+        with pytest.raises(ValueError):
+            tp.parse_schedule(bad)
+
+
+def test_best_k_table() -> None:
+    """The best-k table of a k sweep: speedups over no speculation per k and batch size at
+    temperature 0, the best k in bold, and the schedule run's speedup at the k it used."""
+    def row(method, k, b, tok_s, temp=0.0):
+        return tp.RunResult(method=method, k=k, batch_size=b, temperature=temp, seconds=1.0,
+                            output_tokens=1, tokens_per_s=tok_s, latency_p50_s=1.0,
+                            latency_p90_s=1.0, tau=None if method == "none" else 2.0,
+                            acceptance_rate=None, acceptance_per_position=None)
+
+    results = [row("none", 0, 1, 10.0), row("none", 0, 8, 40.0), row("none", 0, 1, 10.0, 1.0),
+               row("M", 2, 1, 20.0), row("M", 4, 1, 30.0), row("M", 2, 8, 60.0),
+               row("M", 4, 8, 50.0), row("M", 4, 1, 99.0, 1.0),
+               row("M (k by batch size)", 4, 1, 29.0), row("M (k by batch size)", 2, 8, 61.0)]
+    tp._compare(results, {}, [], {}, None)
+    assert tp.speedup_by_k(results, "M") == {1: {2: 2.0, 4: 3.0}, 8: {2: 1.5, 4: 1.25}}
+    lines = tp.best_k_table(results, ["M"])
+    assert "| 1 | 2.00× | **3.00×** | 4 | 2.90× (4) |" in lines
+    assert "| 8 | **1.50×** | 1.25× | 2 | 1.52× (2) |" in lines
+    assert tp.best_k_table(results, []) == [] == tp.best_k_table(results[:4], ["M"])
+
+
 def test_engine_env_restores(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MASSV_TEST_A", "old")
     monkeypatch.delenv("MASSV_TEST_B", raising=False)
@@ -217,8 +259,9 @@ def test_throughput_smoke(tmp_path: Path) -> None:
     out = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--testbed",
            str(assets.TESTBED), "--method", f"massv=massv:{MODELS / 'drafter-massv'}",
-           "--k", "2", "--batch-sizes", "1", "--temperatures", "0", "--num-prompts", "4",
-           "--max-tokens", "32", "--out", str(out), "--no-progress"]
+           "--k", "2", "--batch-sizes", "1,2", "--temperatures", "0", "--num-prompts", "4",
+           "--max-tokens", "32", "--k-by-batch", "massv=1-1:2,2-16:1", "--out", str(out),
+           "--no-progress"]
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", PYTHONPATH=str(ROOT))
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -228,8 +271,13 @@ def test_throughput_smoke(tmp_path: Path) -> None:
                 "num_image_prompts", "reference", "methods"):
         assert meta[key] is not None, key
     assert 0 < meta["c"] < 1.5
-    rows = {r["method"]: r for r in data["results"]}
-    assert set(rows) == {"none", "massv"}
+    rows = {r["method"]: r for r in data["results"] if r["batch_size"] == 1}
+    assert set(rows) == {"none", "massv", "massv (k by batch size)"}
+    # the schedule run drafts k = 2 alone and k = 1 at batch 2, losslessly
+    sched = {r["batch_size"]: r for r in data["results"] if r["method"].endswith("size)")}
+    assert {b: (r["k"], r["greedy_equal"]) for b, r in sched.items()} == {1: (2, True),
+                                                                          2: (1, True)}
+    assert len(sched[2]["acceptance_per_position"]) == 1
     fields = set(tp.RunResult.__dataclass_fields__)
     m = rows["massv"]
     assert set(m) == fields

@@ -28,16 +28,22 @@ def build_msd_drafter(target_dir: str | Path, out_dir: str | Path, *, decouple: 
 def install_draft_recorder(worker) -> None:
     """Record every draft the worker's runner proposes: `(req_id, in_prefill, draft_ids)` per
     request and step, in `runner._massv_draft_log`. `in_prefill` marks steps whose drafts vLLM
-    discards (a prompt chunk that does not finish the prompt)."""
+    discards (a prompt chunk that does not finish the prompt). `runner._massv_step_log` gets
+    `(scheduled requests, k the scheduler chose)` per step (k varies with
+    `num_speculative_tokens_per_batch_size`)."""
     runner = worker.model_runner
     if hasattr(runner, "_massv_draft_log"):
         runner._massv_draft_log.clear()
+        runner._massv_step_log.clear()
         return
     log: list = []
-    runner._massv_draft_log = log
+    steps: list = []
+    runner._massv_draft_log, runner._massv_step_log = log, steps
     original = runner.propose_draft_token_ids
 
     def propose_draft_token_ids(scheduler_output, *args, **kwargs):
+        steps.append((len(scheduler_output.num_scheduled_tokens),
+                      scheduler_output.num_spec_tokens_to_schedule))
         in_prefill = {}
         for req_id in runner.input_batch.req_ids:
             state = runner.requests[req_id]
@@ -55,6 +61,11 @@ def install_draft_recorder(worker) -> None:
 def read_draft_log(worker) -> list:
     """The recorded drafts (see :func:`install_draft_recorder`)."""
     return list(worker.model_runner._massv_draft_log)
+
+
+def read_step_log(worker) -> list:
+    """The recorded (scheduled requests, k) per step (see :func:`install_draft_recorder`)."""
+    return list(worker.model_runner._massv_step_log)
 
 
 def cpu_sampler_fix_active(worker) -> bool:

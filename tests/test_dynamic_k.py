@@ -1,0 +1,127 @@
+"""k by load: vLLM's batch-size schedule for k (`num_speculative_tokens_per_batch_size`) with a
+MASSV drafter.
+
+vLLM 0.32's scheduler picks k for each step from the number of scheduled requests
+(`vllm/v1/core/sched/scheduler.py`, `dynamic_sd_lookup`) and the V1 runner passes it to the
+proposer's `propose(num_speculative_tokens, ...)`; k = 0 still runs the draft prefill, so the
+drafter's KV cache stays in sync (`llm_base_proposer.py`, "Dynamic SD decided K=0"). The MASSV
+proposer forwards k unchanged. Checked here on the mixed batch (images, chunked prefill), sent
+in three waves (all five prompts with max_num_seqs 4, a pair, one alone), with every proposal
+recorded in the worker:
+
+* greedy output equals the target alone whatever k each step used;
+* every step's k is the schedule's k for its number of scheduled requests (batch 1: 4, batch
+  2: 2, 3 or more: 0), and vLLM's per-request draft counts are the recorded proposals;
+* every verify step accepts what the transformers replay accepts, also after steps that drafted
+  nothing (which vLLM's per-request metrics leave out): a drafter KV cache missing the tokens of
+  k = 0 steps would draft from another context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+from conftest import assert_replay_equal, engine, generate, mixed_batch, spec_config, token_ids
+
+import vllm_massv.testing.msd as tm
+
+K = 4
+SCHEDULE = [[1, 1, 4], [2, 2, 2], [3, 256, 0]]
+WAVES = {"all": None, "pair": ("astronaut", "two_images"), "alone": ("gradient_long",)}
+ENV = {"VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}  # LLM.collective_rpc with functions
+
+
+def k_for(batch: int) -> int:
+    return next(k for lo, hi, k in SCHEDULE if lo <= batch <= hi)
+
+
+@pytest.fixture(scope="module")
+def waves(models):
+    spec = {**spec_config(models.sanity_1d, K), "num_speculative_tokens_per_batch_size": SCHEDULE}
+    prompts = mixed_batch(models.target)
+    out = {}
+    with engine(models.target, spec, env=ENV) as llm:
+        for wave, names in WAVES.items():
+            batch = {n: prompts[n] for n in (names or prompts)}
+            llm.collective_rpc(tm.install_draft_recorder)
+            outputs = generate(llm, batch)
+            out[wave] = {"prompts": batch, "outputs": outputs,
+                         "drafts": llm.collective_rpc(tm.read_draft_log)[0],
+                         "steps": llm.collective_rpc(tm.read_step_log)[0]}
+    return out
+
+
+@dataclass
+class _Metrics:
+    per_step_drafted: list[int]
+    per_step_accepted: list[int]
+
+
+@dataclass
+class _Completion:
+    token_ids: list[int]
+    spec_decode_metrics: _Metrics
+
+
+@dataclass
+class _Output:
+    """A request output whose metrics include the verify steps without drafts."""
+
+    prompt_token_ids: list[int]
+    outputs: list[_Completion]
+
+
+def proposed(wave: dict, out) -> list[int]:
+    """Drafts per verify step of one request, zeros included: the recorded proposals after its
+    prompt, less the last (made in the step that finished the request, never verified)."""
+    req = out.request_id.split("-")[0]
+    rows = [len(row) for r, in_prefill, row in wave["drafts"]
+            if r.split("-")[0] == req and not in_prefill]
+    return rows[:-1]
+
+
+def with_zero_steps(wave: dict, out) -> _Output:
+    drafted, metrics = proposed(wave, out), out.outputs[0].spec_decode_metrics
+    accepted = iter(metrics.per_step_accepted)
+    return _Output(list(out.prompt_token_ids), [_Completion(
+        list(out.outputs[0].token_ids),
+        _Metrics(drafted, [next(accepted) if d else 0 for d in drafted]))])
+
+
+def test_lossless(waves, reference):
+    for wave, w in waves.items():
+        got = token_ids(w["outputs"])
+        assert got == {n: reference[n] for n in got}, wave
+
+
+def test_k_follows_the_schedule(waves):
+    seen = set()
+    for wave, w in waves.items():
+        assert w["steps"] and all(k == k_for(b) for b, k in w["steps"]), (wave, w["steps"])
+        seen |= {k for _, k in w["steps"]}
+        for name, out in w["outputs"].items():
+            drafted = proposed(w, out)
+            print(f"{wave} {name}: drafts per verify step {drafted}")
+            assert [d for d in drafted if d] == list(
+                out.outputs[0].spec_decode_metrics.per_step_drafted), (wave, name)
+    assert seen == {0, 2, 4}
+    alone = proposed(waves["alone"], waves["alone"]["outputs"]["gradient_long"])
+    assert alone and set(alone) == {4}
+
+
+def test_replay_equal_after_steps_without_drafts(waves, models):
+    total_steps = total_accepted = accepted_after_zero_steps = 0
+    for w in waves.values():
+        outputs = {n: with_zero_steps(w, o) for n, o in w["outputs"].items()}
+        for o in outputs.values():
+            m = o.outputs[0].spec_decode_metrics
+            first = next((i for i, d in enumerate(m.per_step_drafted) if d), None)
+            if first:   # drafts that follow steps without drafts
+                accepted_after_zero_steps += sum(m.per_step_accepted[first:])
+        steps, accepted = assert_replay_equal(models.target, models.sanity_1d, outputs,
+                                              w["prompts"])
+        total_steps, total_accepted = total_steps + steps, total_accepted + accepted
+    print(f"{total_accepted} accepted over {total_steps} verify steps; "
+          f"{accepted_after_zero_steps} accepted after steps without drafts")
+    assert accepted_after_zero_steps > 0

@@ -205,10 +205,12 @@ def reference(models: TinyModels) -> dict[str, list[int]]:
         return token_ids(generate(llm, mixed_batch(models.target)))
 
 
-def replay(drafter, prompt_ids, output_ids, image_embeds, drafted_per_step) -> list[int]:
+def replay(drafter, prompt_ids, output_ids, image_embeds, drafted_per_step,
+           proposals_out: list | None = None) -> list[int]:
     """Accepted draft count per verify step of greedy speculative decoding, simulated with a
     transformers drafter (`vllm_massv.hf`) along the target's output: what vLLM's per-request
-    `spec_decode_metrics.per_step_accepted` must equal."""
+    `spec_decode_metrics.per_step_accepted` must equal. `proposals_out` gets each step's draft
+    token ids."""
     accepted, m = [], 1  # the prefill step samples the first output token
     for drafted in drafted_per_step:
         ctx = list(prompt_ids) + list(output_ids[:m])
@@ -222,6 +224,8 @@ def replay(drafter, prompt_ids, output_ids, image_embeds, drafted_per_step) -> l
             with torch.no_grad():
                 logits = drafter(input_ids=ids, image_embeds=image_embeds, image_mask=mask).logits
             proposals.append(int(logits[0, -1].argmax()))
+        if proposals_out is not None:
+            proposals_out.append(proposals)
         a = 0
         while a < drafted and m + a < len(output_ids) and proposals[a] == output_ids[m + a]:
             a += 1
@@ -231,11 +235,13 @@ def replay(drafter, prompt_ids, output_ids, image_embeds, drafted_per_step) -> l
 
 
 def assert_replay_equal(target: Path, drafter_dir: Path, outputs: dict[str, Any],
-                        prompts: dict[str, dict]) -> tuple[int, int]:
+                        prompts: dict[str, dict], drafts: dict[str, list] | None = None
+                        ) -> tuple[int, int]:
     """Every request's per-step accepted counts (vLLM) equal the transformers replay of its
     drafter (`replay`, image features from the transformers vision tower), fp32 eager: what a
-    TP = 1 eager engine gives (tests/test_reference_1d.py). Returns (verify steps, accepted
-    drafts) over all requests; tau = 1 + accepted / steps."""
+    TP = 1 eager engine gives (tests/test_reference_1d.py); with `drafts` (request name -> the
+    draft ids vLLM proposed per verify step) also every draft token. Returns (verify steps,
+    accepted drafts) over all requests; tau = 1 + accepted / steps."""
     from transformers import AutoProcessor
 
     from vllm_massv.hf import drafter_class
@@ -253,8 +259,12 @@ def assert_replay_equal(target: Path, drafter_dir: Path, outputs: dict[str, Any]
         assert inputs["input_ids"][0].tolist() == list(out.prompt_token_ids), name
         embeds = encoder.encode(images) if images else None
         metrics, tokens = out.outputs[0].spec_decode_metrics, list(out.outputs[0].token_ids)
-        expected = replay(drafter, out.prompt_token_ids, tokens, embeds, metrics.per_step_drafted)
+        proposals: list = []
+        expected = replay(drafter, out.prompt_token_ids, tokens, embeds, metrics.per_step_drafted,
+                          proposals)
         assert emitted_accepted(metrics.per_step_accepted, len(tokens)) == expected, name
+        if drafts is not None:
+            assert drafts[name] == proposals, name
         total_steps += len(expected)
         total_accepted += sum(expected)
     return total_steps, total_accepted

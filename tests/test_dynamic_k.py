@@ -12,9 +12,9 @@ recorded in the worker:
 * greedy output equals the target alone whatever k each step used;
 * every step's k is the schedule's k for its number of scheduled requests (batch 1: 4, batch
   2: 2, 3 or more: 0), and vLLM's per-request draft counts are the recorded proposals;
-* every verify step accepts what the transformers replay accepts, also after steps that drafted
-  nothing (which vLLM's per-request metrics leave out): a drafter KV cache missing the tokens of
-  k = 0 steps would draft from another context.
+* every draft token equals the transformers replay's (and every verify step accepts what the
+  replay accepts), also after steps that drafted nothing (which vLLM's per-request metrics leave
+  out): a drafter KV cache missing the tokens of k = 0 steps would draft from another context.
 """
 
 from __future__ import annotations
@@ -72,13 +72,18 @@ class _Output:
     outputs: list[_Completion]
 
 
-def proposed(wave: dict, out) -> list[int]:
-    """Drafts per verify step of one request, zeros included: the recorded proposals after its
-    prompt, less the last (made in the step that finished the request, never verified)."""
+def proposed_rows(wave: dict, out) -> list[list[int]]:
+    """The draft ids proposed for one request per verify step (empty at k = 0): the recorded
+    proposals after its prompt, less the last (made in the step that finished the request,
+    never verified)."""
     req = out.request_id.split("-")[0]
-    rows = [len(row) for r, in_prefill, row in wave["drafts"]
-            if r.split("-")[0] == req and not in_prefill]
-    return rows[:-1]
+    return [row for r, in_prefill, row in wave["drafts"]
+            if r.split("-")[0] == req and not in_prefill][:-1]
+
+
+def proposed(wave: dict, out) -> list[int]:
+    """Drafts per verify step of one request, zeros included."""
+    return [len(row) for row in proposed_rows(wave, out)]
 
 
 def with_zero_steps(wave: dict, out) -> _Output:
@@ -111,17 +116,18 @@ def test_k_follows_the_schedule(waves):
 
 
 def test_replay_equal_after_steps_without_drafts(waves, models):
-    total_steps = total_accepted = accepted_after_zero_steps = 0
+    total_steps = total_accepted = drafts_after_zero_steps = 0
     for w in waves.values():
         outputs = {n: with_zero_steps(w, o) for n, o in w["outputs"].items()}
         for o in outputs.values():
-            m = o.outputs[0].spec_decode_metrics
-            first = next((i for i, d in enumerate(m.per_step_drafted) if d), None)
+            drafted = o.outputs[0].spec_decode_metrics.per_step_drafted
+            first = next((i for i, d in enumerate(drafted) if d), None)
             if first:   # drafts that follow steps without drafts
-                accepted_after_zero_steps += sum(m.per_step_accepted[first:])
+                drafts_after_zero_steps += sum(drafted[first:])
+        drafts = {n: proposed_rows(w, o) for n, o in w["outputs"].items()}
         steps, accepted = assert_replay_equal(models.target, models.sanity_1d, outputs,
-                                              w["prompts"])
+                                              w["prompts"], drafts)
         total_steps, total_accepted = total_steps + steps, total_accepted + accepted
     print(f"{total_accepted} accepted over {total_steps} verify steps; "
-          f"{accepted_after_zero_steps} accepted after steps without drafts")
-    assert accepted_after_zero_steps > 0
+          f"{drafts_after_zero_steps} draft tokens equal to the replay's after k = 0 steps")
+    assert drafts_after_zero_steps > 0 and total_accepted > 0

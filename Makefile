@@ -21,10 +21,13 @@ demo: setup
 serve-demo: setup
 	$(PY) benchmarks/serve_demo.py
 
-# The side-by-side table in README (about 35 min on the 2-core CPU; results in runs/throughput).
+# The side-by-side table in README (about 50 min on the 2-core CPU; results in runs/throughput):
+# every testbed method at k = 4, the k sweep at batch 1/4/8/16, then MASSV with the best k per
+# batch size found by the sweep (vLLM's num_speculative_tokens_per_batch_size).
 benchmark: setup
 	PYTHONPATH=. $(PY) benchmarks/throughput.py --testbed benchmarks/testbed --k 4 \
 		--k-sweep 1,2,3,5,6 --sweep-methods "blind (projector none),MASSV" \
+		--sweep-batch-sizes 1,4,8,16 --k-by-batch MASSV=auto \
 		--batch-sizes 1,4,8 --temperatures 0,1 --num-prompts 20 --out runs/throughput
 
 # Re-train the checked-in testbed models from scratch (about 75 min; see benchmarks/testbed/).

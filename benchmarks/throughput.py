@@ -61,7 +61,7 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -561,6 +561,35 @@ def speedup_by_k(results: list[RunResult], method: str) -> dict[int, dict[int, f
     return dict(sorted(out.items()))
 
 
+def schedule_from_sweep(results: list[RunResult], method: str, max_batch: int = 256
+                        ) -> tuple[tuple[int, int, int], ...]:
+    """A k schedule from a k sweep (``--k-by-batch LABEL=auto``): at each swept batch size b_i
+    (temperature 0) the k with the most output tokens/s, for batch sizes b_(i-1)+1 .. b_i (the
+    last up to ``max_batch``). One noisy run picks it: close speedups are a coin toss.
+
+    Raises:
+        ValueError: ``method`` has no batch size with two or more k measured.
+    """
+    best: dict[int, int] = {}
+    for b in sorted({r.batch_size for r in results if r.method == method}):
+        rows = [r for r in results if r.method == method and r.batch_size == b
+                and r.temperature == 0]
+        if len({r.k for r in rows}) > 1:
+            best[b] = max(rows, key=lambda r: r.tokens_per_s).k
+    if not best:
+        raise ValueError(f"no k sweep of {method!r} to choose k from (give --k-sweep and "
+                         "--sweep-methods)")
+    out, lo = [], 1
+    for i, (b, k) in enumerate(best.items()):
+        hi = max_batch if i == len(best) - 1 else b
+        if out and out[-1][2] == k:
+            out[-1] = (out[-1][0], hi, k)
+        else:
+            out.append((lo, hi, k))
+        lo = hi + 1
+    return tuple(out)
+
+
 def best_k_table(results: list[RunResult], sweep_methods: list[str]) -> list[str]:
     """Markdown lines: per k-sweep method, its speedup over no speculation for every k and
     batch size at temperature 0, the best k per batch size, and the method's schedule run
@@ -848,8 +877,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "at temperature 0, so each has a speedup there (e.g. 1,4,8,16)")
     p.add_argument("--k-by-batch", action="append", default=[], metavar="LABEL=SCHEDULE",
                    help="also run method LABEL with vLLM's batch-size schedule for k, e.g. "
-                        "'MASSV=1-1:6,2-8:4,9-256:3' (batch sizes 1-1 draft 6 tokens, ...; "
-                        "repeatable)")
+                        "'MASSV=1-1:6,2-8:4,9-256:3' (batch sizes 1-1 draft 6 tokens, ...), or "
+                        "'MASSV=auto': the best k per sweep batch size measured in this run "
+                        "(runs last; repeatable)")
     p.add_argument("--batch-sizes", default="1,4,8")
     p.add_argument("--temperatures", default="0,1")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "throughput")
@@ -911,7 +941,7 @@ def resolve(args: argparse.Namespace) -> tuple[str, list[Method], list[PromptIte
             raise SystemExit(f"--k-by-batch {item!r}: expected LABEL=SCHEDULE with LABEL one of "
                              f"the drafter methods: {[m.label for m in methods if m.model]}")
         try:
-            schedule = parse_schedule(text)
+            schedule = None if text.strip() == "auto" else parse_schedule(text)
         except ValueError as e:
             raise SystemExit(f"--k-by-batch: {e}") from None
         methods.append(Method(label + SCHEDULE_SUFFIX, base.kind, base.model, schedule))
@@ -954,9 +984,10 @@ def main(argv: list[str] | None = None) -> int:
         if m.kind == "none":
             plan.append((m, 0, settings_all))
             continue
-        for k in ks[:1] if m.schedule else ks:
+        scheduled = m.label.endswith(SCHEDULE_SUFFIX)
+        for k in ks[:1] if scheduled else ks:
             plan.append((m, k, settings_all))
-        if m.label in sweep_labels and not m.schedule:
+        if m.label in sweep_labels and not scheduled:
             plan += [(m, k, [(b, 0.0) for b in sweep_batches]) for k in sweep]
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -990,6 +1021,15 @@ def main(argv: list[str] | None = None) -> int:
     max_seqs = max(batch_sizes + sweep_batches)
     failures: list[str] = []
     for method, k, settings in plan:
+        if method.label.endswith(SCHEDULE_SUFFIX) and method.schedule is None:
+            base = method.label[:-len(SCHEDULE_SUFFIX)]
+            try:   # `LABEL=auto`: the best k per batch size measured so far in this run
+                method = replace(method, schedule=schedule_from_sweep(results, base))
+            except ValueError as e:
+                failures.append(f"{method.label}: {e}")
+                bar.update()
+                continue
+            meta.setdefault("k_by_batch_auto", {})[method.label] = method.schedule
         bar.set_postfix_str(f"{method.label} k={k}")
         with engine_env(method.engine_env()):   # the engine-core process inherits it at start
             try:

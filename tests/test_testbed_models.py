@@ -216,6 +216,12 @@ def test_best_k_table() -> None:
     assert "| 1 | 2.00× | **3.00×** | 4 | 2.90× (4) |" in lines
     assert "| 8 | **1.50×** | 1.25× | 2 | 1.52× (2) |" in lines
     assert tp.best_k_table(results, []) == [] == tp.best_k_table(results[:4], ["M"])
+    # `--k-by-batch M=auto`: the fastest k per swept batch size, ranges up to the next one
+    assert tp.schedule_from_sweep(results, "M") == ((1, 1, 4), (2, 256, 2))
+    results += [row("M", 2, 16, 70.0), row("M", 4, 16, 60.0)]
+    assert tp.schedule_from_sweep(results, "M", max_batch=64) == ((1, 1, 4), (2, 64, 2))
+    with pytest.raises(ValueError, match="no k sweep"):
+        tp.schedule_from_sweep(results, "none")
 
 
 def test_engine_env_restores(monkeypatch: pytest.MonkeyPatch) -> None:

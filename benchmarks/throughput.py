@@ -748,6 +748,7 @@ def plots(results: list[RunResult], out: Path, reference: str | None = None) -> 
         for ax, m in zip(axes[0], swept):
             table = speedup_by_k(results, m)
             sched = speedup_by_k(results, m + SCHEDULE_SUFFIX)
+            starred = False
             for i, (b, row) in enumerate(table.items()):
                 colour = cmap(i / max(1, len(table) - 1) * 0.9)
                 ax.plot(sorted(row), [row[k] for k in sorted(row)], color=colour,
@@ -755,7 +756,9 @@ def plots(results: list[RunResult], out: Path, reference: str | None = None) -> 
                 for kb, v in sched.get(b, {}).items():
                     ax.plot([kb], [v], color=colour, marker="*", markersize=13,
                             markeredgecolor="black", linestyle="none",
-                            label=f"batch {b}, k by batch size" if i == 0 else None)
+                            label=f"{m}{SCHEDULE_SUFFIX}\n(star: its k, colour: batch)"
+                            if not starred else None)
+                    starred = True
             ax.axhline(1.0, color="grey", linewidth=0.8)
             ax.set_xlabel("k (num_speculative_tokens)")
             ax.set_title(m)

@@ -30,7 +30,7 @@ benchmark: setup
 		--sweep-batch-sizes 1,4,8,16 --k-by-batch MASSV=auto \
 		--batch-sizes 1,4,8 --temperatures 0,1 --num-prompts 20 --out runs/throughput
 
-# Re-train the checked-in testbed models from scratch (about 75 min; see benchmarks/testbed/).
+# Re-train the checked-in testbed models from scratch (about 110 min; see benchmarks/testbed/).
 testbed: setup
 	bash benchmarks/testbed/build.sh
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build the CPU testbed's models from scratch (about 100 min on a 2-core CPU; run it on an idle
+# Build the CPU testbed's models from scratch (about 110 min on a 2-core CPU; run it on an idle
 # machine: two trainings at once are each ~3x slower). The results are checked in under
 # benchmarks/testbed/models/, so `make demo` and the benchmark never need this.
 #

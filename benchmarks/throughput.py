@@ -520,12 +520,35 @@ def _f(x: float | None, digits: int = 2, suffix: str = "") -> str:
     return "-" if x is None else f"{x:.{digits}f}{suffix}"
 
 
+#: Target ITL change between the start and the end of a run above which the report warns.
+DRIFT_WARN = 0.10
+
+
+def _drift_lines(meta: dict[str, Any]) -> list[str]:
+    """The target's ITL measured first and last in the run (``target_itl_end_ms``): the baseline
+    (no speculation) runs first, so a machine that speeds up or slows down during the run skews
+    every speedup by about that ratio."""
+    start, end = meta.get("target_itl_ms"), meta.get("target_itl_end_ms")
+    if not start or not end:
+        return []
+    drift = end / start - 1
+    line = (f"Target ITL at the start / end of the run: {start:.2f} / {end:.2f} ms "
+            f"({drift:+.0%}).")
+    if abs(drift) > DRIFT_WARN:
+        line += (" **The machine's speed drifted by more than "
+                 f"{DRIFT_WARN:.0%} during the run: speedups against the baseline (measured "
+                 "first) are off by about that much; compare τ, and methods that ran close "
+                 "together.**")
+    return [line, ""]
+
+
 def markdown(results: list[RunResult], meta: dict[str, Any]) -> str:
     lines = [f"# Speculative decoding throughput ({meta['device']})", "",
              f"Target `{meta['target']}`; {meta['num_prompts']} prompts "
              f"({meta['num_image_prompts']} with an image), max {meta['max_tokens']} new tokens; "
              f"c = {_f(meta.get('c'), 3)} (drafter ITL {_f(meta.get('drafter_itl_ms'), 2)} ms / "
              f"target ITL {_f(meta.get('target_itl_ms'), 2)} ms, batch 1).", "",
+             *_drift_lines(meta),
              "| method | k | batch | temp | tok/s | p50 s | p90 s | τ | accept | per position "
              "| speedup vs none | vs reference | bound τ/(1+kc) | c in loop | greedy = none |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -1007,7 +1030,7 @@ def main(argv: list[str] | None = None) -> int:
                             "sweep_methods": [m.label for m in methods
                                               if m.label in sweep_labels and sweep]}
     meta["device"] = _device_name()
-    bar = tqdm(total=len(plan) + (2 if drafter_lm else 0), disable=args.no_progress,
+    bar = tqdm(total=len(plan) + (3 if drafter_lm else 0), disable=args.no_progress,
                desc="engines")
     if drafter_lm:
         t_itl = decode_itl(target, engine_args, text_prompt)
@@ -1054,6 +1077,9 @@ def main(argv: list[str] | None = None) -> int:
                     results.append(res)
             finally:
                 shutdown(llm)
+        bar.update()
+    if drafter_lm:   # the target's ITL again: how much the machine drifted during the run
+        meta["target_itl_end_ms"] = decode_itl(target, engine_args, text_prompt) * 1e3
         bar.update()
     bar.close()
 

@@ -216,6 +216,9 @@ def test_best_k_table() -> None:
     assert "| 1 | 2.00× | **3.00×** | 4 | 2.90× (4) |" in lines
     assert "| 8 | **1.50×** | 1.25× | 2 | 1.52× (2) |" in lines
     assert tp.best_k_table(results, []) == [] == tp.best_k_table(results[:4], ["M"])
+    assert tp._drift_lines({"target_itl_ms": 50.0}) == []
+    assert "+4%" in tp._drift_lines({"target_itl_ms": 50.0, "target_itl_end_ms": 52.0})[0]
+    assert "drifted" in tp._drift_lines({"target_itl_ms": 50.0, "target_itl_end_ms": 40.0})[0]
     # `--k-by-batch M=auto`: the fastest k per swept batch size, ranges up to the next one
     assert tp.schedule_from_sweep(results, "M") == ((1, 1, 4), (2, 256, 2))
     results += [row("M", 2, 16, 70.0), row("M", 4, 16, 60.0)]
@@ -273,7 +276,8 @@ def test_throughput_smoke(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads((out / "results.json").read_text())
     meta = data["meta"]
-    for key in ("target", "device", "c", "target_itl_ms", "drafter_itl_ms", "num_prompts",
+    for key in ("target", "device", "c", "target_itl_ms", "target_itl_end_ms", "drafter_itl_ms",
+                "num_prompts",
                 "num_image_prompts", "reference", "methods"):
         assert meta[key] is not None, key
     assert 0 < meta["c"] < 1.5

@@ -27,15 +27,17 @@ k at temperature 0 and the ``--sweep-batch-sizes`` (which every method also runs
 0): ``results.md`` then gives the best k per batch size. ``--k-by-batch LABEL=SCHEDULE`` adds
 the method ``LABEL (k by batch size)``, served with vLLM's batch-size schedule for k
 (``num_speculative_tokens_per_batch_size``: the scheduler picks each step's k from the number of
-scheduled requests); its rows carry the k the schedule gives at their batch size. Reported per run: output tokens/s, request latency p50/p90, τ
-(vLLM's convention, 1 + accepted/drafts), acceptance rate, per-position acceptance, speedup over
-no speculation (same batch size and temperature) and over the ``--reference`` method (the blind
-drafter), and the analytic bound τ/(1 + k·c) (Leviathan et al. 2023, eq. 1 with the drafter's
-step cost counted k times per verification) where c = drafter ITL / target ITL, both measured
-alone at batch 1 in this run. At batch 1 the counters are read after every request, which gives τ
-per prompt kind, and the draft cost inside the speculative loop is estimated as
-(time per verification step - target ITL) / k, reported as ``c_in_loop`` (relative to the
-target ITL): on a CPU with tiny models it includes the proposer's fixed per-pass overhead. Greedy outputs of every method are compared token by token with no
+scheduled requests); its rows carry the k the schedule gives at their batch size.
+
+Reported per run: output tokens/s, request latency p50/p90, τ (vLLM's convention, 1 +
+accepted/drafts), acceptance rate, per-position acceptance, speedup over no speculation (same batch
+size and temperature) and over the ``--reference`` method (the blind drafter), and the analytic
+bound τ/(1 + k·c) (Leviathan et al. 2023, eq. 1 with the drafter's step cost counted k times per
+verification) where c = drafter ITL / target ITL, both measured alone at batch 1 in this run. At
+batch 1 the counters are read after every request, which gives τ per prompt kind, and the draft cost
+inside the speculative loop is estimated as (time per verification step - target ITL) / k, reported
+as ``c_in_loop`` (relative to the target ITL): on a CPU with tiny models it includes the proposer's
+fixed per-pass overhead. Greedy outputs of every method are compared token by token with no
 speculation at the same batch size; a mismatch is reported and makes the run exit with status 1.
 
 Outputs (``--out``): ``results.json`` (every run and setting), ``results.md`` (tables) and PNG
@@ -1027,8 +1029,8 @@ def main(argv: list[str] | None = None) -> int:
                             "max_tokens": args.max_tokens, "engine_args": engine_args,
                             "methods": [{**asdict(m), "engine_env": m.engine_env()}
                                         for m in methods], "reference": reference,
-                            "sweep_methods": [m.label for m in methods
-                                              if m.label in sweep_labels and sweep]}
+                            "sweep_methods": [m.label for m in methods if m.label in sweep_labels
+                                              and sweep and not m.label.endswith(SCHEDULE_SUFFIX)]}
     meta["device"] = _device_name()
     bar = tqdm(total=len(plan) + (3 if drafter_lm else 0), disable=args.no_progress,
                desc="engines")

@@ -240,8 +240,9 @@ def assert_replay_equal(target: Path, drafter_dir: Path, outputs: dict[str, Any]
     """Every request's per-step accepted counts (vLLM) equal the transformers replay of its
     drafter (`replay`, image features from the transformers vision tower), fp32 eager: what a
     TP = 1 eager engine gives (tests/test_reference_1d.py); with `drafts` (request name -> the
-    draft ids vLLM proposed per verify step) also every draft token. Returns (verify steps,
-    accepted drafts) over all requests; tau = 1 + accepted / steps."""
+    draft ids vLLM proposed per verify step, empty where k = 0) also every draft token, and the
+    steps without drafts that vLLM's per-request metrics leave out are put back from it.
+    Returns (verify steps, accepted drafts) over all requests; tau = 1 + accepted / steps."""
     from transformers import AutoProcessor
 
     from vllm_massv.hf import drafter_class
@@ -259,10 +260,15 @@ def assert_replay_equal(target: Path, drafter_dir: Path, outputs: dict[str, Any]
         assert inputs["input_ids"][0].tolist() == list(out.prompt_token_ids), name
         embeds = encoder.encode(images) if images else None
         metrics, tokens = out.outputs[0].spec_decode_metrics, list(out.outputs[0].token_ids)
+        drafted, accepted = list(metrics.per_step_drafted), list(metrics.per_step_accepted)
+        if drafts is not None:
+            assert [len(row) for row in drafts[name] if row] == drafted, name
+            vllm_accepted = iter(accepted)
+            drafted = [len(row) for row in drafts[name]]
+            accepted = [next(vllm_accepted) if d else 0 for d in drafted]
         proposals: list = []
-        expected = replay(drafter, out.prompt_token_ids, tokens, embeds, metrics.per_step_drafted,
-                          proposals)
-        assert emitted_accepted(metrics.per_step_accepted, len(tokens)) == expected, name
+        expected = replay(drafter, out.prompt_token_ids, tokens, embeds, drafted, proposals)
+        assert emitted_accepted(accepted, len(tokens)) == expected, name
         if drafts is not None:
             assert drafts[name] == proposals, name
         total_steps += len(expected)

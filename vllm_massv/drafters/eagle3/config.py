@@ -31,7 +31,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from vllm_massv.config import MassvConfigError
+from vllm_massv.checkpoint import DrafterConfigError
 
 EAGLE3_SPECULATORS_TYPE = "eagle3"
 #: The class vLLM builds for the head (registry names `Eagle3LlamaForCausalLM`,
@@ -42,7 +42,7 @@ EAGLE3_ARCHITECTURE = "Eagle3LlamaForCausalLM"
 EAGLE3_TARGET_TYPES = ("qwen2_vl", "qwen2_5_vl")
 
 
-class Eagle3ConfigError(MassvConfigError):
+class Eagle3ConfigError(DrafterConfigError):
     """A malformed EAGLE-3 head or one that does not fit its target."""
 
 

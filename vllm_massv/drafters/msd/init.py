@@ -1,7 +1,7 @@
 """`massv init --method msd`: build an untrained MSD drafter directory from a Qwen2-VL /
 Qwen2.5-VL target.
 
-The layout is the MSD checkpoint contract (see :mod:`vllm_massv.msd.config`): `config.json` (a
+The layout is the MSD checkpoint contract (see `config.py`): `config.json` (a
 1-layer Qwen2 text config with the target's text dims, 1-D RoPE, `architectures:
 ["EagleMsdQwen2ForCausalLM"]`, the `msd` block), `model.safetensors` (`model.fc.{weight,bias}`,
 `model.layers.0.*`; no embedding, LM head or final norm: the target's embedding and LM head are
@@ -12,6 +12,7 @@ target. `massv train` trains it.
 
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +20,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from vllm_massv.init_drafter import (_local_dir, _qwen2_config_from_text_config,
-                                     _rope_for_positions, copy_tokenizer_files)
-from vllm_massv.msd.config import (MSD_ARCHITECTURE, MSD_TARGET_TYPES, MsdConfig,
-                                   MsdConfigError, expected_weight_names)
+from vllm_massv.checkpoint import copy_tokenizer_files, local_dir, qwen2_config_from_text_config
+from vllm_massv.drafters.msd.config import (MSD_ARCHITECTURE, MSD_TARGET_TYPES, MsdConfig,
+                                            MsdConfigError, expected_weight_names)
+from vllm_massv.rope import rope_parameters_1d
+from vllm_massv.speculators import serve_hint, speculators_fields
 
 
 @dataclass
@@ -58,9 +60,7 @@ def init_msd_drafter(target: str | Path, out: str | Path, *, decouple: bool = Tr
     """
     from transformers import AutoConfig
 
-    from vllm_massv.speculators import speculators_fields
-
-    target, out = _local_dir(target), Path(out)
+    target, out = local_dir(target), Path(out)
     target_cfg = AutoConfig.from_pretrained(target)
     if target_cfg.model_type not in MSD_TARGET_TYPES:
         kind = "text-only" if getattr(target_cfg, "vision_config", None) is None else "unsupported"
@@ -68,8 +68,8 @@ def init_msd_drafter(target: str | Path, out: str | Path, *, decouple: bool = Tr
             f"target {target} is a {kind} {target_cfg.model_type!r} model; MSD drafters are built "
             f"for {', '.join(MSD_TARGET_TYPES)} targets.")
     text = target_cfg.get_text_config()
-    cfg = _qwen2_config_from_text_config(text)
-    cfg["rope_parameters"] = _rope_for_positions(cfg, text, "1d")
+    cfg = qwen2_config_from_text_config(text)
+    cfg["rope_parameters"] = rope_parameters_1d(cfg)
     cfg["dtype"] = cfg.get("dtype") or str(target_cfg.dtype).removeprefix("torch.")
     hidden = int(cfg["hidden_size"])
     msd = MsdConfig(target=str(target), target_architecture=(target_cfg.architectures or [""])[0],
@@ -116,3 +116,20 @@ def _init_weights(cfg: dict, fc_bias: bool, seed: int) -> dict[str, torch.Tensor
     for n in ("input_layernorm", "post_attention_layernorm"):
         state[f"model.layers.0.{n}.weight"] = torch.ones(h)
     return state
+
+
+def init_from_args(args: argparse.Namespace) -> str:
+    """`massv init --method msd`: build the drafter from the CLI's arguments.
+
+    Returns:
+        The report the CLI prints.
+    Raises:
+        MsdConfigError: as :func:`init_msd_drafter`.
+    """
+    report = init_msd_drafter(args.target, args.out, decouple=not args.no_decouple,
+                              seed=args.seed, num_speculative_tokens=args.num_speculative_tokens)
+    m = report.msd
+    return (f"MSD drafter written to {report.out_dir}\n"
+            f"  1 decoder layer + fc, {report.params:,} params, hidden {m.target_hidden_size}, "
+            f"decoupled visual tokens {'on' if m.decouple_visual_tokens else 'off'}\n"
+            + serve_hint(report.out_dir, m.target, "eagle", args.num_speculative_tokens))

@@ -10,53 +10,25 @@ All checks raise :class:`MassvConfigError` (a `ValueError`) whose message names 
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field
+
+from vllm_massv import methods
+from vllm_massv.checkpoint import DrafterBlock, DrafterConfigError, archs, checkpoint_header
+from vllm_massv.rope import has_mrope
 
 MASSV_CONFIG_KEY = "massv"
+#: Weight-name prefix of the projector in a drafter checkpoint (`mm_projector.linear_1.weight`).
+PROJECTOR_PREFIX = "mm_projector"
 ProjectorKind = Literal["mlp2x_gelu", "linear", "identity", "none"]
 PositionScheme = Literal["1d", "mrope"]
 
 
-class MassvConfigError(ValueError):
+class MassvConfigError(DrafterConfigError):
     """A MASSV drafter checkpoint or its pairing with a target is invalid."""
-
-
-class DrafterBlock(BaseModel):
-    """A drafter's self-describing block in its `config.json` (`massv`, `msd`): a pydantic model
-    whose `Field(description=...)` is the documentation, serialized under `block_key`. Serving
-    (the plugin) and training read the same fields. Subclasses set the three class variables."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    block_key: ClassVar[str]
-    error: ClassVar[type[ValueError]]
-    drafter_kind: ClassVar[str]  # "a MASSV drafter", for messages
-    create_hint: ClassVar[str]   # the command that makes such a drafter
-
-    @classmethod
-    def from_hf_config(cls, hf_config: Any):
-        """Read the block from a transformers `PretrainedConfig` (vLLM's `EAGLEConfig` copies
-        it) or a plain dict.
-
-        Raises:
-            cls.error: the block is missing or malformed.
-        """
-        raw = hf_config.get(cls.block_key) if isinstance(hf_config, dict) else getattr(
-            hf_config, cls.block_key, None)
-        if raw is None:
-            raise cls.error(f"config.json has no '{cls.block_key}' block; this is not "
-                            f"{cls.drafter_kind}. Create one with `{cls.create_hint}`.")
-        try:
-            return cls.model_validate(raw)
-        except ValidationError as e:
-            raise cls.error(f"invalid '{cls.block_key}' block in config.json: {e}") from e
-
-    def to_json_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
 
 
 class MassvConfig(DrafterBlock):
@@ -114,10 +86,8 @@ class MassvConfig(DrafterBlock):
 
 def is_massv_hf_config(hf_config: Any) -> bool:
     """True when a drafter's HF config names a MASSV architecture."""
-    from vllm_massv.models import MASSV_ARCHITECTURES
-
-    archs = getattr(hf_config, "architectures", None) or []
-    return any(a in MASSV_ARCHITECTURES for a in archs)
+    names = getattr(hf_config, "architectures", None) or []
+    return any(a in methods.METHODS["massv"].vllm_architectures for a in names)
 
 
 def target_image_embedding_dim(target_hf_config: Any) -> int:
@@ -133,7 +103,7 @@ def target_image_embedding_dim(target_hf_config: Any) -> int:
     vision = getattr(target_hf_config, "vision_config", None)
     if vision is None:
         raise MassvConfigError(
-            f"the target ({_archs(target_hf_config)}) is a text-only model: MASSV drafts for "
+            f"the target ({archs(target_hf_config)}) is a text-only model: MASSV drafts for "
             "vision-language targets. For a text-only target use a plain draft model "
             "(`method: draft_model` with a stock architecture) instead of a MASSV drafter.")
     out = getattr(vision, "out_hidden_size", None)
@@ -149,7 +119,7 @@ def target_token_ids(target_hf_config: Any) -> tuple[int, int | None]:
         image = getattr(target_hf_config, "image_token_index", None)
     if image is None:
         raise MassvConfigError(
-            f"the target ({_archs(target_hf_config)}) declares no image_token_id; "
+            f"the target ({archs(target_hf_config)}) declares no image_token_id; "
             "MASSV needs a vision-language target.")
     return int(image), getattr(target_hf_config, "video_token_id", None)
 
@@ -174,7 +144,7 @@ def validate_pair(draft_hf_config: Any, target_hf_config: Any, *, target_vocab_s
     if cfg.uses_projector and cfg.vision_feature_dim != feat_dim:
         raise MassvConfigError(
             f"projector input dim {cfg.vision_feature_dim} != the target's image-embedding dim "
-            f"{feat_dim} ({_archs(target_hf_config)}). The drafter was built for another target "
+            f"{feat_dim} ({archs(target_hf_config)}). The drafter was built for another target "
             f"({cfg.target or 'unknown'}); rebuild it with `massv init --target <this target>` "
             "and retrain the projector.")
     draft_hidden = getattr(draft_hf_config, "hidden_size", None)
@@ -203,10 +173,10 @@ def validate_pair(draft_hf_config: Any, target_hf_config: Any, *, target_vocab_s
             f"video={cfg.video_token_id}, target has image={image_id} video={video_id}. "
             "The drafter must use the target's tokenizer; rebuild it with `massv init` "
             "against this target.")
-    draft_mrope = _has_mrope(draft_hf_config)
-    if cfg.positions == "mrope" and not _has_mrope(target_hf_config.get_text_config()):
+    draft_mrope = has_mrope(draft_hf_config)
+    if cfg.positions == "mrope" and not has_mrope(target_hf_config.get_text_config()):
         raise MassvConfigError(
-            f"massv.positions='mrope' but the target ({_archs(target_hf_config)}) uses 1-D "
+            f"massv.positions='mrope' but the target ({archs(target_hf_config)}) uses 1-D "
             "positions; set positions to '1d'.")
     if cfg.positions == "mrope" and not draft_mrope:
         raise MassvConfigError(
@@ -229,62 +199,21 @@ def check_checkpoint_weights(model_dir: str | os.PathLike, cfg: MassvConfig) -> 
         MassvConfigError: no safetensors files, an unreadable (e.g. truncated) file, or missing
             projector weights.
     """
-    from vllm_massv.projector import expected_projector_weight_names
-
-    path = Path(model_dir)
-    if not path.is_dir():
+    header = checkpoint_header(model_dir, MassvConfigError)
+    if header is None:
         return
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise MassvConfigError(f"{path} has no *.safetensors weights; re-export the drafter.")
-    names: set[str] = set()
-    for f in files:
-        names |= _safetensors_keys(f)
-    missing = sorted(n for n in expected_projector_weight_names(cfg) if n not in names)
+    missing = sorted(n for n in expected_projector_weight_names(cfg) if n not in header)
     if missing:
         raise MassvConfigError(
-            f"{path}: missing projector weights {missing} (massv.projector={cfg.projector!r}). "
-            "Re-export the drafter with `massv init` / `massv train`, or set the projector kind "
+            f"{Path(model_dir)}: missing projector weights {missing} "
+            f"(massv.projector={cfg.projector!r}). Re-export the drafter with `massv init` / `massv train`, or set the projector kind "
             "that matches the weights.")
 
 
-def _safetensors_keys(file: Path) -> set[str]:
-    """Tensor names in a safetensors file (see :func:`safetensors_header`)."""
-    return set(safetensors_header(file))
-
-
-def safetensors_header(file: Path) -> dict[str, Any]:
-    """A safetensors file's tensor entries (name -> {dtype, shape, data_offsets}), from its JSON
-    header, validated against the file size (a truncated file raises).
-
-    Raises:
-        MassvConfigError: the header or the data do not fit the file.
-    """
-    size = file.stat().st_size
-    try:
-        with open(file, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            if n <= 0 or 8 + n > size:
-                raise ValueError("header length exceeds file size")
-            header = json.loads(fh.read(n))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
-                  default=0)
-        if 8 + n + end > size:
-            raise ValueError(f"data ends at byte {8 + n + end} but file has {size} bytes")
-    except (ValueError, KeyError, json.JSONDecodeError) as e:
-        raise MassvConfigError(
-            f"{file}: unreadable safetensors file ({e}); it is truncated or corrupt. "
-            "Re-download or re-export the drafter.") from e
-    return {k: v for k, v in header.items() if k != "__metadata__"}
-
-
-def _has_mrope(hf_config: Any) -> bool:
-    for key in ("rope_parameters", "rope_scaling"):
-        params = getattr(hf_config, key, None)
-        if isinstance(params, dict) and params.get("mrope_section"):
-            return True
-    return False
-
-
-def _archs(hf_config: Any) -> str:
-    return ",".join(getattr(hf_config, "architectures", None) or ["?"])
+def expected_projector_weight_names(cfg: MassvConfig) -> list[str]:
+    """Checkpoint tensor names the projector of `cfg` needs (empty for identity/none)."""
+    names = {
+        "mlp2x_gelu": ["linear_1.weight", "linear_1.bias", "linear_2.weight", "linear_2.bias"],
+        "linear": ["linear.weight", "linear.bias"],
+    }.get(cfg.projector, [])
+    return [f"{PROJECTOR_PREFIX}.{n}" for n in names]

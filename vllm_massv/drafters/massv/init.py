@@ -16,37 +16,31 @@ computation).
 
 from __future__ import annotations
 
+import argparse
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from vllm_massv.config import (MassvConfig, MassvConfigError, PositionScheme, ProjectorKind,
-                               target_image_embedding_dim, target_token_ids)
-from vllm_massv.projector import PROJECTOR_PREFIX, build_projector
-from vllm_massv.speculators import DEFAULT_NUM_SPECULATIVE_TOKENS, speculators_fields
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja",
-                   "chat_template.json", "added_tokens.json")
-# Qwen2 config fields copied from a VLM target's text config for a sanity drafter.
-_QWEN2_TEXT_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers",
-                      "num_attention_heads", "num_key_value_heads", "hidden_act",
-                      "max_position_embeddings", "rms_norm_eps", "rope_parameters",
-                      "attention_dropout", "initializer_range", "bos_token_id", "eos_token_id",
-                      "head_dim")
-
+from vllm_massv.checkpoint import (copy_tokenizer_files, language_model_state, local_dir,
+                                   qwen2_config_from_text_config, read_safetensors_dir)
+from vllm_massv.drafters.massv.config import (PROJECTOR_PREFIX, MassvConfig, MassvConfigError,
+                                              PositionScheme, ProjectorKind,
+                                              target_image_embedding_dim, target_token_ids)
+from vllm_massv.drafters.massv.projector import build_projector
+from vllm_massv.rope import has_mrope, rope_parameters_1d
+from vllm_massv.speculators import (DEFAULT_NUM_SPECULATIVE_TOKENS, serve_hint,
+                                    speculators_fields)
 
 @dataclass(frozen=True)
 class DrafterFamily:
     """A target family and the drafter architecture that serves it."""
     target_types: tuple[str, ...]   # the target VLM's model_type
     lm_type: str                    # model_type of the draft text LM
-    architecture: str               # MASSV drafter architecture (vllm_massv.models)
+    architecture: str               # MASSV drafter architecture (vllm_model.py)
     example: str                    # a draft LM to name in error messages
 
 
@@ -56,15 +50,6 @@ FAMILIES = {
     "gemma3": DrafterFamily(("gemma3",), "gemma3_text", "MassvGemma3ForCausalLM",
                             "gemma-3-1b-it"),
 }
-#: Weight-name prefixes of a VLM's language model, by checkpoint layout, and their drafter names:
-#: transformers >= 4.52 (`model.language_model.*`), Gemma3 hub (`language_model.model.*`).
-_LM_PREFIXES = {"model.language_model.": "model.", "language_model.model.": "model.",
-                "language_model.lm_head.": "lm_head."}
-#: Vision-side weights of a VLM (Qwen `visual`, Gemma3 `vision_tower` + `multi_modal_projector`).
-_VISION_PREFIXES = ("model.visual.", "visual.", "model.vision_tower.", "vision_tower.",
-                    "model.multi_modal_projector.", "multi_modal_projector.")
-
-
 def drafter_family(target_cfg: Any) -> DrafterFamily:
     """The drafter family for a target VLM config.
 
@@ -97,7 +82,7 @@ def init_drafter(target: str | Path, draft_lm: str | Path, out: str | Path, *,
 
     Gemma3 drafters are saved with `sliding_window: null`: every layer attends over the whole
     context (each keeps its layer type's RoPE), because vLLM's V1 proposer needs all draft
-    layers in one KV-cache group (see `vllm_massv.models.gemma3`).
+    layers in one KV-cache group (docs/design/massv.md).
 
     Args:
         target: the target VLM (Qwen2-VL / Qwen2.5-VL or Gemma3 family): a local directory or a
@@ -120,7 +105,7 @@ def init_drafter(target: str | Path, draft_lm: str | Path, out: str | Path, *,
     from transformers import AutoConfig
 
     target_name = str(target)  # a hub name stays a name (the verifier vLLM downloads)
-    target, draft_lm, out = _local_dir(target), _local_dir(draft_lm), Path(out)
+    target, draft_lm, out = local_dir(target), local_dir(draft_lm), Path(out)
     target_cfg = AutoConfig.from_pretrained(target)
     feat_dim = target_image_embedding_dim(target_cfg)   # raises for a text-only target
     image_id, video_id = target_token_ids(target_cfg)
@@ -141,14 +126,14 @@ def init_drafter(target: str | Path, draft_lm: str | Path, out: str | Path, *,
 
     if sanity:
         text_cfg = lm_cfg.get_text_config()
-        cfg = (_qwen2_config_from_text_config(text_cfg) if family.lm_type == "qwen2"
+        cfg = (qwen2_config_from_text_config(text_cfg) if family.lm_type == "qwen2"
                else text_cfg.to_dict())
         cfg["dtype"] = cfg.get("dtype") or str(lm_cfg.dtype).removeprefix("torch.")
-        lm_state = _language_model_state(draft_lm)
-        positions = positions or ("mrope" if _is_mrope(target_text) else "1d")
+        lm_state = language_model_state(draft_lm)
+        positions = positions or ("mrope" if has_mrope(target_text) else "1d")
     else:
         cfg = lm_cfg.to_dict()
-        lm_state = _read_safetensors_dir(draft_lm)
+        lm_state = read_safetensors_dir(draft_lm)
         positions = positions or "1d"
     if family.lm_type == "qwen2":
         cfg["rope_parameters"] = _rope_for_positions(cfg, target_text, positions)
@@ -197,27 +182,6 @@ def init_drafter(target: str | Path, draft_lm: str | Path, out: str | Path, *,
                       sum(v.numel() for v in proj_state.values()), padded)
 
 
-def copy_tokenizer_files(src: Path, dst: Path) -> None:
-    """Copy the tokenizer / chat-template files present in `src` (a drafter uses the target's)."""
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
-
-
-def _local_dir(name_or_path: str | Path) -> Path:
-    """A local directory for a model: the path itself, or a hub snapshot (config, tokenizer and
-    safetensors files only)."""
-    path = Path(name_or_path)
-    if path.is_dir():
-        return path
-    if path.exists() or str(name_or_path).count("/") != 1:
-        raise MassvConfigError(f"{name_or_path} is neither a model directory nor a hub name")
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(str(name_or_path), allow_patterns=[
-        "*.json", "*.safetensors", "*.txt", "*.jinja", "tokenizer*"]))
-
-
 def check_tokenizers(target: Path, draft_lm: Path, *, image_token_id: int,
                      draft_vocab_size: int | None = None) -> None:
     """Check that the draft LM's tokenizer maps every token to the target's id.
@@ -258,24 +222,10 @@ def check_tokenizers(target: Path, draft_lm: Path, *, image_token_id: int,
             raise MassvConfigError(f"special token {attr} differs: target {t!r}, draft {d!r}")
 
 
-def _qwen2_config_from_text_config(text_cfg: Any) -> dict[str, Any]:
-    """A Qwen2 config dict with every numeric setting of a VLM's text config."""
-    src = text_cfg.to_dict()
-    cfg = {k: src[k] for k in _QWEN2_TEXT_FIELDS if k in src and src[k] is not None}
-    cfg.update(vocab_size=src["vocab_size"], model_type="qwen2",
-               tie_word_embeddings=bool(src.get("tie_word_embeddings", False)),
-               use_sliding_window=False, dtype=src.get("dtype") or src.get("torch_dtype"))
-    return cfg
-
-
 def _rope_for_positions(cfg: dict[str, Any], target_text: Any,
                         positions: PositionScheme) -> dict[str, Any]:
     """The drafter's rope parameters for a position scheme (mrope_section only for `mrope`)."""
-    rope = dict(cfg.get("rope_parameters") or {})
-    if not rope:
-        rope = {"rope_type": "default", "rope_theta": cfg.get("rope_theta", 10000.0)}
-    rope.pop("mrope_section", None)
-    rope.pop("mrope_interleaved", None)
+    rope = rope_parameters_1d(cfg)
     if positions == "1d":
         return rope
     section = (target_text.to_dict().get("rope_parameters") or {}).get("mrope_section")
@@ -308,36 +258,24 @@ def scale_mrope_section(section: list[int], half_dim: int) -> list[int]:
     return scaled
 
 
-def _read_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise MassvConfigError(f"{path} has no *.safetensors weights")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(f))
-    return state
+def init_from_args(args: argparse.Namespace) -> str:
+    """`massv init --method massv`: build the drafter from the CLI's arguments.
 
-
-def _language_model_state(vlm_dir: Path) -> dict[str, torch.Tensor]:
-    """The language-model weights of a VLM checkpoint under its text LM's names
-    (`model.*`, `lm_head.*`); vision tower and multimodal projector dropped.
-
-    Layouts: transformers >= 4.52 (`model.language_model.*`), the original Qwen2-VL hub layout
-    (`model.*`, `visual.*`) and the Gemma3 hub layout (`language_model.model.*`,
-    `vision_tower.*`, `multi_modal_projector.*`).
+    Returns:
+        The report the CLI prints.
+    Raises:
+        MassvConfigError: `--draft-lm` missing, or as :func:`init_drafter`.
     """
-    state = {}
-    for name, tensor in _read_safetensors_dir(vlm_dir).items():
-        if name.startswith(_VISION_PREFIXES):
-            continue
-        prefix = next((p for p in _LM_PREFIXES if name.startswith(p)), None)
-        if prefix is not None:
-            state[_LM_PREFIXES[prefix] + name[len(prefix):]] = tensor
-        elif name.startswith(("model.", "lm_head.")):
-            state[name] = tensor
-    return state
-
-
-def _is_mrope(text_cfg: Any) -> bool:
-    rope = text_cfg.to_dict().get("rope_parameters") or {}
-    return bool(rope.get("mrope_section"))
+    if args.draft_lm is None:
+        raise MassvConfigError("--draft-lm is required for --method massv")
+    report = init_drafter(args.target, args.draft_lm, args.out, projector=args.projector,
+                          positions=args.positions, projector_hidden_size=args.projector_hidden,
+                          seed=args.seed, num_speculative_tokens=args.num_speculative_tokens)
+    m = report.massv
+    return (f"MASSV drafter written to {report.out_dir}\n"
+            f"  projector {m.projector} ({report.projector_params:,} params), positions "
+            f"{m.positions}\n"
+            f"  LM params {report.drafter_params:,}, vocab {m.orig_vocab_size} padded by "
+            f"{report.padded_rows} rows\n  image token id {m.image_token_id}, "
+            f"vision feature dim {m.vision_feature_dim}\n"
+            + serve_hint(report.out_dir, m.target, "draft_model", args.num_speculative_tokens))

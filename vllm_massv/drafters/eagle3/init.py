@@ -11,6 +11,7 @@ from 0), stored as `d2t`/`t2d`.
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections import Counter
 from dataclasses import dataclass
@@ -18,9 +19,11 @@ from pathlib import Path
 
 import torch
 
-from vllm_massv.eagle3.config import (EAGLE3_TARGET_TYPES, Eagle3Config, Eagle3ConfigError,
-                                      default_aux_layer_ids)
-from vllm_massv.eagle3.model import Eagle3Drafter
+from vllm_massv.checkpoint import copy_tokenizer_files, local_dir
+from vllm_massv.drafters.eagle3.config import (EAGLE3_TARGET_TYPES, Eagle3Config,
+                                               Eagle3ConfigError, default_aux_layer_ids)
+from vllm_massv.drafters.eagle3.hf_model import Eagle3Drafter
+from vllm_massv.speculators import serve_hint
 
 
 @dataclass
@@ -34,9 +37,10 @@ class Eagle3InitReport:
 
 def response_token_counts(data: str | Path) -> Counter:
     """Token counts over the response tokens (`token_ids`) of a `massv generate` output."""
+    # the training side's reader of `massv generate` output (pyarrow: the [train] extra)
     import pyarrow.parquet as pq
 
-    from vllm_massv.training.train import data_files
+    from vllm_massv.training.examples import data_files
 
     counts: Counter = Counter()
     for f in data_files(data):
@@ -87,9 +91,7 @@ def init_eagle3_drafter(target: str | Path, out: str | Path, *,
     from safetensors import safe_open
     from transformers import AutoConfig
 
-    from vllm_massv.init_drafter import _local_dir, copy_tokenizer_files
-
-    target, out = _local_dir(target), Path(out)
+    target, out = local_dir(target), Path(out)
     tc = AutoConfig.from_pretrained(target)
     if tc.model_type not in EAGLE3_TARGET_TYPES:
         raise Eagle3ConfigError(f"target {target} is a {tc.model_type!r} model; massv trains "
@@ -143,3 +145,24 @@ def init_eagle3_drafter(target: str | Path, out: str | Path, *,
 def read_config(path: str | Path) -> Eagle3Config:
     """The :class:`Eagle3Config` of a head directory."""
     return Eagle3Config.from_config_json(json.loads((Path(path) / "config.json").read_text()))
+
+
+def init_from_args(args: argparse.Namespace) -> str:
+    """`massv init --method eagle3`: build the head from the CLI's arguments.
+
+    Returns:
+        The report the CLI prints.
+    Raises:
+        Eagle3ConfigError: as :func:`init_eagle3_drafter`.
+    """
+    layers = [int(x) for x in args.aux_layers.split(",")] if args.aux_layers else None
+    report = init_eagle3_drafter(args.target, args.out, aux_layer_ids=layers,
+                                 draft_vocab_size=args.draft_vocab_size, data=args.data,
+                                 num_speculative_tokens=args.num_speculative_tokens,
+                                 seed=args.seed)
+    c = report.cfg
+    return (f"EAGLE-3 head written to {report.out_dir}\n"
+            f"  fc over target layers {c.eagle_aux_hidden_state_layer_ids} + 1 decoder layer, "
+            f"{report.params:,} params ({report.trainable:,} trainable), draft vocab "
+            f"{c.draft_vocab_size}/{c.vocab_size}\n"
+            + serve_hint(report.out_dir, c.verifier, "eagle3", args.num_speculative_tokens))

@@ -1,0 +1,71 @@
+"""Every environment variable vllm-massv reads: name, default, meaning (vLLM's `envs.py` style).
+
+Read them through the functions here, at the time of use (vLLM worker processes inherit the
+environment of the process that started the engine). Test switches are marked: they exist for the
+test suite and `benchmarks/`, and are never set in production.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+#: Apply the CPU rejection-sampler fix (`vllm_massv.patches.v1_cpu_sampler`) in every engine, not
+#: only in engines serving a drafter of this project ("1"/"true"; default off). For comparing stock
+#: draft methods fairly at temperature > 0 on CPU; `benchmarks/throughput.py` sets it.
+FIX_CPU_SAMPLER = "VLLM_MASSV_FIX_CPU_SAMPLER"
+#: Where `make patch-surface VLLM=X` keeps downloaded vLLM wheels (default
+#: ~/.cache/vllm-massv/wheels).
+WHEEL_CACHE = "MASSV_WHEEL_CACHE"
+#: Test switch ("1"): serve a MASSV drafter through vLLM's stock `DraftModelProposer` (no proposer
+#: routing), to time the stock pass on the same weights (`benchmarks/proposer_cost.py`). Correct
+#: only on text-only prompts: stock drafts text-only.
+TEST_STOCK_PROPOSER = "VLLM_MASSV_TEST_STOCK_PROPOSER"
+#: Test switch ("1"): the MASSV proposer replaces every request's last draft token by a wrong one,
+#: so a test can check the rejection path (per-position acceptance N/N/.../0).
+TEST_CORRUPT_LAST_DRAFT = "VLLM_MASSV_TEST_CORRUPT_LAST_DRAFT"
+#: Test switch ("1"): EAGLE-path drafters on M-RoPE targets keep stock vLLM's temporal-row
+#: positions (to measure the stock defect the position fix repairs).
+TEST_STOCK_EAGLE_POSITIONS = "VLLM_MASSV_TEST_STOCK_EAGLE_POSITIONS"
+#: vLLM's own switch for its V2 model runner; read (never set) by the engine-config policy.
+VLLM_USE_V2_MODEL_RUNNER = "VLLM_USE_V2_MODEL_RUNNER"
+
+DEFAULT_WHEEL_CACHE = Path.home() / ".cache" / "vllm-massv" / "wheels"
+
+
+def _is_one(name: str) -> bool:
+    return os.environ.get(name, "0") == "1"
+
+
+def _is_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true")
+
+
+def fix_cpu_sampler() -> bool:
+    """`VLLM_MASSV_FIX_CPU_SAMPLER` is "1" or "true" (any case)."""
+    return _is_true(FIX_CPU_SAMPLER)
+
+
+def wheel_cache() -> Path:
+    """`MASSV_WHEEL_CACHE`, or ~/.cache/vllm-massv/wheels."""
+    return Path(os.environ.get(WHEEL_CACHE) or DEFAULT_WHEEL_CACHE)
+
+
+def test_stock_proposer() -> bool:
+    """Test switch `VLLM_MASSV_TEST_STOCK_PROPOSER` is "1"."""
+    return _is_one(TEST_STOCK_PROPOSER)
+
+
+def test_corrupt_last_draft() -> bool:
+    """Test switch `VLLM_MASSV_TEST_CORRUPT_LAST_DRAFT` is "1"."""
+    return _is_one(TEST_CORRUPT_LAST_DRAFT)
+
+
+def test_stock_eagle_positions() -> bool:
+    """Test switch `VLLM_MASSV_TEST_STOCK_EAGLE_POSITIONS` is "1"."""
+    return _is_one(TEST_STOCK_EAGLE_POSITIONS)
+
+
+def v2_model_runner_requested() -> bool:
+    """The user set `VLLM_USE_V2_MODEL_RUNNER` to "1" or "true" (any case)."""
+    return _is_true(VLLM_USE_V2_MODEL_RUNNER)

@@ -1,0 +1,206 @@
+"""Engine-config policy for this project's drafters, applied while vLLM builds its config (before
+any engine process starts). Only MASSV and MSD configs are affected.
+
+- `VllmConfig.use_v2_model_runner` is False for MASSV and MSD drafters (`vllm/config/vllm.py`):
+  their image-aware drafting is implemented for the V1 model runner (the V2 runner's draft-model
+  speculator ignores image embeddings, so it would draft text-only). An explicit
+  `VLLM_USE_V2_MODEL_RUNNER=1` is refused.
+- `VllmConfig.__post_init__` refuses the vLLM modes that break these drafters
+  (:func:`refuse_unsupported_modes`) and, for MASSV pairs with sliding-window layers (Gemma3),
+  turns the hybrid KV-cache manager off unless the user set it: with it on, sliding and full
+  layers get separate KV-cache groups, and the V1 proposer asserts that all draft layers share one
+  (`v1/spec_decode/llm_base_proposer.py::validate_same_kv_cache_group`); with it off, vLLM
+  promotes sliding layers to full-attention specs in one group and still computes them windowed
+  (`v1/core/kv_cache_utils.py::unify_hybrid_kv_cache_specs`). An explicit
+  `--no-disable-hybrid-kv-cache-manager` (0.33: `--enable-hybrid-kv-cache-manager`) with such a
+  pair is refused.
+- `SpeculativeConfig.verify_equal_vocab_size_if_draft_model` (`vllm/config/speculative.py`,
+  called while the config is built) runs the drafter's pairing and weight checks
+  (`drafters/massv/config.py::validate_pair`, `drafters/msd/config.py::validate`) instead of the
+  bare vocab-size check.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from vllm_massv import envs
+from vllm_massv.drafters.massv.config import check_checkpoint_weights, validate_pair
+from vllm_massv.drafters.msd import config as msd
+from vllm_massv.patches.drafters import draft_is_massv, draft_is_msd
+from vllm_massv.patches.hook import patches_class
+
+
+def _log_once(message: str) -> None:
+    from vllm.logger import init_logger  # vLLM is imported by then: this runs inside its config
+
+    init_logger("vllm.massv").info_once(message)
+
+
+@patches_class("VllmConfig")
+def apply_engine_policy(cls: type) -> None:
+    """`vllm.config.vllm.VllmConfig`: the V1 runner pin and the mode policy (module docstring)."""
+    stock = cls.use_v2_model_runner
+
+    def use_v2_model_runner(self) -> bool:
+        if draft_is_msd(self.speculative_config):
+            return _v1_runner_for_msd()
+        if not draft_is_massv(self.speculative_config):
+            return stock.fget(self)
+        if self.speculative_config.use_heterogeneous_vocab:
+            # vLLM skips the vocab check (and with it our pairing checks) in this mode.
+            raise ValueError(
+                "MASSV drafters share the target's token ids (their vocabulary is padded to the "
+                "target's); remove 'use_heterogeneous_vocab' from the speculative config.")
+        if envs.v2_model_runner_requested():
+            raise ValueError(
+                "MASSV drafters run on vLLM's V1 model runner (the V2 runner's draft-model "
+                "speculator ignores image embeddings); unset VLLM_USE_V2_MODEL_RUNNER.")
+        _log_once("MASSV drafter: using the V1 model runner (image-aware drafting is "
+                  "implemented for V1).")
+        return False
+
+    cls.use_v2_model_runner = property(use_v2_model_runner, doc=stock.__doc__)
+    stock_post_init = cls.__post_init__
+
+    def __post_init__(self) -> None:
+        if draft_is_massv(self.speculative_config):
+            refuse_unsupported_modes(self)
+            _single_kv_cache_group_for_massv(self)
+        elif draft_is_msd(self.speculative_config):
+            refuse_unsupported_modes(self, drafter="MSD")
+        return stock_post_init(self)
+
+    cls.__post_init__ = __post_init__
+
+
+@patches_class("SpeculativeConfig")
+def check_pairing(cls: type) -> None:
+    """`vllm.config.speculative.SpeculativeConfig`: MASSV and MSD pairing and weight checks in
+    place of the bare vocab-size check."""
+    stock = cls.verify_equal_vocab_size_if_draft_model
+
+    def verify_equal_vocab_size_if_draft_model(self) -> None:
+        if self.target_model_config is not None and draft_is_msd(self):
+            cfg = msd.validate(
+                self.draft_model_config.hf_config, self.target_model_config.hf_config,
+                method=self.method, target_vocab_size=self.target_model_config.get_vocab_size(),
+                draft_vocab_size=self.draft_model_config.get_vocab_size())
+            msd.check_checkpoint_weights(self.draft_model_config.model,
+                                         self.draft_model_config.hf_config, cfg)
+            return None
+        if self.target_model_config is None or not draft_is_massv(self):
+            return stock(self)
+        massv = validate_pair(
+            self.draft_model_config.hf_config, self.target_model_config.hf_config,
+            target_vocab_size=self.target_model_config.get_vocab_size(),
+            draft_vocab_size=self.draft_model_config.get_vocab_size())
+        check_checkpoint_weights(self.draft_model_config.model, massv)
+
+    cls.verify_equal_vocab_size_if_draft_model = verify_equal_vocab_size_if_draft_model
+
+
+def refuse_unsupported_modes(vllm_config: Any, drafter: Literal["MASSV", "MSD"] = "MASSV"
+                             ) -> None:
+    """Refuse, while the config is built (before any engine process starts), the vLLM modes
+    that break a MASSV (or MSD) drafter. Called for MASSV and MSD configs only. For MSD (vLLM's
+    EAGLE proposer, no padded vocabulary) only pipeline parallelism, parallel drafting and the
+    V2-only features apply.
+
+    Raises:
+        ValueError: naming the mode, why it breaks MASSV drafting and what to use instead:
+            * pipeline parallelism > 1: the encoder (and its cache of image embeddings) runs on
+              the first stage, the drafter on the last (`v1/worker/gpu_model_runner.py`), so
+              the first image request fails with "Encoder cache miss";
+            * `parallel_drafting`: K draft slots per request (PARD), while the image mask and
+              M-RoPE fill assume vLLM's one extra slot per request
+              (`llm_base_proposer.py::set_inputs_first_pass`);
+            * `use_local_argmax_reduction`: drafts from `get_top_tokens` instead of
+              `compute_logits`, so the drafter's padded vocabulary rows are not masked (and
+              vLLM's Qwen2/Gemma3 LMs lack `get_top_tokens`);
+            * `disable_padded_drafter_batch`: vLLM's draft-model proposer supports only the
+              padded batch (it raises later, inside the engine);
+            * HiSparse attention or watermarking: V2-runner-only features
+              (`VllmConfig.use_v2_model_runner`), and MASSV/MSD pin the V1 runner.
+    """
+    massv = drafter == "MASSV"
+    spec = vllm_config.speculative_config
+    pp = getattr(vllm_config.parallel_config, "pipeline_parallel_size", 1)
+    problems = []
+    if pp > 1:
+        problems.append(
+            f"pipeline_parallel_size={pp}: vLLM runs the vision encoder on the first pipeline "
+            "stage and the drafter on the last, so the drafter cannot read the image "
+            "embeddings (\"Encoder cache miss\" on the first image request). Use "
+            "tensor_parallel_size (or data parallelism) instead.")
+    if getattr(spec, "parallel_drafting", False):
+        problems.append(
+            f"parallel_drafting: {drafter} drafters are autoregressive (one draft slot per "
+            "request and step; the image-embedding mask and positions follow that layout). Remove "
+            "'parallel_drafting' from the speculative config.")
+    if massv and getattr(spec, "use_local_argmax_reduction", False):
+        problems.append(
+            "use_local_argmax_reduction: it bypasses compute_logits, which masks the drafter's "
+            "padded vocabulary rows. Remove it from the speculative config.")
+    if massv and getattr(spec, "disable_padded_drafter_batch", False):
+        problems.append(
+            "disable_padded_drafter_batch: vLLM's draft_model proposer only supports the "
+            "padded drafter batch. Remove it from the speculative config.")
+    v2_only = [name for name, on in (
+        ("HiSparse attention", getattr(getattr(vllm_config, "attention_config", None),
+                                       "hisparse_config", None) is not None),
+        ("watermarking", getattr(vllm_config, "watermark_config", None) is not None)) if on]
+    for name in v2_only:
+        problems.append(
+            f"{name}: needs vLLM's V2 model runner, while {drafter} drafters run on the V1 "
+            "runner (where their image-aware drafting is implemented). Remove it.")
+    if problems:
+        raise ValueError(f"{drafter} drafter: unsupported vLLM mode(s):\n- "
+                         + "\n- ".join(problems))
+
+
+def _v1_runner_for_msd() -> bool:
+    if envs.v2_model_runner_requested():
+        raise ValueError(
+            "MSD drafters run on vLLM's V1 model runner (their image-row decoupling and "
+            "position fix are implemented for V1's EAGLE proposer); unset "
+            "VLLM_USE_V2_MODEL_RUNNER.")
+    _log_once("MSD drafter: using the V1 model runner.")
+    return False
+
+
+def has_sliding_window_layers(hf_text_config: Any) -> bool:
+    """True when a text config has sliding-window attention layers (Gemma2/3, Qwen2 with
+    `use_sliding_window`); vLLM builds them with `per_layer_sliding_window`."""
+    if getattr(hf_text_config, "sliding_window", None) is None:
+        return False
+    layer_types = getattr(hf_text_config, "layer_types", None)
+    if layer_types is not None:
+        return "sliding_attention" in layer_types
+    return bool(getattr(hf_text_config, "use_sliding_window", True))
+
+
+def _single_kv_cache_group_for_massv(vllm_config: Any) -> None:
+    """Make all draft layers share one KV-cache group (see the module docstring).
+
+    Raises:
+        ValueError: the hybrid KV-cache manager was explicitly enabled for a pair with
+            sliding-window layers.
+    """
+    spec = vllm_config.speculative_config
+    models = [m for m in (vllm_config.model_config, spec.draft_model_config) if m is not None]
+    if not any(has_sliding_window_layers(m.hf_text_config) for m in models):
+        return
+    sched = vllm_config.scheduler_config
+    if sched.disable_hybrid_kv_cache_manager is False:
+        raise ValueError(
+            "MASSV drafting with sliding-window models (e.g. Gemma3) needs the hybrid KV-cache "
+            "manager off: vLLM's V1 proposer requires all draft layers in one KV-cache group. "
+            "Remove --no-disable-hybrid-kv-cache-manager (vLLM 0.33 spells it "
+            "--enable-hybrid-kv-cache-manager; Python: disable_hybrid_kv_cache_manager=False).")
+    if sched.disable_hybrid_kv_cache_manager is None:
+        _log_once(
+            "MASSV drafter with sliding-window layers: disabling the hybrid KV-cache manager "
+            "(draft layers must share one KV-cache group; sliding layers keep their window "
+            "but hold KV for the full context).")
+        sched.disable_hybrid_kv_cache_manager = True

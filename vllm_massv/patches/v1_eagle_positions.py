@@ -1,0 +1,73 @@
+"""V1 model runner: EAGLE-path drafters on M-RoPE targets get 1-D absolute positions for RoPE and
+draft KV slots (a stock-vLLM bug fix).
+
+Stock vLLM (`v1/spec_decode/llm_base_proposer.py`), for a drafter without M-RoPE (EAGLE-1,
+EAGLE-3 heads, MSD) serving an M-RoPE target (Qwen2-VL / Qwen2.5-VL), gives the drafter the
+target's *temporal* M-RoPE row as its positions (`_set_positions`), and derives the KV slots of
+draft tokens 2..k from that row (`_update_positions_dependent_metadata`). After an image the row
+is smaller than the token index, so the head sees positions it was not trained with and writes
+its draft KV into earlier tokens' slots. :class:`EagleAbsolutePositionsProposer` feeds the
+absolute token index instead (`vllm_massv.rope.absolute_positions`, from the attention metadata,
+in every runner layout). `v1_proposer_routing.py` builds it only for `eagle`/`eagle3` drafters
+without M-RoPE on M-RoPE targets (and, through its subclass, MSD drafters). Details:
+docs/notes/eagle-mrope-positions.md.
+"""
+
+from __future__ import annotations
+
+import torch
+from vllm.logger import init_logger
+from vllm.v1.spec_decode.eagle import EagleProposer
+
+from vllm_massv import envs
+from vllm_massv.patches.v1_cpu_sampler import fix_cpu_rejection_sampler
+from vllm_massv.rope import absolute_positions
+
+logger = init_logger("vllm.massv.eagle_positions")
+
+
+def needs_absolute_positions(vllm_config) -> bool:
+    """True for an `eagle`/`eagle3` drafter without M-RoPE serving an M-RoPE target."""
+    spec = vllm_config.speculative_config
+    if spec is None or spec.method not in ("eagle", "eagle3") or spec.draft_model_config is None:
+        return False
+    return bool(vllm_config.model_config.uses_mrope) and not spec.draft_model_config.uses_mrope
+
+
+class EagleAbsolutePositionsProposer(EagleProposer):
+    """`EagleProposer` that gives a non-M-RoPE drafter absolute 1-D positions on an M-RoPE
+    target (see the module docstring). Also applies the CPU rejection-sampler fix in its
+    worker: these engines draft on image prompts at temperature > 0 too."""
+
+    #: the drafter kind named in the CPU sampler fix's log line (subclasses), or None
+    drafter_name: str | None = None
+
+    def __init__(self, vllm_config, device: torch.device, runner=None) -> None:
+        super().__init__(vllm_config, device, runner=runner)
+        self._stock_positions = envs.test_stock_eagle_positions()
+        logger.info("EAGLE proposer on an M-RoPE target (%s): draft positions = %s",
+                    type(self).__name__,
+                    f"stock vLLM (temporal M-RoPE row; {envs.TEST_STOCK_EAGLE_POSITIONS}=1)"
+                    if self._stock_positions else "1-D absolute")
+        fix_cpu_rejection_sampler(self.drafter_name)
+
+    def propose(self, num_speculative_tokens, target_token_ids, target_positions,
+                target_hidden_states, next_token_ids, token_indices_to_sample,
+                common_attn_metadata, sampling_metadata, mm_embed_inputs=None,
+                num_rejected_tokens_gpu=None, slot_mappings=None) -> torch.Tensor:
+        """Same contract as `SpecDecodeBaseProposer.propose`; returns [batch, k] draft ids."""
+        if target_positions.dim() == 2 and not self.uses_mrope and not self._stock_positions:
+            target_positions = absolute_positions(
+                common_attn_metadata.query_start_loc, common_attn_metadata.seq_lens,
+                target_token_ids.shape[0])
+        return super().propose(
+            num_speculative_tokens, target_token_ids, target_positions, target_hidden_states,
+            next_token_ids, token_indices_to_sample, common_attn_metadata, sampling_metadata,
+            mm_embed_inputs=mm_embed_inputs, num_rejected_tokens_gpu=num_rejected_tokens_gpu,
+            slot_mappings=slot_mappings)
+
+    def _set_positions(self, num_tokens: int, positions: torch.Tensor) -> None:
+        if positions.dim() == 1 and not self.uses_mrope:
+            self.positions[:num_tokens] = positions   # already 1-D: no temporal-row pick
+            return
+        super()._set_positions(num_tokens, positions)

@@ -1,0 +1,1 @@
+"""Benchmarks of MASSV and the other speculative-decoding methods inside vLLM, and their library."""

@@ -34,6 +34,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.harness.engine import make_llm, run_requests, shutdown  # noqa: E402
+from benchmarks.harness.methods import Method  # noqa: E402
+from benchmarks.harness.prompts import PromptItem, render_prompts  # noqa: E402
+from benchmarks.harness.report import tau_of_records  # noqa: E402
+from benchmarks.testbed import assets, task  # noqa: E402
+
 K = 4
 MAX_TOKENS = 96
 TESTBED_KINDS = ("describe", "where", "colour", "read")
@@ -44,16 +50,13 @@ PHOTOS = (("astronaut", "Describe the image."), ("coffee", "Describe the image."
 
 def prompts(target: Path, data: Path) -> list:
     """Four held-out testbed questions (one per kind) and two skimage photos, chat-formatted."""
+    from PIL import Image
     from skimage import data as skdata
     from transformers import AutoTokenizer
 
-    from benchmarks import throughput as tp
-    from benchmarks.testbed import task
-    from PIL import Image
-
     samples = task.load_split(data, "test")
-    items = [tp.PromptItem(s.id, s.kind, {"messages": task.messages(s),
-                                          "image": task.render(s.scene)}, True)
+    items = [PromptItem(s.id, s.kind, {"messages": task.messages(s),
+                                       "image": task.render(s.scene)}, True)
              for s in (next(x for x in samples if x.kind == kind) for kind in TESTBED_KINDS)]
     for name, question in PHOTOS:
         # Shown at the testbed's image size (140x140, 25 image tokens), the only size the target
@@ -62,35 +65,32 @@ def prompts(target: Path, data: Path) -> list:
             (task.IMAGE_SIZE, task.IMAGE_SIZE), Image.Resampling.BICUBIC)
         messages = [{"role": "user", "content": [{"type": "image"},
                                                  {"type": "text", "text": question}]}]
-        items.append(tp.PromptItem(name, "photo", {"messages": messages, "image": image}, True))
-    return tp.render_prompts(items, AutoTokenizer.from_pretrained(str(target)))
+        items.append(PromptItem(name, "photo", {"messages": messages, "image": image}, True))
+    return render_prompts(items, AutoTokenizer.from_pretrained(str(target)))
 
 
 def main() -> int:
     from transformers import AutoTokenizer
 
-    from benchmarks import throughput as tp
-    from benchmarks.testbed import assets
-
     paths = assets.ensure()
     target, models = paths["target"], paths["models"]
     items = prompts(target, paths["data"])
     tokenizer = AutoTokenizer.from_pretrained(str(target))
-    methods = [tp.Method("no speculation", "none"),
-               tp.Method(TEXT_ONLY, "massv", str(paths["drafter-blind"])),
-               tp.Method(MASSV, "massv", str(models / "drafter-massv"))]
+    methods = [Method("no speculation", "none"),
+               Method(TEXT_ONLY, "massv", str(paths["drafter-blind"])),
+               Method(MASSV, "massv", str(models / "drafter-massv"))]
     engine_args = {"dtype": "float32", "enforce_eager": True, "block_size": 32}
     runs = {}
     for m in methods:
         print(f"--- starting vLLM: {m.label} ...", flush=True)
-        llm = tp.make_llm(str(target), m.speculative_config(K), max_num_seqs=1,
-                          engine_args=engine_args)
+        llm = make_llm(str(target), m.speculative_config(K), max_num_seqs=1,
+                       engine_args=engine_args)
         try:
-            tp.run_requests(llm, items[:1], batch_size=1, temperature=0.0, max_tokens=8)
-            runs[m.label] = tp.run_requests(llm, items, batch_size=1, temperature=0.0,
-                                            max_tokens=MAX_TOKENS, per_request=True)
+            run_requests(llm, items[:1], batch_size=1, temperature=0.0, max_tokens=8)
+            runs[m.label] = run_requests(llm, items, batch_size=1, temperature=0.0,
+                                         max_tokens=MAX_TOKENS, per_request=True)
         finally:
-            tp.shutdown(llm)
+            shutdown(llm)
     base = runs["no speculation"]
     ok = all([r["token_ids"] for r in run["records"]] == [r["token_ids"] for r in base["records"]]
              for run in runs.values())
@@ -151,9 +151,7 @@ def photos_line(runs: dict[str, dict]) -> str:
 
 
 def _tau(run: dict, keep) -> float | None:
-    recs = [r for r in run["records"] if keep(r) and "delta" in r]
-    drafts = sum(r["delta"]["drafts"] for r in recs)
-    return 1 + sum(r["delta"]["accepted"] for r in recs) / drafts if drafts else None
+    return tau_of_records([r for r in run["records"] if keep(r)])
 
 
 def _fmt(x: float | None) -> str:

@@ -1,12 +1,12 @@
 """Cost of one MASSV proposer pass inside vLLM's loop, against vLLM's stock `DraftModelProposer`
-with the same drafter weights (issue 14, item 1). A benchmark, not a test.
+with the same drafter weights. A benchmark, not a test.
 
 Engines (fp32, ``enforce_eager``, ``block_size=32`` on CPU, like ``benchmarks/throughput.py``):
 
 * ``none``           -- the target alone: its inter-token latency (ITL) at batch 1 and its
                         tokens/s on the same prompts (the speedup baseline);
 * ``drafter``        -- the MASSV drafter served alone (a copy of its config without the
-                        speculators keys, ``throughput.plain_lm``; with them vLLM would serve
+                        speculators keys, ``harness.engine.plain_lm``; with them vLLM would serve
                         its verifier): its ITL; stand-alone c = drafter ITL / target ITL;
 * ``massv``          -- the MASSV drafter through the plugin's proposer
                         (``vllm_massv.proposer.MassvDraftModelProposer``);
@@ -72,26 +72,22 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-#: Profiler range prefix; groups in display order: (range name, label, inside propose()).
-RANGE = "massv_pc::"
-GROUPS: tuple[tuple[str, str, bool], ...] = (
-    ("gather_target_shift0", "target's own image-embedding gather (not drafting)", False),
-    ("draft_step", "draft step (runner, total)", False),
-    ("prepare", "runner: prepare next tokens / padded inputs", False),
-    ("gather_runner_shift1", "runner: image-embedding gather for the drafter (shift 1)", False),
-    ("gather_runner_shift0", "runner: image-embedding gather for the drafter (shift 0)", False),
-    ("propose", "propose() total", False),
-    ("gather_propose_shift0", "image-embedding gather in propose() (shift 0)", True),
-    ("mask_remap", "mask remap", True),
-    ("first_pass_inputs", "positions / slots first pass (incl. M-RoPE fill)", True),
-    ("mrope_fill", "  of which M-RoPE fill", False),
-    ("step_positions", "positions / slots draft steps", True),
-    ("attn_metadata", "attention metadata", True),
-    ("embed", "embeddings (embed_input_ids)", True),
-    ("forward", "drafter forwards", True),
-    ("sampling", "sampling (logits + argmax)", True),
+
+from benchmarks.harness import metrics  # noqa: E402
+from benchmarks.harness.engine import (  # noqa: E402
+    build_engine_args,
+    decode_itl,
+    device_name,
+    engine_env,
+    itl_of,
+    make_llm,
+    plain_lm,
+    run_requests,
+    shutdown,
 )
-SYNC_OPS = ("aten::item", "aten::_local_scalar_dense", "aten::nonzero")
+from benchmarks.harness.prompts import PromptItem, render_prompts, testbed_prompts  # noqa: E402
+from benchmarks.harness.proposer_report import compare, markdown, summarize  # noqa: E402
+from benchmarks.testbed import assets, task  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------
@@ -263,8 +259,6 @@ def run_variant(name: str, target: str, drafter: str, env: dict[str, str], *, k:
                 batch_sizes: list[int], text_items: list, image_items: list, max_tokens: int,
                 engine_args: dict[str, Any], profile_prompts: int) -> dict[str, Any]:
     """One speculative engine: timed runs per batch size and prompt set, then a profile."""
-    from benchmarks.throughput import engine_env, make_llm, run_requests, shutdown, tau_of
-
     with engine_env(env):
         llm = make_llm(target, {"method": "draft_model", "model": drafter,
                                 "num_speculative_tokens": k},
@@ -283,7 +277,7 @@ def run_variant(name: str, target: str, drafter: str, env: dict[str, str], *, k:
                 out["runs"].append({
                     "prompts": set_name, "batch_size": b, "seconds": run["seconds"],
                     "output_tokens": n_out, "tokens_per_s": n_out / run["seconds"],
-                    "num_drafts": run["delta"]["drafts"], "tau": tau_of(run["delta"]),
+                    "num_drafts": run["delta"]["drafts"], "tau": metrics.tau(run["delta"]),
                     "propose": _stats(times["propose"]),
                     "draft_step": _stats(times["draft_step"]),
                     "token_ids": [r["token_ids"] for r in run["records"]]})
@@ -303,8 +297,6 @@ def run_variant(name: str, target: str, drafter: str, env: dict[str, str], *, k:
 
 def run_none(target: str, *, batch_sizes: list[int], text_items: list, max_tokens: int,
              engine_args: dict[str, Any], itl_prompt: str) -> dict[str, Any]:
-    from benchmarks.throughput import itl_of, make_llm, run_requests, shutdown
-
     llm = make_llm(target, None, max_num_seqs=max(batch_sizes), engine_args=engine_args)
     try:
         run_requests(llm, text_items[:2], batch_size=2, temperature=0.0, max_tokens=8)
@@ -319,197 +311,6 @@ def run_none(target: str, *, batch_sizes: list[int], text_items: list, max_token
     finally:
         shutdown(llm)
     return out
-
-
-def group_profile(profile: dict, passes: int) -> list[dict[str, Any]]:
-    """Rows (group, calls, total ms, ms per pass, share of propose) from a profile's ranges."""
-    ranges = profile["ranges"]
-    propose_us = ranges.get("propose", {}).get("total_us", 0.0)
-    rows = []
-    inside = 0.0
-    for key, label, in_propose in GROUPS:
-        r = ranges.get(key)
-        if r is None:
-            continue
-        if in_propose:
-            inside += r["total_us"]
-        rows.append({"group": key, "label": label, "calls": r["count"],
-                     "total_ms": r["total_us"] / 1e3,
-                     "ms_per_pass": r["total_us"] / 1e3 / max(passes, 1),
-                     "share_of_propose": r["total_us"] / propose_us if propose_us else None})
-    if propose_us:
-        other = propose_us - inside
-        rows.append({"group": "other", "label": "other (rest of propose())", "calls": None,
-                     "total_ms": other / 1e3, "ms_per_pass": other / 1e3 / max(passes, 1),
-                     "share_of_propose": other / propose_us})
-    return rows
-
-
-def sync_counts(profile: dict, passes: int) -> dict[str, float]:
-    """Host-sync ops per draft step (counted over the whole profile, target included)."""
-    counts = {op: 0 for op in SYNC_OPS}
-    for o in profile["ops"]:
-        if o["op"] in counts:
-            counts[o["op"]] += o["count"]
-    return {op: c / max(passes, 1) for op, c in counts.items()}
-
-
-def summarize(result: dict[str, Any], k: int) -> dict[str, Any]:
-    """Ratios, in-loop c, pass c, stand-alone c and bound fractions (in place, returned)."""
-    t_itl = result["none"]["itl_ms"]
-    c_alone = result["drafter_itl_ms"] / t_itl
-    result["c_standalone"] = c_alone
-    none_tps = {r["batch_size"]: r["tokens_per_s"] for r in result["none"]["runs"]}
-    none_ids = {r["batch_size"]: r["token_ids"] for r in result["none"]["runs"]}
-    for v in result["variants"]:
-        for r in v["runs"]:
-            if r["prompts"] == "text":
-                b = r["batch_size"]
-                r["speedup_vs_none"] = r["tokens_per_s"] / none_tps[b]
-                if "token_ids" in r:
-                    r["greedy_equal_none"] = r["token_ids"] == none_ids[b]
-                if r["tau"]:
-                    r["bound"] = r["tau"] / (1 + k * c_alone)
-                    r["bound_fraction"] = r["speedup_vs_none"] / r["bound"]
-            if r["batch_size"] == 1 and r["num_drafts"]:
-                step_ms = r["seconds"] * 1e3 / r["num_drafts"]
-                r["c_in_loop"] = (step_ms - t_itl) / k / t_itl
-                r["c_pass"] = r["draft_step"]["mean_ms"] / k / t_itl
-        passes = v["profile_text"]["ranges"].get("propose", {}).get("count", 0)
-        v["profile_text_groups"] = group_profile(v["profile_text"], passes)
-        v["profile_text_syncs_per_pass"] = sync_counts(v["profile_text"], passes)
-        if "profile_image" in v:
-            p = v["profile_image"]["ranges"].get("propose", {}).get("count", 0)
-            v["profile_image_groups"] = group_profile(v["profile_image"], p)
-            v["profile_image_syncs_per_pass"] = sync_counts(v["profile_image"], p)
-    by = {v["variant"]: v for v in result["variants"]}
-    ratios = []
-    for base in ("stock-proposer", "stock-arch"):
-        if "massv" in by and base in by:
-            for rm, rs in zip(by["massv"]["runs"], by[base]["runs"]):
-                if rm["prompts"] == rs["prompts"] == "text":
-                    ratios.append({"vs": base, "batch_size": rm["batch_size"],
-                                   "propose_mean": rm["propose"]["mean_ms"]
-                                   / rs["propose"]["mean_ms"],
-                                   "propose_median": rm["propose"]["median_ms"]
-                                   / rs["propose"]["median_ms"],
-                                   "draft_step_mean": rm["draft_step"]["mean_ms"]
-                                   / rs["draft_step"]["mean_ms"]})
-    result["ratios"] = ratios
-    return result
-
-
-def _f(x: Any, d: int = 2) -> str:
-    return "-" if x is None else f"{x:.{d}f}"
-
-
-def markdown(result: dict[str, Any]) -> str:
-    m = result["meta"]
-    lines = [f"# MASSV proposer cost ({m['label']}, {m['device']})", "",
-             (f"Target `{m['target']}`, k = {m['k']}, {m['num_text_prompts']} text-only prompts "
-             f"({m['num_image_prompts']} image prompts for the MASSV variants), max "
-             f"{m['max_tokens']} new tokens, greedy; fp32, enforce_eager. Target ITL "
-             f"{_f(result['none']['itl_ms'])} ms, drafter ITL (alone) "
-             f"{_f(result['drafter_itl_ms'])} ms: stand-alone c = {_f(result['c_standalone'], 3)}."),
-             "", f"Command: `{m['command']}`", "",
-             ("## Time per draft pass (propose() = one pass of k tokens; draft step = the runner's "
-             "whole `propose_draft_token_ids`)"), "",
-             ("| variant | proposer | prompts | batch | passes | propose mean ms | median ms | "
-             "draft step mean ms | τ | tok/s | speedup vs none | c in loop | c pass | "
-             "bound τ/(1+kc) | bound fraction | greedy = none |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for v in result["variants"]:
-        for r in v["runs"]:
-            eq = r.get("greedy_equal_none")
-            lines.append(
-                f"| {v['variant']} | {v['proposer']} | {r['prompts']} | {r['batch_size']} | "
-                f"{r['propose']['n']} | {_f(r['propose']['mean_ms'])} | "
-                f"{_f(r['propose']['median_ms'])} | {_f(r['draft_step']['mean_ms'])} | "
-                f"{_f(r['tau'])} | {_f(r['tokens_per_s'], 1)} | {_f(r.get('speedup_vs_none'))} | "
-                f"{_f(r.get('c_in_loop'), 3)} | {_f(r.get('c_pass'), 3)} | {_f(r.get('bound'))} | "
-                f"{_f(r.get('bound_fraction'))} | {'-' if eq is None else ('yes' if eq else 'NO')} |")
-    lines += ["", "## MASSV / stock (text-only prompts)", "",
-              "| vs | batch | propose mean | propose median | draft step mean |", "|---|---|---|---|---|"]
-    for r in result["ratios"]:
-        lines.append(f"| {r['vs']} | {r['batch_size']} | {_f(r['propose_mean'])}× | "
-                     f"{_f(r['propose_median'])}× | {_f(r['draft_step_mean'])}× |")
-    for v in result["variants"]:
-        for which in ("text", "image"):
-            rows = v.get(f"profile_{which}_groups")
-            if not rows:
-                continue
-            passes = v[f"profile_{which}"]["ranges"].get("propose", {}).get("count", 0)
-            syncs = v[f"profile_{which}_syncs_per_pass"]
-            lines += ["", (f"## Profile: {v['variant']} ({v['proposer']}), {which} prompts, "
-                      f"batch 1, {passes} passes (torch.profiler, CPU; ranges add overhead)"), "",
-                      "| part | calls | total ms | ms per pass | share of propose() |",
-                      "|---|---|---|---|---|"]
-            for r in rows:
-                share = r["share_of_propose"]
-                lines.append(f"| {r['label']} | {r['calls'] if r['calls'] is not None else '-'} | "
-                             f"{_f(r['total_ms'])} | {_f(r['ms_per_pass'], 3)} | "
-                             f"{'-' if share is None else f'{share * 100:.1f}%'} |")
-            lines.append("")
-            lines.append("Host-sync ops per pass (whole step, target included): " + ", ".join(
-                f"`{op}` {c:.1f}" for op, c in syncs.items()))
-    return "\n".join(lines) + "\n"
-
-
-#: range names of the first version of this script (before the proposer reused the runner's
-#: gather, shift 0 was gathered by the target and inside propose())
-_OLD_KEYS = {"gather_shift1": "gather_runner_shift1"}
-
-
-def compare(before: dict[str, Any], after: dict[str, Any]) -> str:
-    """Markdown before/after tables of two result files (same variants and settings)."""
-    lines = [f"# MASSV proposer cost: {before['meta']['label']} vs {after['meta']['label']}", "",
-             (f"Stand-alone c: {_f(before['c_standalone'], 3)} / {_f(after['c_standalone'], 3)}; "
-             f"target ITL {_f(before['none']['itl_ms'])} / {_f(after['none']['itl_ms'])} ms."), "",
-             ("| variant | prompts | batch | propose mean ms | propose median ms | "
-             "draft step mean ms | c in loop | c pass | bound fraction |"),
-             "|---|---|---|---|---|---|---|---|---|"]
-    runs_a = {(v["variant"], r["prompts"], r["batch_size"]): r
-              for v in after["variants"] for r in v["runs"]}
-    for v in before["variants"]:
-        for rb in v["runs"]:
-            ra = runs_a.get((v["variant"], rb["prompts"], rb["batch_size"]))
-            if ra is None:
-                continue
-
-            def ba(get, d=2, rb=rb, ra=ra):
-                return f"{_f(get(rb), d)} → {_f(get(ra), d)}"
-            lines.append(
-                f"| {v['variant']} | {rb['prompts']} | {rb['batch_size']} | "
-                f"{ba(lambda r: r['propose']['mean_ms'])} | "
-                f"{ba(lambda r: r['propose']['median_ms'])} | "
-                f"{ba(lambda r: r['draft_step']['mean_ms'])} | "
-                f"{ba(lambda r: r.get('c_in_loop'), 3)} | {ba(lambda r: r.get('c_pass'), 3)} | "
-                f"{ba(lambda r: r.get('bound_fraction'))} |")
-    lines += ["", "| MASSV / | batch | propose mean | propose median | draft step mean |",
-              "|---|---|---|---|---|"]
-    ratios_a = {(r["vs"], r["batch_size"]): r for r in after["ratios"]}
-    for rb in before["ratios"]:
-        ra = ratios_a.get((rb["vs"], rb["batch_size"]))
-        if ra is not None:
-            lines.append(f"| {rb['vs']} | {rb['batch_size']} | " + " | ".join(
-                f"{_f(rb[key])}× → {_f(ra[key])}×"
-                for key in ("propose_mean", "propose_median", "draft_step_mean")) + " |")
-    var_a = {v["variant"]: v for v in after["variants"]}
-    for v in before["variants"]:
-        va = var_a.get(v["variant"])
-        for which in ("text", "image"):
-            key_g = f"profile_{which}_groups"
-            if va is None or key_g not in v or key_g not in va:
-                continue
-            gb = {_OLD_KEYS.get(r["group"], r["group"]): r for r in v[key_g]}
-            ga = {r["group"]: r for r in va[key_g]}
-            lines += ["", f"Profile {v['variant']}, {which} prompts: ms per pass (before → after)",
-                      "", "| part | before | after |", "|---|---|---|"]
-            for key, label, _ in (*GROUPS, ("other", "other (rest of propose())", True)):
-                if key in gb or key in ga:
-                    lines.append(f"| {label} | {_f(gb.get(key, {}).get('ms_per_pass'), 3)} | "
-                                 f"{_f(ga.get(key, {}).get('ms_per_pass'), 3)} |")
-    return "\n".join(lines) + "\n"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -543,40 +344,18 @@ def main(argv: list[str] | None = None) -> int:
         Path(f"{args.out}.md").write_text(md)
         print(md)
         return 0
-    from transformers import AutoTokenizer
-
-    from benchmarks.testbed import assets, task
-    from benchmarks.throughput import (
-        _device_name,
-        _engine_args,
-        decode_itl,
-        plain_lm,
-        render_prompts,
-        testbed_prompts,
-    )
+    # lazy: the plugin loads only for an engine run (not for --compare or --help)
     from vllm_massv.patches import STOCK_PROPOSER_ENV
 
     paths = assets.ensure(args.testbed)
     target = str(paths["target"])
-    models = paths["models"]
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    drafters = {"massv": models / "drafter-massv", "stock-proposer": models / "drafter-massv",
-                "massv-mrope": models / "drafter-massv-mrope"}
-    if "stock-arch" in variants:
-        drafters["stock-arch"] = stock_arch_copy(models / "drafter-massv",
-                                                 assets.CACHE / "drafter-massv-stock-arch")
-    unknown = [v for v in variants if v not in drafters]
-    if unknown:
-        raise SystemExit(f"unknown variants {unknown}")
-    items = testbed_prompts(paths["data"], 10_000)
-    tokenizer = AutoTokenizer.from_pretrained(target)
-    text = render_prompts([it for it in items if it.kind in task.TEXT_KINDS],
-                          tokenizer)[:args.num_prompts]
-    image = render_prompts([it for it in items if it.has_image],
-                           tokenizer)[:args.num_image_prompts]
-    engine_args = _engine_args(args)
+    drafters = variant_drafters(paths["models"], variants)
+    text, image = testbed_text_and_image(paths["data"], target, args.num_prompts,
+                                         args.num_image_prompts)
+    engine_args = build_engine_args(args.engine_arg)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    meta = {"label": args.label or "-", "device": _device_name(), "target": target, "k": args.k,
+    meta = {"label": args.label or "-", "device": device_name(), "target": target, "k": args.k,
             "num_text_prompts": len(text), "num_image_prompts": len(image),
             "max_tokens": args.max_tokens, "batch_sizes": batch_sizes,
             "engine_args": engine_args,
@@ -593,8 +372,8 @@ def main(argv: list[str] | None = None) -> int:
                                   itl_prompt=itl_prompt)
     with tempfile.TemporaryDirectory() as tmp:  # the drafter alone, not its verifier
         result["drafter_itl_ms"] = decode_itl(
-            plain_lm(str(models / "drafter-massv"), Path(tmp) / "drafter"), engine_args,
-            itl_prompt) * 1e3
+            plain_lm(str(paths["models"] / "drafter-massv"), Path(tmp) / "drafter"),
+            engine_args, itl_prompt) * 1e3
     result["variants"] = []
     for v in variants:
         env = {STOCK_PROPOSER_ENV: "1" if v == "stock-proposer" else "0"}
@@ -604,9 +383,49 @@ def main(argv: list[str] | None = None) -> int:
             max_tokens=args.max_tokens, engine_args=engine_args,
             profile_prompts=args.profile_prompts))
     summarize(result, args.k)
+    return write_result(result, args.out)
+
+
+def variant_drafters(models: Path, variants: list[str]) -> dict[str, Path]:
+    """The drafter directory of each variant (``stock-arch``: its plain-Qwen2 copy, built here).
+
+    Raises:
+        SystemExit: an unknown variant.
+    """
+    drafters = {"massv": models / "drafter-massv", "stock-proposer": models / "drafter-massv",
+                "massv-mrope": models / "drafter-massv-mrope"}
+    if "stock-arch" in variants:
+        drafters["stock-arch"] = stock_arch_copy(models / "drafter-massv",
+                                                 assets.CACHE / "drafter-massv-stock-arch")
+    unknown = [v for v in variants if v not in drafters]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}")
+    return drafters
+
+
+def testbed_text_and_image(data: Path, target: str, num_text: int, num_image: int
+                           ) -> tuple[list[PromptItem], list[PromptItem]]:
+    """The first ``num_text`` text-only and ``num_image`` image prompts of the testbed's test
+    split, rendered with the target's chat template."""
+    from transformers import AutoTokenizer
+
+    items = testbed_prompts(data, 10_000)
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    text = render_prompts([it for it in items if it.kind in task.TEXT_KINDS],
+                          tokenizer)[:num_text]
+    image = render_prompts([it for it in items if it.has_image], tokenizer)[:num_image]
+    return text, image
+
+
+def write_result(result: dict[str, Any], out: Path) -> int:
+    """Write ``OUT.md`` and a trimmed ``OUT.json`` and print the report.
+
+    Returns:
+        the exit status: 1 when a variant's greedy output differs from ``none``'s, else 0.
+    """
     md = markdown(result)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{args.out}.md").write_text(md)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{out}.md").write_text(md)
     for v in result["variants"]:  # keep the json short: drop token ids (not none's, the
         # greedy reference of --baseline), trim op tables
         for r in v["runs"]:
@@ -614,9 +433,9 @@ def main(argv: list[str] | None = None) -> int:
         for which in ("profile_text", "profile_image"):
             if which in v:
                 v[which]["ops"] = v[which]["ops"][:40]
-    Path(f"{args.out}.json").write_text(json.dumps(result, indent=2) + "\n")
+    Path(f"{out}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(md)
-    print(f"wrote {args.out}.md and {args.out}.json")
+    print(f"wrote {out}.md and {out}.json")
     bad = [v["variant"] for v in result["variants"] for r in v["runs"]
            if r.get("greedy_equal_none") is False]
     if bad:

@@ -28,6 +28,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.harness import metrics  # noqa: E402
+from benchmarks.harness.load import png_data_url  # noqa: E402
+from benchmarks.testbed import task  # noqa: E402
+
 DRAFTER = Path("benchmarks/testbed/models/drafter-massv")
 SERVER_ARGS = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "1024",
                "--max-num-seqs", "2", "--block-size", "32", "--seed", "0",
@@ -38,9 +42,6 @@ KINDS = ("describe", "where", "colour", "read")
 def testbed_questions(kinds: tuple[str, ...] = KINDS, seed: int = 0) -> list[tuple[Any, list]]:
     """One held-out testbed sample per kind, as (sample, OpenAI chat messages with the image as a
     PNG data URL)."""
-    from benchmarks.serve_load import png_data_url
-    from benchmarks.testbed import task
-
     samples = task.generate_split("test", 200, seed=seed)
     out = []
     for kind in kinds:
@@ -74,12 +75,7 @@ def ask(url: str, model: str, messages: list, max_tokens: int = 64) -> Any:
 def spec_decode_stats(url: str) -> dict[str, Any]:
     """Speculative-decoding totals since the server started, from `/metrics` (τ, acceptance
     rate, per-position acceptance; `tau` is None when nothing was drafted)."""
-    import urllib.request
-
-    from benchmarks.serve_load import parse_metrics, spec_decode_deltas
-
-    with urllib.request.urlopen(url + "/metrics", timeout=30) as resp:
-        return spec_decode_deltas({}, parse_metrics(resp.read().decode()))
+    return metrics.prometheus_summary({}, metrics.fetch_prometheus(url))
 
 
 def server(two_arguments: bool = False, log: Path | None = None, args: list[str] | None = None,

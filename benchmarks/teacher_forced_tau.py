@@ -87,14 +87,18 @@ def teacher_forced_tau(drafter: str, data: str, target: str, k: int = 4,
             for key, s in totals.items()}
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--drafter", required=True, help="MASSV drafter dir")
     p.add_argument("--data", required=True, help="the `massv generate` dir it was trained on")
     p.add_argument("--target", required=True, help="target VLM dir (image embeddings)")
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--feature-cache", help="`massv train --feature-cache` directory")
-    args = p.parse_args()
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     result = teacher_forced_tau(args.drafter, args.data, args.target, args.k, args.feature_cache)
     print(json.dumps({"drafter": args.drafter, "k": args.k, **result}, indent=2))
 

@@ -249,7 +249,7 @@ def _generate_shard(args: argparse.Namespace, env: dict[str, str]) -> None:
 
 
 def _add_train(subparsers: Any) -> None:
-    from vllm_massv.training.train import TrainConfig
+    from vllm_massv.training.loop import TrainConfig  # the loop imports torch: only when used
 
     d = TrainConfig.__dataclass_fields__
     p = subparsers.add_parser(
@@ -302,7 +302,7 @@ def _add_train(subparsers: Any) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from vllm_massv.training.train import TrainConfig, train
+    from vllm_massv.training.loop import TrainConfig, train
 
     fields = TrainConfig.__dataclass_fields__
     if args.method == "massv" and args.phase is None:

@@ -43,6 +43,7 @@ __all__ = [
     "PromptRecord",
     "build_content",
     "choose_template",
+    "hash64",
     "load_image",
     "load_image_checked",
     "read_dataset",
@@ -83,7 +84,8 @@ class PromptRecord:
 # ----------------------------------------------------------------------------------------------
 
 
-def _hash64(text: str) -> int:
+def hash64(text: str) -> int:
+    """A stable 64-bit hash of `text` (the first 8 bytes of its sha256, big-endian)."""
     return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
 
 
@@ -92,13 +94,13 @@ def shard_of(record_id: str, num_shards: int) -> int:
     same on every machine and Python run)."""
     if num_shards < 1:
         raise ValueError(f"num_shards must be >= 1, got {num_shards}")
-    return _hash64(record_id) % num_shards if num_shards > 1 else 0
+    return hash64(record_id) % num_shards if num_shards > 1 else 0
 
 
 def choose_template(key: str, num_templates: int, seed: int = 0) -> int:
     """Index of the prompt template for ``key`` (e.g. an image's relative path): a seeded hash, so
     the choice is deterministic and does not depend on which other images exist."""
-    return _hash64(f"{seed}\x00{key}") % num_templates
+    return hash64(f"{seed}\x00{key}") % num_templates
 
 
 # ----------------------------------------------------------------------------------------------

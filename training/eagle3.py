@@ -1,6 +1,6 @@
 """`massv train --method eagle3`: the data and loss of an EAGLE-3 head (EAGLE-3, arXiv 2503.01840
 §3; speculators' `models/eagle3/core.py` and `metrics.py` for the conventions). The loop,
-optimizer, checkpoints and resume are `train.py`'s.
+optimizer, checkpoints and resume are `loop.py`'s; the export is `export.py`'s.
 
 Row t of a sequence x_0..x_{L-1} (vLLM's EAGLE first-pass layout, `vllm_massv.eagle3.model`):
 
@@ -27,13 +27,15 @@ Agreement: first-draft (step 0) argmax equal to the target's argmax, the number 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from pathlib import Path
 
 import torch
 
-if TYPE_CHECKING:
-    from vllm_massv.training.features import TargetHiddenStates
-    from vllm_massv.training.train import Example
+from vllm_massv.eagle3.config import Eagle3ConfigError
+from vllm_massv.eagle3.model import Eagle3Drafter
+from vllm_massv.training.examples import Example, image_max_pixels
+from vllm_massv.training.features import FINAL, TargetHiddenStates
+from vllm_massv.training.loop import TrainConfig
 
 
 class Eagle3Batcher:
@@ -126,12 +128,13 @@ def compute_loss(model, batch: dict[str, torch.Tensor], steps: int, decay: float
 
 @dataclass
 class Eagle3Setup:
-    """What `train.train` needs for `--method eagle3` (see `train._MassvSetup`)."""
+    """The EAGLE-3 pieces of a run (a :class:`~vllm_massv.training.loop.MethodSetup`)."""
     model: torch.nn.Module
     batcher: Eagle3Batcher
     features: TargetHiddenStates
     steps: int
     decay: float
+    loss_kind: str = "ttt kl"
 
     def loss(self, model, batch, examples):
         t2d = self.model.t2d
@@ -149,29 +152,24 @@ class Eagle3Setup:
         return example
 
     @staticmethod
-    def export(model, state_dict: dict, cfg, out, phases: list[dict]) -> None:
-        """Write the trained head (`Eagle3Drafter.save_pretrained`: speculators `eagle3`
-        config.json + model.safetensors) and the tokenizer; `vllm serve <out>` serves it."""
-        from pathlib import Path
-
-        from vllm_massv.init_drafter import copy_tokenizer_files
-
+    def save(model, state_dict: dict, out: Path) -> None:
+        """`Eagle3Drafter.save_pretrained`: speculators `eagle3` config.json + model.safetensors,
+        which `vllm serve <out>` serves as it is."""
         model.save_pretrained(out, state_dict=state_dict)
-        copy_tokenizer_files(Path(cfg.drafter), Path(out))
+
+    @staticmethod
+    def checkpoint_block(model, config: dict, source: dict) -> None:
+        """None: the saved config.json is final (no massv/msd block, no model card)."""
+        return None
 
 
-def setup(cfg, device: str | torch.device = "cpu") -> Eagle3Setup:
+def setup(cfg: TrainConfig, tokenizer=None, device: str | torch.device = "cpu") -> Eagle3Setup:
     """Load the head (`massv init --method eagle3` output or a trained one) and the frozen target
-    (on `device`), with the target layers the head's config names.
+    (on `device`), with the target layers the head's config names. `tokenizer` is unused.
 
     Raises:
         Eagle3ConfigError: not an EAGLE-3 head, or one built for another target shape.
     """
-    from vllm_massv.eagle3.config import Eagle3ConfigError
-    from vllm_massv.eagle3.model import Eagle3Drafter
-    from vllm_massv.training.features import FINAL, TargetHiddenStates
-    from vllm_massv.training.train import image_max_pixels
-
     model = Eagle3Drafter.from_pretrained(cfg.drafter, dtype=torch.float32)
     c = model.cfg
     layers = tuple(a - 1 for a in c.eagle_aux_hidden_state_layer_ids) + (FINAL,)

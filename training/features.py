@@ -212,10 +212,10 @@ class TargetHiddenStates:
     the `<|image_pad|>` positions and the target's own M-RoPE positions over the prompt (text after
     the prompt continues them), exactly as transformers' `Qwen2_5_VLForConditionalGeneration`
     with `pixel_values` and `image_grid_thw` does (and as vLLM serves it). MSD's released Qwen2-VL
-    data script runs this forward without `pixel_values` (notes/msd-and-eagle-in-vllm.md §2.4);
-    here the image is always seen. Image embeddings come from a :class:`TargetImageEncoder` (same
-    loading, same on-disk cache); with `cache_dir`, the hidden states of each sequence are cached
-    too (keyed by target, dtype, layers, token ids and image bytes).
+    data script runs this forward without `pixel_values`; here the image is always seen. Image
+    embeddings come from a :class:`TargetImageEncoder` (same loading, same on-disk cache); with
+    `cache_dir`, the hidden states of each sequence are cached too (keyed by target, dtype,
+    layers, token ids and image bytes).
 
     Args:
         target: target checkpoint directory.

@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vllm_massv.config import MassvConfigError
-from vllm_massv.training.data import (DEFAULT_MAX_PIXELS, PromptRecord, _hash64,
+from vllm_massv.training.data import (DEFAULT_MAX_PIXELS, PromptRecord, hash64,
                                       load_image_checked, shard_of)
 
 if TYPE_CHECKING:
@@ -96,7 +96,7 @@ def part_name(shard: int, chunk: int) -> str:
 
 def request_seed(seed: int, record_id: str) -> int:
     """The per-request sampling seed of a record (independent of batching and resumption)."""
-    return _hash64(f"{seed}\x00{record_id}") % (2**31 - 1)
+    return hash64(f"{seed}\x00{record_id}") % (2**31 - 1)
 
 
 def shard_records(records: Iterable[PromptRecord], shard: int, num_shards: int,
@@ -395,8 +395,196 @@ def _run_requests(llm: Any, items: list[tuple[PromptRecord, str, list[Any]]], ma
 
 
 # ----------------------------------------------------------------------------------------------
-# generate()
+# generate(): the engine holder, the chunk runner and the row builder
 # ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _RequestSettings:
+    """What every request of a `generate` call shares (and every row records)."""
+
+    target: str
+    temperature: float
+    top_p: float
+    max_tokens: int
+    seed: int
+    logprobs: int
+
+    def params(self, record: PromptRecord) -> Any:
+        """The record's ``vllm.SamplingParams`` (seeded per record when sampling)."""
+        from vllm import SamplingParams
+
+        return SamplingParams(
+            temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens,
+            seed=None if self.temperature == 0 else request_seed(self.seed, record.id),
+            logprobs=self.logprobs if self.logprobs > 0 else None)
+
+
+class _Engine:
+    """The vLLM engine of a `generate` call and the target's chat formatter, started at first
+    use. An ``llm`` passed in is used as it is and never shut down; one started here is shut down
+    by :meth:`shutdown`."""
+
+    def __init__(self, llm: Any, request: _RequestSettings, max_images: int,
+                 engine_kwargs: Mapping[str, Any] | None) -> None:
+        self.llm, self._owned = llm, llm is None
+        self._request, self._max_images = request, max_images
+        self._engine_kwargs = dict(engine_kwargs or {})
+        self.formatter: _ChatFormatter | None = None
+        self.start_seconds = 0.0
+
+    def start(self) -> Any:
+        """The engine (started on the first call); :attr:`formatter` is set as well."""
+        if self.llm is None:
+            from vllm import LLM
+
+            t0 = time.perf_counter()
+            kwargs: dict[str, Any] = {"model": self._request.target, "seed": self._request.seed,
+                                      "limit_mm_per_prompt": {"image": max(1, self._max_images),
+                                                              "video": 0}}
+            if self._request.logprobs > 20:
+                kwargs["max_logprobs"] = self._request.logprobs
+            kwargs.update(self._engine_kwargs)
+            self.llm = LLM(**kwargs)
+            self.start_seconds = time.perf_counter() - t0
+        if self.formatter is None:
+            mc = self.llm.model_config
+            fallback = None
+            try:
+                fallback = self.llm.get_tokenizer()
+            except Exception:  # noqa: BLE001
+                pass
+            self.formatter = _ChatFormatter(mc.tokenizer or mc.model,
+                                            trust_remote_code=bool(mc.trust_remote_code),
+                                            fallback=fallback)
+        return self.llm
+
+    def shutdown(self) -> None:
+        """Shut down an engine started here (errors ignored: the run is ending)."""
+        if self._owned and self.llm is not None:
+            try:
+                self.llm.llm_engine.engine_core.shutdown()
+            except Exception:  # noqa: BLE001
+                pass
+            self.llm = None
+
+
+def _row(record: PromptRecord, prompt: str, output: Any, request: _RequestSettings
+         ) -> dict[str, Any]:
+    """The Parquet row (:func:`row_schema`) of one finished request (a ``vllm.RequestOutput``),
+    with the top-k columns when ``request.logprobs > 0``."""
+    comp = output.outputs[0]
+    row = {
+        "id": record.id,
+        "messages": json.dumps(record.messages, ensure_ascii=False),
+        "prompt": prompt,
+        "images": list(record.images),
+        "prompt_token_ids": list(output.prompt_token_ids or []),
+        "response": comp.text,
+        "token_ids": list(comp.token_ids),
+        "finish_reason": str(comp.finish_reason),
+        "reference": record.reference,
+        "temperature": float(request.temperature), "top_p": float(request.top_p),
+        "max_tokens": int(request.max_tokens), "seed": int(request.seed),
+        "target": request.target,
+    }
+    if request.logprobs > 0:
+        ids_k, lps_k = [], []
+        for pos in comp.logprobs or []:
+            i_, l_ = _top_logprobs(pos or {}, request.logprobs)
+            ids_k.append(i_)
+            lps_k.append(l_)
+        row["top_logprob_ids"], row["top_logprobs"] = ids_k, lps_k
+    return row
+
+
+class _ChunkRunner:
+    """Runs one chunk: its loadable records through the engine (``batch_size`` requests at a
+    time), their rows into a Parquet part (or a hidden empty marker when none is left), and the
+    token, time and row counts into ``summary``."""
+
+    def __init__(self, engine: _Engine, request: _RequestSettings, *, parts_dir: Path,
+                 shard: int, settings: Mapping[str, Any], batch_size: int | None,
+                 summary: Summary, pbar: Any) -> None:
+        self.engine, self.request = engine, request
+        self.parts_dir, self.shard, self.settings = parts_dir, shard, settings
+        self.batch_size, self.summary, self.pbar = batch_size, summary, pbar
+        self._schema: pa.Schema | None = None
+
+    def __call__(self, chunk_no: int, chunk: list[PromptRecord],
+                 loaded: list[tuple[PromptRecord, list[Any] | None, str | None]]
+                 ) -> dict[str, str]:
+        """Process chunk ``chunk_no`` (``loaded``: :func:`_load_chunk` of ``chunk``); returns
+        its skipped records {id: reason}."""
+        skipped: dict[str, str] = {}
+        items = []
+        for record, images, reason in loaded:
+            if images is None:
+                skipped[record.id] = reason  # type: ignore[assignment]
+            else:
+                items.append((record, images))
+        outputs: dict[str, Any] = {}
+        prompts: dict[str, str] = {}
+        if items:
+            prompts = self._prompts(items)
+            outputs = self._generate(items, prompts, skipped)
+        self.pbar.update(len(chunk) - len(items))
+        rows = [_row(record, prompts[record.id], outputs[record.id], self.request)
+                for record, _ in items if outputs.get(record.id) is not None]
+        self._write(chunk_no, rows, skipped)
+        return skipped
+
+    def _prompts(self, items: list[tuple[PromptRecord, list[Any]]]) -> dict[str, str]:
+        self.engine.start()
+        self.summary.engine_start_seconds = self.engine.start_seconds
+        return {r.id: self.engine.formatter(r.messages) for r, _ in items}  # type: ignore[misc]
+
+    def _generate(self, items: list[tuple[PromptRecord, list[Any]]], prompts: dict[str, str],
+                  skipped: dict[str, str]) -> dict[str, Any]:
+        """{record id: RequestOutput}; records the engine refuses are added to ``skipped``."""
+        summary, outputs = self.summary, {}
+        step = self.batch_size or len(items)
+        for b in range(0, len(items), step):
+            batch = [(r, prompts[r.id], imgs) for r, imgs in items[b:b + step]]
+            t0 = time.perf_counter()
+            results, refused = _run_requests(self.engine.llm, batch, self.request.params)
+            summary.generate_seconds += time.perf_counter() - t0
+            outputs.update(results)
+            skipped.update(refused)
+            summary.response_tokens += sum(len(o.outputs[0].token_ids) for o in results.values())
+            summary.prompt_tokens += sum(len(o.prompt_token_ids or []) for o in results.values())
+            self.pbar.update(len(batch))
+            if summary.generate_seconds > 0:
+                self.pbar.set_postfix_str(
+                    f"{summary.response_tokens / summary.generate_seconds:.0f} tok/s")
+        return outputs
+
+    def _write(self, chunk_no: int, rows: list[dict[str, Any]], skipped: dict[str, str]) -> None:
+        meta = {"settings": self.settings, "shard": self.shard, "chunk": chunk_no,
+                "skipped": skipped}
+        if rows:
+            if self._schema is None:
+                self._schema = row_schema(self.request.logprobs)
+            _write_part(self.parts_dir, self.shard, chunk_no, rows,
+                        self._schema.with_metadata({_META_KEY: json.dumps(meta).encode()}))
+            self.summary.written += len(rows)
+            self.summary.written_total += len(rows)
+        else:  # no rows (every record skipped): a hidden marker, as `datasets` reads no empty
+            # Parquet file
+            _atomic_write_json(
+                self.parts_dir / f".part-{self.shard:05d}-{chunk_no:06d}.empty.json", meta)
+
+
+def _update_summary(summary: Summary, path: Path, skipped_run: Counter, skipped_done: Counter,
+                    t_start: float, complete: bool) -> None:
+    """Fill in the totals and rates of ``summary`` and write it to ``path``."""
+    summary.skipped = dict(sorted(skipped_run.items()))
+    summary.skipped_total = dict(sorted((skipped_done + skipped_run).items()))
+    summary.seconds = time.perf_counter() - t_start
+    summary.response_tokens_per_s = (summary.response_tokens / summary.generate_seconds
+                                     if summary.generate_seconds > 0 else 0.0)
+    summary.complete = complete
+    _atomic_write_json(path, summary.to_dict())
 
 
 def generate(records: Iterable[PromptRecord], target: str | os.PathLike | None,
@@ -432,8 +620,14 @@ def generate(records: Iterable[PromptRecord], target: str | os.PathLike | None,
         read_skipped: counts of input entries the reader skipped, reported in the summary.
         progress: show a tqdm bar. verbose: print the summary at the end.
 
-    Records whose images fail to load, or that the engine refuses, are skipped and counted by
-    reason. Returns the :class:`Summary` (also written to ``summary-{shard:05d}.json``).
+    Returns:
+        The :class:`Summary` (also written to ``summary-{shard:05d}.json``). Records whose images
+        fail to load, or that the engine refuses, are skipped and counted by reason.
+
+    Raises:
+        ValueError: ``shard_size`` < 1, neither ``target`` nor ``llm``, a bad shard or duplicate
+            record ids.
+        MassvConfigError: ``out_dir`` holds parts generated with other settings.
     """
     from tqdm import tqdm
 
@@ -465,57 +659,15 @@ def generate(records: Iterable[PromptRecord], target: str | os.PathLike | None,
     skipped_done = Counter(done.skipped.values())
     summary_path = out / f"summary-{shard:05d}.json"
 
-    def update_summary(complete: bool) -> None:
-        summary.skipped = dict(sorted(skipped_run.items()))
-        summary.skipped_total = dict(sorted((skipped_done + skipped_run).items()))
-        summary.seconds = time.perf_counter() - t_start
-        summary.response_tokens_per_s = (summary.response_tokens / summary.generate_seconds
-                                         if summary.generate_seconds > 0 else 0.0)
-        summary.complete = complete
-        _atomic_write_json(summary_path, summary.to_dict())
-
-    owns_llm = llm is None
-    formatter: _ChatFormatter | None = None
-    schema = None
-
-    def make_params(record: PromptRecord) -> Any:
-        from vllm import SamplingParams
-
-        return SamplingParams(
-            temperature=temperature, top_p=top_p, max_tokens=max_tokens,
-            seed=None if temperature == 0 else request_seed(seed, record.id),
-            logprobs=logprobs if logprobs > 0 else None)
-
-    def ensure_engine() -> Any:
-        nonlocal llm, formatter
-        if llm is None:
-            from vllm import LLM
-
-            t0 = time.perf_counter()
-            max_images = max((len(r.images) for r in remaining), default=1)
-            kwargs: dict[str, Any] = {"model": target, "seed": seed,
-                                      "limit_mm_per_prompt": {"image": max(1, max_images),
-                                                              "video": 0}}
-            if logprobs > 20:
-                kwargs["max_logprobs"] = logprobs
-            kwargs.update(engine_kwargs or {})
-            llm = LLM(**kwargs)
-            summary.engine_start_seconds = time.perf_counter() - t0
-        if formatter is None:
-            mc = llm.model_config
-            fallback = None
-            try:
-                fallback = llm.get_tokenizer()
-            except Exception:  # noqa: BLE001
-                pass
-            formatter = _ChatFormatter(mc.tokenizer or mc.model,
-                                       trust_remote_code=bool(mc.trust_remote_code),
-                                       fallback=fallback)
-        return llm
-
+    request = _RequestSettings(target=target, temperature=temperature, top_p=top_p,
+                               max_tokens=max_tokens, seed=seed, logprobs=logprobs)
+    engine = _Engine(llm, request, max((len(r.images) for r in remaining), default=1),
+                     engine_kwargs)
     pbar = tqdm(total=len(mine), initial=len(mine) - len(remaining), unit="sample",
                 desc=f"massv generate {shard}/{num_shards}", disable=not progress,
                 dynamic_ncols=True)
+    run_chunk = _ChunkRunner(engine, request, parts_dir=parts_dir, shard=shard,
+                             settings=settings, batch_size=batch_size, summary=summary, pbar=pbar)
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="massv-images")
     stopped_early = False
     try:
@@ -528,88 +680,17 @@ def generate(records: Iterable[PromptRecord], target: str | os.PathLike | None,
             loaded = pending.result()  # type: ignore[union-attr]
             pending = (pool.submit(_load_chunk, chunks[c + 1], max_image_pixels)
                        if c + 1 < len(chunks) else None)  # prefetch while generating
-            chunk_skipped: dict[str, str] = {}
-            items = []
-            for record, images, reason in loaded:
-                if images is None:
-                    chunk_skipped[record.id] = reason  # type: ignore[assignment]
-                else:
-                    items.append((record, images))
-            outputs: dict[str, Any] = {}
-            if items:
-                engine = ensure_engine()
-                prompts = {r.id: formatter(r.messages) for r, _ in items}  # type: ignore[misc]
-                step = batch_size or len(items)
-                for b in range(0, len(items), step):
-                    batch = [(r, prompts[r.id], imgs) for r, imgs in items[b:b + step]]
-                    t0 = time.perf_counter()
-                    results, refused = _run_requests(engine, batch, make_params)
-                    summary.generate_seconds += time.perf_counter() - t0
-                    outputs.update(results)
-                    chunk_skipped.update(refused)
-                    ntok = sum(len(o.outputs[0].token_ids) for o in results.values())
-                    summary.response_tokens += ntok
-                    summary.prompt_tokens += sum(len(o.prompt_token_ids or [])
-                                                 for o in results.values())
-                    pbar.update(len(batch))
-                    if summary.generate_seconds > 0:
-                        pbar.set_postfix_str(
-                            f"{summary.response_tokens / summary.generate_seconds:.0f} tok/s")
-            pbar.update(len(chunk) - len(items))
-            rows = []
-            for record, _ in items:
-                o = outputs.get(record.id)
-                if o is None:
-                    continue
-                comp = o.outputs[0]
-                row = {
-                    "id": record.id,
-                    "messages": json.dumps(record.messages, ensure_ascii=False),
-                    "prompt": prompts[record.id],
-                    "images": list(record.images),
-                    "prompt_token_ids": list(o.prompt_token_ids or []),
-                    "response": comp.text,
-                    "token_ids": list(comp.token_ids),
-                    "finish_reason": str(comp.finish_reason),
-                    "reference": record.reference,
-                    "temperature": float(temperature), "top_p": float(top_p),
-                    "max_tokens": int(max_tokens), "seed": int(seed), "target": target,
-                }
-                if logprobs > 0:
-                    ids_k, lps_k = [], []
-                    for pos in comp.logprobs or []:
-                        i_, l_ = _top_logprobs(pos or {}, logprobs)
-                        ids_k.append(i_)
-                        lps_k.append(l_)
-                    row["top_logprob_ids"], row["top_logprobs"] = ids_k, lps_k
-                rows.append(row)
-            skipped_run.update(chunk_skipped.values())
-            chunk_no = done.last_chunk + 1 + c
-            meta = {"settings": settings, "shard": shard, "chunk": chunk_no,
-                    "skipped": chunk_skipped}
-            if rows:
-                if schema is None:
-                    schema = row_schema(logprobs)
-                _write_part(parts_dir, shard, chunk_no,
-                            rows, schema.with_metadata({_META_KEY: json.dumps(meta).encode()}))
-                summary.written += len(rows)
-                summary.written_total += len(rows)
-            else:  # no rows (every record skipped): a hidden marker, as `datasets` reads no
-                # empty Parquet file
-                _atomic_write_json(parts_dir / f".part-{shard:05d}-{chunk_no:06d}.empty.json",
-                                   meta)
+            skipped = run_chunk(done.last_chunk + 1 + c, chunk, loaded)
+            skipped_run.update(skipped.values())
             summary.chunks_done += 1
-            update_summary(complete=False)
+            _update_summary(summary, summary_path, skipped_run, skipped_done, t_start,
+                            complete=False)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         pbar.close()
-        if owns_llm and llm is not None:
-            try:
-                llm.llm_engine.engine_core.shutdown()
-            except Exception:  # noqa: BLE001
-                pass
-            llm = None
-    update_summary(complete=not stopped_early)
+        engine.shutdown()
+    _update_summary(summary, summary_path, skipped_run, skipped_done, t_start,
+                    complete=not stopped_early)
     if verbose:
         print(summary)
     return summary

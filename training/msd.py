@@ -1,6 +1,6 @@
 """`massv train --method msd`: the data, loss and curriculum of an MSD drafter (MSD, arXiv
-2505.14260 §3; released code `EAGLE/eagle/train/main_deepspeed.py`, read in
-notes/msd-and-eagle-in-vllm.md §2). The loop, optimizer, checkpoints and resume are `train.py`'s.
+2505.14260 §3; released code `EAGLE/eagle/train/main_deepspeed.py`). The loop, optimizer,
+checkpoints and resume are `loop.py`'s; the export is `export.py`'s.
 
 Row t of a sequence x_0..x_{L-1} (the layout vLLM's EAGLE first pass feeds, `vllm_massv.msd`):
 
@@ -31,23 +31,25 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from vllm_massv.training.features import TargetHiddenStates
-    from vllm_massv.training.train import Example
+from vllm_massv.msd.config import MsdConfig, MsdConfigError
+from vllm_massv.msd.hf_model import MsdQwen2Drafter
+from vllm_massv.training.examples import Example, image_max_pixels
+from vllm_massv.training.features import TargetHiddenStates
+from vllm_massv.training.loop import TrainConfig
 
-#: Loss weights and input noise as released (main_deepspeed.py l.71-80, 110-111).
+#: Loss weights and input noise as released (`main_deepspeed.py`).
 V_WEIGHT, P_WEIGHT = 1.0, 0.1
 NOISE_STD = 0.2
 
 
 def mm_ratio(epoch: int, total_epochs: int) -> float:
     """Share of examples that keep their image in `epoch` (1-based) of `total_epochs`: MSD's
-    released `update_ratio` (main_deepspeed.py l.179-191). Text only for the first half
+    released `update_ratio` (`main_deepspeed.py`). Text only for the first half
     (epoch <= total // 2), then (epoch - total // 2) / total * 2, and 1.0 from the last epoch on.
 
     Raises:
@@ -172,12 +174,13 @@ def compute_loss(model, batch: dict[str, torch.Tensor], examples: list[Example],
 
 @dataclass
 class MsdSetup:
-    """What `train.train` needs for `--method msd` (see `train._Setup`)."""
+    """The MSD pieces of a run (a :class:`~vllm_massv.training.loop.MethodSetup`)."""
     model: torch.nn.Module
     batcher: MsdBatcher
     features: TargetHiddenStates
     vision_ids: tuple[int, int]
     seed: int
+    loss_kind: str = "smooth-l1 + 0.1 soft ce"
 
     def loss(self, model, batch, examples):
         return compute_loss(model, batch, examples, self.features.lm_head.weight)
@@ -191,45 +194,26 @@ class MsdSetup:
         return curriculum_view(example, epoch, total_epochs, self.seed, self.vision_ids)
 
     @staticmethod
-    def export(model, state_dict: dict, cfg, out, phases: list[dict]) -> None:
-        """Write the trained drafter: weights, config.json (the `msd` block and a speculators
-        block, `speculators_model_type: "msd"`, with the input drafter's k, so `vllm serve
-        <out>` serves the target with method eagle), tokenizer, and the model card README.md
-        (`vllm_massv.training.model_card`, phases from `phases`)."""
-        import json
-        from pathlib import Path
-
-        from vllm_massv.init_drafter import copy_tokenizer_files
-        from vllm_massv.speculators import (DEFAULT_NUM_SPECULATIVE_TOKENS,
-                                            checkpoint_num_speculative_tokens, speculators_fields)
-        from vllm_massv.training.model_card import write_model_card
-
-        out = Path(out)
-        model.load_state_dict(state_dict)   # FSDP: the gathered full weights
+    def save(model, state_dict: dict, out: Path) -> None:
+        """`save_pretrained` of the gathered full weights (config.json with the `msd` block)."""
+        model.load_state_dict(state_dict)
         model.save_pretrained(out)
-        cfg_path = out / "config.json"
-        config = json.loads(cfg_path.read_text())
-        source = json.loads((Path(cfg.drafter) / "config.json").read_text())
-        k = checkpoint_num_speculative_tokens(source) or DEFAULT_NUM_SPECULATIVE_TOKENS
-        config.update(speculators_fields(model.msd, k, verifier=model.msd.target or cfg.target))
-        cfg_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        copy_tokenizer_files(Path(cfg.drafter), out)
-        write_model_card(out, model.msd, k, phases, license=cfg.license)
+
+    @staticmethod
+    def checkpoint_block(model, config: dict, source: dict) -> MsdConfig:
+        """The `msd` block (speculators type "msd": `vllm serve <out>` serves the target with
+        method eagle)."""
+        return model.msd
 
 
-def setup(cfg, device: str | torch.device = "cpu") -> MsdSetup:
+def setup(cfg: TrainConfig, tokenizer=None, device: str | torch.device = "cpu") -> MsdSetup:
     """Load the MSD drafter (`massv init --method msd` output or a trained one; `cfg.decouple`
     False turns decoupling off, None keeps the drafter's setting) and the frozen target (on
-    `device`; the drafter is moved by accelerate).
+    `device`; the drafter is moved by accelerate). `tokenizer` is unused.
 
     Raises:
         MsdConfigError: not an MSD drafter, or a drafter built for another target size.
     """
-    from vllm_massv.msd.config import MsdConfigError
-    from vllm_massv.msd.hf_model import MsdQwen2Drafter
-    from vllm_massv.training.features import TargetHiddenStates
-    from vllm_massv.training.train import image_max_pixels
-
     model = MsdQwen2Drafter.from_pretrained(cfg.drafter, dtype=torch.float32)
     if cfg.decouple is not None:
         model.msd = model.msd.model_copy(update={"decouple_visual_tokens": cfg.decouple})

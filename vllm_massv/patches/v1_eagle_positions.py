@@ -1,16 +1,9 @@
-"""V1 model runner: EAGLE-path drafters on M-RoPE targets get 1-D absolute positions for RoPE and
-draft KV slots (a stock-vLLM bug fix).
-
-Stock vLLM (`v1/spec_decode/llm_base_proposer.py`), for a drafter without M-RoPE (EAGLE-1,
-EAGLE-3 heads, MSD) serving an M-RoPE target (Qwen2-VL / Qwen2.5-VL), gives the drafter the
-target's *temporal* M-RoPE row as its positions (`_set_positions`), and derives the KV slots of
-draft tokens 2..k from that row (`_update_positions_dependent_metadata`). After an image the row
-is smaller than the token index, so the head sees positions it was not trained with and writes
-its draft KV into earlier tokens' slots. :class:`EagleAbsolutePositionsProposer` feeds the
-absolute token index instead (`vllm_massv.rope.absolute_positions`, from the attention metadata,
-in every runner layout). `v1_proposer_routing.py` builds it only for `eagle`/`eagle3` drafters
-without M-RoPE on M-RoPE targets (and, through its subclass, MSD drafters). Details:
-docs/notes/eagle-mrope-positions.md.
+"""V1 model runner: EAGLE-path drafters without M-RoPE on M-RoPE targets get 1-D absolute positions
+for RoPE and draft KV slots (a stock-vLLM bug fix). Stock vLLM gives them the target's temporal
+M-RoPE row, which after an image is smaller than the token index: the head sees positions it was
+not trained with and writes its draft KV into earlier tokens' slots. `v1_proposer_routing.py`
+builds :class:`EagleAbsolutePositionsProposer` for them (and its subclass for MSD drafters).
+Design: docs/design/vllm-integration.md; upstream report: docs/notes/eagle-mrope-positions.md.
 """
 
 from __future__ import annotations

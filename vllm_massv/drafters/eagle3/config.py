@@ -1,28 +1,8 @@
-"""The EAGLE-3 checkpoint contract: the speculators `eagle3` format that stock vLLM serves.
-
-An EAGLE-3 head (EAGLE-3, arXiv 2503.01840) trained by `massv train --method eagle3` is written in
-the format vllm-project/speculators writes (`speculators/models/eagle3/config.py`,
-`Eagle3SpeculatorConfig`) and vLLM 0.32 reads without the plugin:
-
-* `config.json`: top-level `speculators_model_type: "eagle3"`, `transformer_layer_config` (a
-  Llama decoder config: the target's text dims, one layer, 1-D RoPE), `draft_vocab_size`,
-  `target_hidden_size`, `eagle_aux_hidden_state_layer_ids`, `norm_before_residual`,
-  `norm_before_fc`, and `speculators_config` (k, verifier). vLLM turns it into
-  `Eagle3LlamaForCausalLM` (`transformers_utils/configs/speculators/algos.py::update_eagle3`;
-  `Eagle3Qwen2_5vlForCausalLM` in vLLM's registry is the same class, `llama_eagle3.py`).
-* `model.safetensors`: `fc.weight` [H, n_aux*H], `input_norm.weight` [n_aux*H] (with
-  `norm_before_fc`), `layers.0.self_attn.{q,k,v}_proj.weight` [*, 2H], `o_proj`,
-  `layers.0.mlp.{gate,up,down}_proj.weight`, `layers.0.{input_layernorm,hidden_norm,
-  post_attention_layernorm}.weight`, `norm.weight`, `lm_head.weight` [draft_vocab, H] and, with a
-  reduced draft vocabulary, `d2t` [draft_vocab] int64 (target id = draft id + d2t) and `t2d`
-  [vocab] bool. No `embed_tokens`: vLLM shares the target's (`_maybe_share_embeddings`).
-
-Served either way, unchanged: `vllm serve <dir>` (one argument: the verifier with this head) or
-`--speculative-config '{"method": "eagle3", "model": "<dir>", "num_speculative_tokens": k}'`.
-
-Aux layer ids follow vLLM's convention (`interfaces.py::_maybe_add_hidden_state`, speculators'
-`target_layer_ids`): id `a` is the hidden state entering decoder layer `a` (residual included), i.e.
-the output of layer `a - 1`; `a = num_layers` is the last layer's output before the final norm.
+"""The EAGLE-3 checkpoint contract: the speculators `eagle3` format that stock vLLM serves without
+the plugin (`vllm serve <dir>`, or method `eagle3` in `--speculative-config`).
+:class:`Eagle3Config` holds its fields; aux layer ids follow vLLM's convention (id `a` is the
+hidden state entering decoder layer `a`, i.e. the output of layer `a - 1`). File layout, tensor
+shapes and conventions: docs/design/eagle3.md.
 """
 
 from __future__ import annotations
@@ -49,7 +29,7 @@ class Eagle3ConfigError(DrafterConfigError):
 def default_aux_layer_ids(num_layers: int) -> list[int]:
     """vLLM's and speculators' default aux layers `(2, L // 2, L - 3)`
     (`interfaces.py::get_eagle3_default_aux_hidden_state_layers`) when they are distinct and
-    valid; otherwise (shallow targets, e.g. the 6-layer testbed, where they give 2, 3, 3) a low,
+    valid; otherwise (shallow targets, e.g. 6 layers, where they give 2, 3, 3) a low,
     middle and high layer `(1, L // 2, L - 1)`.
 
     Raises:
@@ -140,7 +120,7 @@ class Eagle3Config(BaseModel):
         }
 
     def to_config_json(self) -> dict[str, Any]:
-        """`config.json` in the speculators `eagle3` format (see the module docstring)."""
+        """`config.json` in the speculators `eagle3` format (docs/design/eagle3.md)."""
         return {
             "architectures": ["Eagle3Speculator"],
             "speculators_model_type": EAGLE3_SPECULATORS_TYPE,
@@ -211,7 +191,7 @@ class Eagle3Config(BaseModel):
             raise Eagle3ConfigError(f"malformed EAGLE-3 config.json: {e}") from e
 
     def weight_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Every tensor of the checkpoint (see the module docstring) and its shape."""
+        """Every tensor of the checkpoint (docs/design/eagle3.md) and its shape."""
         h, n, hd = self.hidden_size, self.num_aux, self.head_dim
         q, kv = self.num_attention_heads * hd, self.num_key_value_heads * hd
         shapes: dict[str, tuple[int, ...]] = {

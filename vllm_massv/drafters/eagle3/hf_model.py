@@ -1,23 +1,8 @@
-"""EAGLE-3 head for PyTorch/transformers training and reference computations: the twin of vLLM's
-`Eagle3LlamaForCausalLM` (`vllm/model_executor/models/llama_eagle3.py`), reading and writing the
-checkpoint of :mod:`vllm_massv.eagle3.config`.
-
-The computation, as vLLM 0.32 serves it (method `eagle3`):
-
-* first draft step, row t: `g_t = fc(input_norm(cat(a_t^1, ..., a_t^n)))` from the target's aux
-  hidden states at t (`combine_hidden_states`), and the target's token embedding `e = E(x_{t+1})`
-  of the *next* token (vLLM's first pass shifts the ids by one; on Qwen2.5-VL the image
-  placeholder's token embedding at image rows: this head takes no image embeddings);
-* the one decoder layer: `x = cat(input_layernorm(e), hidden_norm(g))`, residual = `hidden_norm(g)`
-  (`norm_before_residual`) or `g`; `r = residual + attn(x)`; `o = r + mlp(post_attention_layernorm(
-  r))`; logits = `lm_head(norm(o))` over the draft vocabulary (mapped to target ids with d2t);
-* draft step j >= 1 takes the previous step's `o` (pre-norm) as `g` and the embedding of the
-  token drafted at step j - 1; its query sits one position further and attends to the first-pass
-  keys of the context and to the keys of the earlier draft steps (vLLM's KV cache).
-
-:meth:`Eagle3Drafter.unroll` runs that whole chain for every row of a training sequence at once:
-training-time test (EAGLE-3 §3.2), with the speculators attention layout (step j's row t attends to
-step-0 rows <= t and to row t of steps 1..j; position t + j).
+"""EAGLE-3 head for PyTorch/transformers (training, reference computations): `Eagle3Drafter`, the
+twin of vLLM's `Eagle3LlamaForCausalLM` (`vllm/model_executor/models/llama_eagle3.py`), reading
+and writing the checkpoint of `config.py`. :meth:`Eagle3Drafter.unroll` runs the draft chain from
+every row of a sequence at once (training-time test, EAGLE-3 §3.2). The computation, step by
+step as vLLM serves it: docs/design/eagle3.md.
 """
 
 from __future__ import annotations
@@ -103,7 +88,7 @@ class Eagle3Drafter(nn.Module):
     """The EAGLE-3 head (trainable: fc, input_norm, the layer, norm; frozen: lm_head, d2t/t2d).
 
     Args:
-        cfg: the head's :class:`~vllm_massv.eagle3.config.Eagle3Config`.
+        cfg: the head's :class:`~vllm_massv.drafters.eagle3.config.Eagle3Config`.
     """
 
     def __init__(self, cfg: Eagle3Config) -> None:

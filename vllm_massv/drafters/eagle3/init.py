@@ -1,5 +1,5 @@
 """`massv init --method eagle3`: an untrained EAGLE-3 head for a Qwen2-VL / Qwen2.5-VL target, in
-the checkpoint layout of :mod:`vllm_massv.eagle3.config` (stock vLLM serves it, method `eagle3`).
+the checkpoint layout of :mod:`vllm_massv.drafters.eagle3.config` (stock vLLM serves it, method `eagle3`).
 
 As speculators initialises one (`speculators/model.py::DraftVocabMixin.load_verifier_weights`):
 fc and the decoder layer ~ N(0, initializer_range), norms 1, the `lm_head` a frozen copy of the
@@ -77,7 +77,7 @@ def init_eagle3_drafter(target: str | Path, out: str | Path, *,
         target: the target VLM directory (or hub name).
         out: output directory (created; existing files are overwritten).
         aux_layer_ids: target aux layer ids (vLLM convention, 1..L); default
-            :func:`~vllm_massv.eagle3.config.default_aux_layer_ids`.
+            :func:`~vllm_massv.drafters.eagle3.config.default_aux_layer_ids`.
         draft_vocab_size: rows of the head's lm_head (default: the target's vocabulary, no
             mapping). Smaller needs `data` (token counts).
         data: `massv generate` output to count response tokens in.

@@ -1,14 +1,8 @@
 """MASSV drafters for transformers (training, reference computations): the twins of
-`vllm_model.py`, with the same `config.json` (the text LM's config plus a `massv` block), the
-same weight names (`model.*`, `lm_head.*`, `mm_projector.*`) and the same computation: token
-embeddings, with the projected target image embeddings written at the image placeholder
-positions, through the LM; logits of padded vocabulary rows are -inf.
-
-Qwen2 drafters use the 1-D token index (`massv.positions == "1d"`) or the target's M-RoPE
-positions ([3, batch, seq] `position_ids`, :func:`vllm_massv.rope.mrope_positions`), rotated
-section by section as Qwen2.5-VL does (transformers `modeling_qwen2_5_vl.py::
-apply_multimodal_rotary_pos_emb`). Gemma3 drafters scale token embeddings by √hidden and not the
-projected image rows, as the target does, and attend causally everywhere (`sliding_window: null`).
+`vllm_model.py`, with the same `config.json`, weight names and computation (token embeddings with
+the projected target image embeddings at the image positions; padded vocabulary rows at -inf).
+Qwen2 drafters take 1-D or the target's M-RoPE positions; Gemma3 drafters scale token embeddings
+by √hidden (not the image rows) and attend causally everywhere. Design: docs/design/massv.md.
 """
 
 from __future__ import annotations

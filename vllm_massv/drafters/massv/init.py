@@ -1,17 +1,10 @@
 """`massv init`: build an untrained MASSV drafter from a base text LM and a target VLM.
 
-The result is an HF-style directory the plugin serves and `massv train` trains:
-`config.json` (the LM's config, vocab padded to the target's, `architectures:
-["MassvQwen2ForCausalLM"]` or `["MassvGemma3ForCausalLM"]`, a `massv` block), `model.safetensors`
-(LM weights, zero-padded embedding rows, a seeded projector) and the target's tokenizer files.
-
-Families (:data:`FAMILIES`): Qwen2-VL / Qwen2.5-VL targets with Qwen2 text LMs, Gemma3 targets
-with Gemma3 text LMs (`gemma3_text`).
-
-`--draft-lm` may be the target VLM itself: its language model becomes the drafter, with every
-numeric setting copied from the target's text config and the target's positions (M-RoPE for
-Qwen2-VL) (a "sanity drafter": with `--projector identity` it reproduces the target's own
-computation).
+The result is an HF-style directory the plugin serves and `massv train` trains: `config.json`
+(the LM's config, vocab padded to the target's, a MASSV architecture, a `massv` block),
+`model.safetensors` (LM weights, zero-padded embedding rows, a seeded projector) and the target's
+tokenizer files. `--draft-lm` may be the target VLM itself (a "sanity drafter"). Families
+(:data:`FAMILIES`) and the checkpoint: docs/design/massv.md.
 """
 
 from __future__ import annotations

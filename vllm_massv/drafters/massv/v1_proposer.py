@@ -1,34 +1,11 @@
-"""MASSV proposer for vLLM 0.32's V1 model runner: image-aware drafting with a standalone drafter.
+"""MASSV proposer for vLLM's V1 model runner: image-aware drafting with a standalone drafter.
 
 `MassvDraftModelProposer` is vLLM's `DraftModelProposer` (`vllm/v1/spec_decode/draft_model.py`)
-with three fixes for vision-language targets. `vllm_massv.patches` makes vLLM construct it in
-place of `DraftModelProposer` only when the draft checkpoint is a MASSV drafter.
-
-1. Positions and KV slots follow the drafter's own sequence index. With an M-RoPE target
-   (Qwen2.5-VL) the runner hands the proposer the target's [3, N] M-RoPE positions; vLLM's expand
-   kernel reads their temporal row as 1-D positions, and every draft slot mapping is derived
-   from them, so after an image the draft KV lands in the wrong slots
-   (`llm_base_proposer.py::set_inputs_first_pass`, `utils.py::compute_new_slot_mapping`).
-   We pass the runner's 1-D positions (`GPUModelRunner.positions`, absolute token index).
-   Drafters with `positions: mrope` additionally get the target's M-RoPE positions as RoPE
-   input, continued text-style (`1-D index + per-request delta`) for the bonus and draft tokens.
-2. Image embeddings land at the right draft positions. The runner gathers the target's cached
-   image embeddings with a look-ahead of one token (`_gather_mm_embeddings(...,
-   shift_computed_tokens=1)`, EAGLE semantics), but a standalone drafter sees the target's tokens
-   unshifted, with one extra (bonus) slot per request. We make that one gather use shift 0
-   (exact under chunked prefill too; no second gather) and move each mask entry by its request
-   index `r` (draft index = target index + r). Steps without image embeddings (every decode
-   step) skip the mask entirely.
-3. No silent text-only fallback: a MASSV drafter with a projector that cannot receive image
-   embeddings raises.
-4. The drafter attends causally over image tokens. For prefix-LM targets (Gemma3) the runner
-   puts the image ranges into the attention metadata (`mm_req_doc_ranges`, bidirectional
-   attention inside each image on backends that support it: FlashAttention, Triton, Flex), and
-   the proposer would hand that metadata to the draft layers too. The drafter is trained causal
-   (as transformers' `Gemma3ForCausalLM` runs it), so the ranges are dropped for it.
-
-The rest (drafting loop, sampling, paged draft KV in the target's pool, continuous batching) is
-vLLM's own code.
+with four fixes for vision-language targets: 1-D positions and KV slots (the target's M-RoPE,
+continued text-style, for `positions: mrope`), image embeddings gathered at shift 0 and moved to
+the draft layout, no silent text-only fallback, and causal attention over image tokens.
+`vllm_massv/patches/v1_proposer_routing.py` builds it for MASSV drafters. Design:
+docs/design/massv.md.
 """
 
 from __future__ import annotations

@@ -1,20 +1,8 @@
-"""The `msd` block of an MSD drafter's `config.json`, and the checks that run before serving.
+"""The `msd` block of an MSD drafter's `config.json` (:class:`MsdConfig`), and the checks that run
+before serving (:func:`validate`, :func:`check_checkpoint_weights`).
 
-MSD (arXiv 2505.14260, "Speculative Decoding Reimagined for Multimodal Large Language Models") is
-an EAGLE-style drafter: one decoder layer over ``fc([token embedding of x_{t+1}; target hidden
-state f_t])``, with *decoupled visual tokens* (rows whose next token is an image placeholder take
-the target's own image embedding instead of the fc mix, MSD §3.2). The target's token embedding
-and LM head are reused, frozen.
-
-An MSD drafter directory holds a Qwen2 text config (`model_type: "qwen2"`, 1 layer, the target's
-text dims, no `mrope_section`: MSD uses 1-D RoPE positions = absolute token index) with
-`architectures: ["EagleMsdQwen2ForCausalLM"]` and one extra block, `"msd": {...}`
-(:class:`MsdConfig`); weights `model.fc.*` and `model.layers.0.*` only (no embedding, LM head or
-final norm). It is served with ``{"method": "eagle", "model": DIR, "num_speculative_tokens": k}``,
-or with one argument, `vllm serve DIR`, from its speculators block (`speculators_model_type:
-"msd"`, `vllm_massv.speculators`).
-
-All checks raise :class:`MsdConfigError` (a `ValueError`) whose message names the fix.
+All checks raise :class:`MsdConfigError` (a `ValueError`) whose message names the fix. The MSD
+architecture and checkpoint layout: docs/design/msd.md.
 """
 
 from __future__ import annotations

@@ -1,23 +1,7 @@
-"""MSD drafter for transformers (training, reference computations): the twin of the vLLM class
-`vllm_massv.msd.model.EagleMsdQwen2ForCausalLM`, reading and writing the same drafter directory.
-
-MSD (arXiv 2505.14260, §3; released code `EAGLE/eagle/model/cnets.py`, class `Model`) is an
-EAGLE-style head: one Qwen2 decoder layer over `fc([token embedding of x_{t+1}; target hidden
-f_t])` (fc with bias, embedding first, as released). With *decoupled visual tokens*, the rows whose
-next token is an image (or video) placeholder bypass the fc: the layer input there is the target's
-own image embedding for that placeholder (post-merger, what vLLM caches; released code overwrites
-the fc output at those rows, cnets.py l.276-292). The layer output `o_t` regresses the target's
-post-final-norm hidden state `f_{t+1}` and goes straight to the target's frozen LM head (no final
-norm, no own embedding or LM head). Positions are 1-D (absolute token index), as MSD was trained
-(notes/msd-and-eagle-in-vllm.md §1.3).
-
-Checkpoint layout (`save_pretrained` / `from_pretrained`):
-
-* `config.json`: a Qwen2 text config (`model_type: qwen2`, `num_hidden_layers: 1`,
-  `architectures: ["EagleMsdQwen2ForCausalLM"]`, the target's text dims) with an `msd` block
-  (`vllm_massv.msd.config.MsdConfig`).
-* `model.safetensors`: `model.fc.{weight [H, 2H], bias [H]}` and `model.layers.0.*` (Qwen2 decoder
-  layer names). No embed_tokens, lm_head or final norm.
+"""MSD drafter for transformers (training, reference computations): `MsdQwen2Drafter`, the twin of
+`vllm_model.py`'s `EagleMsdQwen2ForCausalLM`, reading and writing the same drafter directory
+(`config.json` with an `msd` block; `model.fc.*` and `model.layers.0.*` in `model.safetensors`).
+Architecture and checkpoint layout: docs/design/msd.md.
 """
 
 from __future__ import annotations
@@ -50,7 +34,7 @@ class MsdQwen2Drafter(nn.Module):
 
     Args:
         config: the drafter's `Qwen2Config`, carrying the `msd` block as `config.msd` (a dict,
-            :class:`~vllm_massv.msd.config.MsdConfig`).
+            :class:`~vllm_massv.drafters.msd.config.MsdConfig`).
     Raises:
         MsdConfigError: `num_hidden_layers` is not 1, or the `msd` block is missing/invalid.
     """

@@ -1,13 +1,10 @@
 """V1 model runner: the EAGLE proposer for MSD drafters.
 
-`MsdEagleProposer` is vLLM's `EagleProposer` (`vllm/v1/spec_decode/eagle.py`) with the 1-D absolute
-positions and CPU sampler fix of `EagleAbsolutePositionsProposer`
-(`vllm_massv/patches/v1_eagle_positions.py`; MSD is trained with 1-D positions), and no silent
-text-only fallback: if vLLM would not hand the drafter the target's image embeddings although the
-target takes images (`llm_base_proposer.py::load_model` warns and drafts text-only), loading
-fails. `vllm_massv/patches/v1_proposer_routing.py` builds it for MSD drafters. Drafting itself
-(token shift, image embeddings gathered one token ahead, chained draft steps, paged draft KV in
-the target's pool) is vLLM's own code.
+`MsdEagleProposer` is vLLM's `EagleProposer` (`vllm/v1/spec_decode/eagle.py`) with the 1-D
+absolute positions and CPU sampler fix of `vllm_massv/patches/v1_eagle_positions.py` (MSD is
+trained with 1-D positions), and no silent text-only fallback: loading fails if vLLM would not
+hand the drafter the target's image embeddings. `vllm_massv/patches/v1_proposer_routing.py`
+builds it for MSD drafters. Design: docs/design/msd.md.
 """
 
 from __future__ import annotations

@@ -1,28 +1,9 @@
-"""vLLM model of an MSD drafter: `EagleMsdQwen2ForCausalLM` (served by vLLM's EAGLE proposer).
-
-MSD (arXiv 2505.14260 §3; released code `EAGLE/eagle/model/cnets.py`, class `Model`): one Qwen2
-decoder layer (q/k/v bias, input_layernorm kept, as the released Qwen2-VL head) over
-``h_t = fc([E(x_{t+1}); f_t])`` (fc with bias, embedding first), where f_t is the target's
-last-layer post-norm hidden state and E the target's token embedding. With decoupled visual tokens,
-rows whose next token is an image/video placeholder take the target's image embedding for that
-placeholder instead of the fc mix (cnets.py l.276-319). The layer output o_t (no final norm) goes
-to the target's LM head and is fed back as the hidden state of the next draft step.
-
-How it plugs into vLLM 0.32's EAGLE path (`v1/spec_decode/llm_base_proposer.py`):
-
-- The proposer shifts input ids by one (row t holds x_{t+1}) and calls
-  ``embed_input_ids(input_ids, multimodal_embeddings, is_multimodal=...)`` with the target's
-  cached image embeddings gathered one token ahead (`gpu_model_runner.py`,
-  ``_gather_mm_embeddings(..., shift_computed_tokens=1)``), i.e. `is_multimodal` marks exactly
-  MSD's decoupled rows. It then calls ``forward(None, positions, hidden_states,
-  inputs_embeds)``, without the mask, so :meth:`embed_input_ids` keeps it for the next
-  :meth:`forward` (one call each, in that order, per draft step; later draft steps embed without
-  images and so clear it).
-- Declaring ``SupportsMultiModalEmbeddings`` keeps vLLM from falling back to text-only draft
-  inputs (`llm_base_proposer.py::load_model`); `vllm_massv.msd.proposer` refuses to serve if it
-  still would.
-- No own embedding or LM head in the checkpoint: ``has_own_embed_tokens/has_own_lm_head`` stay
-  False and vLLM's `_maybe_share_embeddings/_maybe_share_lm_head` install the target's.
+"""vLLM model of an MSD drafter, `EagleMsdQwen2ForCausalLM`, served by vLLM's EAGLE proposer
+(`method: eagle`): an fc over [target embedding of x_{t+1}; target hidden state f_t], one Qwen2
+decoder layer, image rows decoupled, and the target's own embedding and LM head.
+:meth:`EagleMsdQwen2ForCausalLM.embed_input_ids` remembers the image-row mask for the next
+:meth:`~EagleMsdQwen2ForCausalLM.forward`. Architecture and how it plugs into vLLM:
+docs/design/msd.md.
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ from collections import Counter
 from typing import Any
 
 from vllm_massv.config import MassvConfigError
+from vllm_massv.training import data
+from vllm_massv.training import generate as generation
 
 __all__ = ["add_commands", "engine_kwargs_from_args", "generate_kwargs_from_args",
            "records_from_args"]
@@ -27,8 +29,6 @@ def add_commands(subparsers: Any) -> None:
 
 
 def _add_generate(subparsers: Any) -> None:
-    from vllm_massv.training.data import DEFAULT_MAX_PIXELS
-
     p = subparsers.add_parser(
         "generate", help="self-distillation data: the target answers image prompts (vLLM)",
         description="The target VLM answers image prompts through vLLM's offline engine; the "
@@ -62,8 +62,8 @@ def _add_generate(subparsers: Any) -> None:
                      help="every template for every image")
     src.add_argument("--limit", type=int, default=None,
                      help="only the first N input entries (images for --image-folder)")
-    src.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                     help=f"downsize larger images (default {DEFAULT_MAX_PIXELS})")
+    src.add_argument("--max-image-pixels", type=int, default=data.DEFAULT_MAX_PIXELS,
+                     help=f"downsize larger images (default {data.DEFAULT_MAX_PIXELS})")
 
     gen = p.add_argument_group("sampling")
     gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
@@ -132,8 +132,6 @@ def records_from_args(args: argparse.Namespace, skipped: Counter | None = None) 
     """The record iterator the input options describe (this shard's records only)."""
     from pathlib import Path
 
-    from vllm_massv.training import data
-
     common = dict(limit=args.limit, shard=args.shard or 0, num_shards=args.num_shards,
                   skipped=skipped)
     if args.llava_json:
@@ -188,8 +186,6 @@ def generate_kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from vllm_massv.training import generate as gen
-
     shards = shard_range(args)
     if args.shards is not None:
         return _generate_parallel(args, shards)
@@ -199,7 +195,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         records = list(records_from_args(args, read_skipped))
     except (ValueError, FileNotFoundError) as e:  # bad input options or files
         raise MassvConfigError(str(e)) from e
-    summary = gen.generate(records, read_skipped=read_skipped, **kwargs)
+    summary = generation.generate(records, read_skipped=read_skipped, **kwargs)
     return 0 if summary.complete or args.max_chunks is not None else 1
 
 
@@ -208,10 +204,8 @@ def _generate_parallel(args: argparse.Namespace, shards: list[int]) -> int:
     its own devices (`generate.shard_device_envs`); returns 0 when every shard succeeded."""
     import multiprocessing
 
-    from vllm_massv.training.generate import shard_device_envs
-
     generate_kwargs_from_args(argparse.Namespace(**{**vars(args), "shard": shards[0]}))  # checks
-    envs = shard_device_envs(len(shards), args.tensor_parallel_size or 1)
+    envs = generation.shard_device_envs(len(shards), args.tensor_parallel_size or 1)
     ctx = multiprocessing.get_context("spawn")   # a fresh interpreter: no inherited CUDA/engine
     procs = []
     for shard, env in zip(shards, envs):
@@ -249,7 +243,9 @@ def _generate_shard(args: argparse.Namespace, env: dict[str, str]) -> None:
 
 
 def _add_train(subparsers: Any) -> None:
-    from vllm_massv.training.loop import TrainConfig  # the loop imports torch: only when used
+    # the loop imports torch: loaded when the parser is built, not when `vllm_massv.cli` is
+    # imported
+    from vllm_massv.training.loop import TrainConfig
 
     d = TrainConfig.__dataclass_fields__
     p = subparsers.add_parser(
@@ -302,7 +298,7 @@ def _add_train(subparsers: Any) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from vllm_massv.training.loop import TrainConfig, train
+    from vllm_massv.training.loop import TrainConfig, train  # torch: see _add_train
 
     fields = TrainConfig.__dataclass_fields__
     if args.method == "massv" and args.phase is None:

@@ -23,6 +23,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from vllm_massv.config import MassvConfigError
+from vllm_massv.init_drafter import FAMILIES, drafter_family
+from vllm_massv.rope import mrope_positions
+from vllm_massv.training.data import load_image
+
 _VISION_PREFIXES = ("model.visual.", "visual.")
 # Gemma3 checkpoint layouts: transformers >= 4.52 (`model.vision_tower.`) and the hub's
 # (`vision_tower.`); SigLIP's own weights may sit under a further `vision_model.`.
@@ -50,8 +55,6 @@ class TargetImageEncoder:
     def __init__(self, target: str | Path, *, dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu", cache_dir: str | Path | None = None) -> None:
         from transformers import AutoConfig, AutoImageProcessor
-
-        from vllm_massv.init_drafter import FAMILIES, drafter_family
 
         self.target = Path(target)
         config = AutoConfig.from_pretrained(self.target)
@@ -236,8 +239,6 @@ class TargetHiddenStates:
                  cache_dir: str | Path | None = None) -> None:
         from transformers import AutoConfig, AutoModelForImageTextToText
 
-        from vllm_massv.config import MassvConfigError
-
         self.target = Path(target)
         config = AutoConfig.from_pretrained(self.target)
         if config.model_type not in ("qwen2_vl", "qwen2_5_vl"):
@@ -297,15 +298,13 @@ class TargetHiddenStates:
 
     def for_examples(self, batch: list, max_pixels: int | None
                      ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """:meth:`__call__` on training examples (`train.Example`: token ids, prompt length,
+        """:meth:`__call__` on training examples (`examples.Example`: token ids, prompt length,
         image paths), their images loaded at `max_pixels`.
 
         Raises:
             ValueError: an image that can no longer be read (training data must stay readable
                 once `massv generate` accepted it).
         """
-        from vllm_massv.training.data import load_image
-
         images = []
         for e in batch:
             own = [load_image(p, max_pixels) for p in e.images]
@@ -315,8 +314,6 @@ class TargetHiddenStates:
         return self([e.input_ids for e in batch], images, [e.prompt_len for e in batch])
 
     def _forward(self, sequences, images, prompt_lens):
-        from vllm_massv.hf.modeling_massv_qwen2 import mrope_positions
-
         width = max(len(s) for s in sequences)
         ids = torch.zeros(len(sequences), width, dtype=torch.long)
         attention = torch.zeros_like(ids)

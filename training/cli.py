@@ -9,6 +9,7 @@ import json
 from collections import Counter
 from typing import Any
 
+from vllm_massv import methods
 from vllm_massv.config import MassvConfigError
 from vllm_massv.training import data
 from vllm_massv.training import generate as generation
@@ -262,7 +263,7 @@ def _add_train(subparsers: Any) -> None:
         "--num_processes N -m vllm_massv.cli train ...` (DDP, or FSDP with --use_fsdp): "
         "--batch-size is per process, one optimizer step takes batch-size x N x grad-accum "
         "examples, and --epochs/--max-steps/the LR schedule count those steps.")
-    p.add_argument("--method", choices=["massv", "msd", "eagle3"], default="massv",
+    p.add_argument("--method", choices=list(methods.METHODS), default="massv",
                    help="massv (default), msd (EAGLE-style head with decoupled visual tokens) or "
                    "eagle3 (vLLM's EAGLE-3 head from `massv init --method eagle3`)")
     p.add_argument("--phase", choices=["align", "sdvit"], default=None,

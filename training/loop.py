@@ -21,7 +21,6 @@ continues from the newest checkpoint, skipping the consumed batches
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import random
@@ -34,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Protocol
 import torch
 from tqdm.auto import tqdm
 
+from vllm_massv import methods
 from vllm_massv.config import MassvConfigError
 from vllm_massv.training.examples import Example, load_examples, split_examples
 from vllm_massv.training.export import export
@@ -116,13 +116,6 @@ class MethodSetup(Protocol):
 
 #: The setup function of each method, as "module:function" (imported when a run starts, so the
 #: loop loads only the method it trains).
-METHOD_SETUPS = {
-    "massv": "vllm_massv.training.massv:setup",
-    "msd": "vllm_massv.training.msd:setup",
-    "eagle3": "vllm_massv.training.eagle3:setup",
-}
-
-
 def method_setup(cfg: TrainConfig, tokenizer: Any, device: str | torch.device = "cpu"
                  ) -> MethodSetup:
     """Build the setup of `cfg.method` (frozen target parts on `device`).
@@ -131,11 +124,10 @@ def method_setup(cfg: TrainConfig, tokenizer: Any, device: str | torch.device = 
         MassvConfigError: an unknown method, or (from the method) a drafter it cannot train.
     """
     try:
-        module, _, name = METHOD_SETUPS[cfg.method].partition(":")
-    except KeyError:
-        raise MassvConfigError(f"unknown method {cfg.method!r} (one of "
-                               f"{', '.join(METHOD_SETUPS)})") from None
-    return getattr(importlib.import_module(module), name)(cfg, tokenizer, device)
+        method = methods.get(cfg.method)
+    except ValueError as e:
+        raise MassvConfigError(str(e)) from None
+    return methods.resolve(method.train_setup)(cfg, tokenizer, device)
 
 
 class EpochStream(torch.utils.data.Dataset):

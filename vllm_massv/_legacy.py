@@ -29,12 +29,18 @@ ALIASES = {
     "vllm_massv.patch_surface": "vllm_massv.patches.surface_check",
     "vllm_massv.eagle_positions": "vllm_massv.patches.v1_eagle_positions",
     "vllm_massv.distribution": "vllm_massv.patches.vllm_cpu_alias",
+    "vllm_massv.training.massv": "vllm_massv.drafters.massv.train",
+    "vllm_massv.training.msd": "vllm_massv.drafters.msd.train",
+    "vllm_massv.training.eagle3": "vllm_massv.drafters.eagle3.train",
 }
 
 
 class _Loader(importlib.abc.Loader):
     def create_module(self, spec):
         mod = importlib.import_module(ALIASES[spec.name])
+        if spec.name == "vllm_massv.hf.modeling_massv_qwen2":
+            from vllm_massv.rope import mrope_positions
+            mod.mrope_positions = mrope_positions
         if spec.name == "vllm_massv.eagle_positions":
             from vllm_massv import envs
             mod.STOCK_POSITIONS_ENV = envs.TEST_STOCK_EAGLE_POSITIONS

@@ -6,4 +6,5 @@ EAGLE proposer. Design: docs/design/msd.md.
 - `vllm_model.py`: the vLLM model `EagleMsdQwen2ForCausalLM`.
 - `v1_proposer.py`: `MsdEagleProposer`, vLLM's EAGLE proposer for MSD drafters (V1 runner).
 - `hf_model.py`: the transformers twin `MsdQwen2Drafter` (training, tests).
+- `train.py`: its training setup (batcher, loss, image curriculum).
 """

@@ -18,6 +18,9 @@ Gemma3 conventions mirrored (sources: transformers ``models/gemma3/``, vLLM
 Sizes are chosen for vLLM's CPU attention (head_dim 32) and for speed: the target's text LM is
 64 wide with 4 layers (3 sliding, 1 full; window 512, longer than any test sequence), the
 vision tower is a 1-layer SigLIP on 64×64 images with 8×8 patches, pooled to 16 image tokens.
+
+``tokenizers``, transformers and safetensors are imported inside the builders, like the rest of
+:mod:`vllm_massv.testing`, so that importing the package does not load them.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ from typing import Any
 
 import torch
 
-from vllm_massv.testing import _corpus, _init_model, _train_tokenizer_object
+from vllm_massv.testing.tokenizer import generic_corpus, train_tokenizer_object
+from vllm_massv.testing.weights import init_model
 
 GEMMA3_SPECIAL_TOKENS: tuple[str, ...] = (
     "<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>",
@@ -73,8 +77,8 @@ def build_gemma3_tokenizer(out_dir: str | Path) -> Any:
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tok = _train_tokenizer_object(_corpus(), TEXT_VOCAB_SIZE - len(NEWLINE_TOKENS),
-                                  GEMMA3_SPECIAL_TOKENS)
+    tok = train_tokenizer_object(generic_corpus(), TEXT_VOCAB_SIZE - len(NEWLINE_TOKENS),
+                                 GEMMA3_SPECIAL_TOKENS)
     tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in NEWLINE_TOKENS])
     tok.add_special_tokens([AddedToken("<image_soft_token>", normalized=False, special=True)])
     if tok.token_to_id("<image_soft_token>") != IMAGE_TOKEN_ID or tok.token_to_id(
@@ -165,7 +169,7 @@ def build_gemma3_target(out_dir: str | Path, *, seed: int = 0, hidden_size: int 
                           eoi_token_index=EOI_ID, image_token_index=IMAGE_TOKEN_ID,
                           pad_token_id=PAD_ID, eos_token_id=EOS_ID, bos_token_id=BOS_ID,
                           tie_word_embeddings=True)
-    model = _init_model(Gemma3ForConditionalGeneration, config, seed, dtype, weight_scale)
+    model = init_model(Gemma3ForConditionalGeneration, config, seed, dtype, weight_scale)
     with torch.no_grad():  # rows without a text token (image token, vocab padding) stay unused
         model.get_input_embeddings().weight[IMAGE_TOKEN_ID:] = 0
     model.save_pretrained(out_dir, safe_serialization=True)
@@ -194,7 +198,7 @@ def build_gemma3_text_lm(out_dir: str | Path, *, seed: int = 1, hidden_size: int
     config = Gemma3TextConfig(**_text_config(
         vocab_size=TEXT_VOCAB_SIZE, hidden_size=hidden_size, num_layers=num_layers, num_heads=4,
         layer_types=[types[i % 2] for i in range(num_layers)]))
-    model = _init_model(Gemma3ForCausalLM, config, seed, dtype, weight_scale)
+    model = init_model(Gemma3ForCausalLM, config, seed, dtype, weight_scale)
     model.save_pretrained(out_dir, safe_serialization=True)
     _write_generation_config(out_dir)
     return out_dir

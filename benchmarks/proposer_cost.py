@@ -9,10 +9,10 @@ Engines (fp32, ``enforce_eager``, ``block_size=32`` on CPU, like ``benchmarks/th
                         speculators keys, ``harness.engine.plain_lm``; with them vLLM would serve
                         its verifier): its ITL; stand-alone c = drafter ITL / target ITL;
 * ``massv``          -- the MASSV drafter through the plugin's proposer
-                        (``vllm_massv.proposer.MassvDraftModelProposer``);
+                        (``vllm_massv.drafters.massv.v1_proposer.MassvDraftModelProposer``);
 * ``stock-proposer`` -- the same drafter directory, same model class, through vLLM's stock
                         ``DraftModelProposer`` (``VLLM_MASSV_TEST_STOCK_PROPOSER=1`` turns off
-                        patch 1 of ``vllm_massv.patches``): the difference to ``massv`` is the
+                        the plugin's proposer routing): the difference to ``massv`` is the
                         proposer's own work;
 * ``stock-arch``     -- the same weights without the projector as a plain ``Qwen2ForCausalLM``
                         (a copy under ``.cache/testbed``): everything stock (no image-embedding
@@ -72,7 +72,6 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-
 from benchmarks.harness import metrics  # noqa: E402
 from benchmarks.harness.engine import (  # noqa: E402
     build_engine_args,
@@ -88,6 +87,7 @@ from benchmarks.harness.engine import (  # noqa: E402
 from benchmarks.harness.prompts import PromptItem, render_prompts, testbed_prompts  # noqa: E402
 from benchmarks.harness.proposer_report import compare, markdown, summarize  # noqa: E402
 from benchmarks.testbed import assets, task  # noqa: E402
+from vllm_massv import envs  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------
@@ -344,9 +344,6 @@ def main(argv: list[str] | None = None) -> int:
         Path(f"{args.out}.md").write_text(md)
         print(md)
         return 0
-    # lazy: the plugin loads only for an engine run (not for --compare or --help)
-    from vllm_massv.patches import STOCK_PROPOSER_ENV
-
     paths = assets.ensure(args.testbed)
     target = str(paths["target"])
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -376,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
             engine_args, itl_prompt) * 1e3
     result["variants"] = []
     for v in variants:
-        env = {STOCK_PROPOSER_ENV: "1" if v == "stock-proposer" else "0"}
+        env = {envs.TEST_STOCK_PROPOSER: "1" if v == "stock-proposer" else "0"}
         result["variants"].append(run_variant(
             v, target, str(drafters[v]), env, k=args.k, batch_sizes=batch_sizes,
             text_items=text, image_items=image if v.startswith("massv") else [],

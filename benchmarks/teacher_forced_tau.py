@@ -50,13 +50,14 @@ def teacher_forced_tau(drafter: str, data: str, target: str, k: int = 4,
     seed)."""
     from transformers import AutoTokenizer
 
-    from vllm_massv.training.train import (TrainConfig, _MassvSetup, load_examples,
-                                           split_examples)
+    from vllm_massv.drafters.massv.train import setup as massv_setup
+    from vllm_massv.training.examples import load_examples, split_examples
+    from vllm_massv.training.loop import TrainConfig
 
     cfg = TrainConfig(phase="sdvit", drafter=drafter, data=data, target=target, out="",
                       feature_cache=feature_cache)
     tokenizer = AutoTokenizer.from_pretrained(drafter)
-    setup = _MassvSetup.build(cfg, tokenizer)
+    setup = massv_setup(cfg, tokenizer)
     model = setup.model.eval()
     vocab = model.massv_config.orig_vocab_size
     _, held_out = split_examples(load_examples(cfg, tokenizer), cfg.eval_fraction, cfg.seed)

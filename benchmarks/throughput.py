@@ -14,7 +14,7 @@ Every method runs the same prompts through vLLM's offline engine with the same t
 * ``eagle3:PATH``          -- an EAGLE-3 head (speculators ``eagle3`` format, ``massv init
                               --method eagle3``, or vLLM's native EAGLE-3 layout), served by stock
                               vLLM (``method: eagle3``); on an M-RoPE target the plugin gives the
-                              head 1-D absolute positions (patch 6, ``vllm_massv.eagle_positions``);
+                              head 1-D absolute positions (``vllm_massv/patches/v1_eagle_positions.py``);
 * ``eagle3-stock:PATH``    -- the same head with stock vLLM's positions on an M-RoPE target (the
                               temporal M-RoPE row, and draft KV slots computed from it): the
                               engine is started with ``VLLM_MASSV_TEST_STOCK_EAGLE_POSITIONS=1``,
@@ -80,7 +80,6 @@ from benchmarks.harness.engine import (  # noqa: E402
 )
 from benchmarks.harness.methods import (  # noqa: E402,F401
     SCHEDULE_SUFFIX,
-    STOCK_POSITIONS_ENV,
     Method,
     parse_schedule,
     testbed_methods,
@@ -102,6 +101,7 @@ from benchmarks.harness.report import (  # noqa: E402,F401
     speedup_by_k,
     summarize,
 )
+from vllm_massv import envs  # noqa: E402
 
 # tests/test_testbed_models.py and tests/test_eagle3_testbed.py import these names (and some
 # above that this script does not use) from here until they import benchmarks.harness.
@@ -201,9 +201,10 @@ def resolve(args: argparse.Namespace) -> tuple[str, list[Method], list[PromptIte
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # Every method, stock ones included, gets the CPU rejection-sampler fix (vllm_massv.patches,
-    # patch 5): without it, stock methods at temperature > 0 verify against garbage on CPU.
-    os.environ.setdefault("VLLM_MASSV_FIX_CPU_SAMPLER", "1")
+    # Every method, stock ones included, gets the CPU rejection-sampler fix
+    # (vllm_massv/patches/v1_cpu_sampler.py): without it, stock methods at temperature > 0 verify
+    # against garbage on CPU.
+    os.environ.setdefault(envs.FIX_CPU_SAMPLER, "1")
     if args.replot is not None:
         return replot(args.replot, args.out)
     from tqdm import tqdm

@@ -12,12 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vllm_massv import envs, methods
+
 #: Label suffix of a ``--k-by-batch`` method.
 SCHEDULE_SUFFIX = " (k by batch size)"
-#: Method kinds (:meth:`Method.parse`).
-KINDS = ("none", "ngram", "draft_model", "massv", "msd", "eagle3", "eagle3-stock")
-#: = ``vllm_massv.eagle_positions.STOCK_POSITIONS_ENV`` (not imported: that module loads vLLM).
-STOCK_POSITIONS_ENV = "VLLM_MASSV_TEST_STOCK_EAGLE_POSITIONS"
+#: Method kinds (:meth:`Method.parse`): no speculation, vLLM's n-gram and stock draft model, every
+#: drafter method of `vllm_massv.methods`, and an EAGLE-3 head with stock vLLM's positions.
+KINDS = ("none", "ngram", "draft_model", *methods.METHODS, "eagle3-stock")
 
 
 @dataclass(frozen=True)
@@ -79,25 +80,25 @@ class Method:
         if self.kind == "ngram":
             return {"method": "ngram", "num_speculative_tokens": k,
                     "prompt_lookup_min": 2, "prompt_lookup_max": 5}
-        if self.kind == "msd":
-            _require_block(self.model, "msd", "an MSD drafter")
-            return {"method": "eagle", "model": self.model, "num_speculative_tokens": k}
-        if self.kind in ("eagle3", "eagle3-stock"):
+        if self.kind == "draft_model":  # a stock draft model goes through vLLM unchanged
+            return {"method": "draft_model", "model": self.model, "num_speculative_tokens": k}
+        method = methods.get("eagle3" if self.kind == "eagle3-stock" else self.kind)
+        # the plugin recognises its drafters by their config block; check it is there
+        if method.config_block is not None:
+            block = methods.resolve(method.config_block)
+            _require_block(self.model, block.block_key, block.drafter_kind)
+        else:
             _require_eagle3(self.model)
-            return {"method": "eagle3", "model": self.model, "num_speculative_tokens": k}
-        # A MASSV drafter is a draft_model whose config has a `massv` block; the plugin's
-        # proposer takes it from there. A stock draft model goes through vLLM unchanged.
-        if self.kind == "massv":
-            _require_block(self.model, "massv", "a MASSV drafter")
-        return {"method": "draft_model", "model": self.model, "num_speculative_tokens": k}
+        return {"method": method.vllm_method, "model": self.model, "num_speculative_tokens": k}
 
     def engine_env(self) -> dict[str, str]:
         """Environment variables the engine of this method must start with (read by the
         proposer's ``__init__`` in the engine-core process): EAGLE-path methods set the
-        stock-positions switch of ``vllm_massv.eagle_positions`` explicitly, on for
-        ``eagle3-stock`` and off otherwise, so a variable left in the shell cannot relabel them."""
+        stock-positions test switch (`vllm_massv.envs.TEST_STOCK_EAGLE_POSITIONS`) explicitly,
+        on for ``eagle3-stock`` and off otherwise, so a variable left in the shell cannot relabel
+        them."""
         if self.kind in ("msd", "eagle3", "eagle3-stock"):
-            return {STOCK_POSITIONS_ENV: "1" if self.kind == "eagle3-stock" else "0"}
+            return {envs.TEST_STOCK_EAGLE_POSITIONS: "1" if self.kind == "eagle3-stock" else "0"}
         return {}
 
 
@@ -134,7 +135,6 @@ def parse_schedule(text: str) -> tuple[tuple[int, int, int], ...]:
     if max(k for _, _, k in entries) < 1:
         raise ValueError(f"k schedule {text!r}: some range must draft (k >= 1)")
     return tuple(entries)
-
 
 
 def _require_block(model: str | None, key: str, what: str) -> None:

@@ -186,7 +186,7 @@ def _w_start_profile(worker) -> None:
         model.embed_input_ids = ranged(model.embed_input_ids, "embed")
         model.forward = ranged(model.forward, "forward")
         try:
-            import vllm_massv.proposer as mp
+            import vllm_massv.drafters.massv.v1_proposer as mp
             for name in ("shift_mask_to_draft_layout",):
                 if hasattr(mp, name):
                     setattr(mp, name, ranged(getattr(mp, name), "mask_remap"))

@@ -10,7 +10,7 @@ from collections import Counter
 from typing import Any
 
 from vllm_massv import methods
-from vllm_massv.config import MassvConfigError
+from vllm_massv.drafters.massv.config import MassvConfigError
 from vllm_massv.training import data
 from vllm_massv.training import generate as generation
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vllm_massv.config import MassvConfigError
+from vllm_massv.drafters.massv.config import MassvConfigError
 from vllm_massv.training.data import DEFAULT_MAX_PIXELS
 from vllm_massv.training.generate import PARTS_DIR
 

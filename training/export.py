@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vllm_massv.init_drafter import copy_tokenizer_files
+from vllm_massv.checkpoint import copy_tokenizer_files
 from vllm_massv.speculators import (DEFAULT_NUM_SPECULATIVE_TOKENS,
                                     checkpoint_num_speculative_tokens, speculators_fields)
 from vllm_massv.training.model_card import write_model_card

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from vllm_massv.config import MassvConfigError
-from vllm_massv.init_drafter import FAMILIES, drafter_family
+from vllm_massv.drafters.massv.config import MassvConfigError
+from vllm_massv.drafters.massv.init import FAMILIES, drafter_family
 from vllm_massv.rope import mrope_positions
 from vllm_massv.training.data import load_image
 

@@ -55,7 +55,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vllm_massv.config import MassvConfigError
+from vllm_massv.drafters.massv.config import MassvConfigError
 from vllm_massv.training.data import (DEFAULT_MAX_PIXELS, PromptRecord, hash64,
                                       load_image_checked, shard_of)
 

@@ -34,13 +34,13 @@ import torch
 from tqdm.auto import tqdm
 
 from vllm_massv import methods
-from vllm_massv.config import MassvConfigError
+from vllm_massv.drafters.massv.config import MassvConfigError
 from vllm_massv.training.examples import Example, load_examples, split_examples
 from vllm_massv.training.export import export
 from vllm_massv.training.model_card import phase_history, phase_record
 
 if TYPE_CHECKING:
-    from vllm_massv.config import DrafterBlock
+    from vllm_massv.checkpoint import DrafterBlock
 
 Phase = Literal["align", "sdvit"]
 

@@ -16,8 +16,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from vllm_massv.config import MassvConfig
-from vllm_massv.msd.config import MsdConfig
+from vllm_massv.drafters.massv.config import MassvConfig
+from vllm_massv.drafters.msd.config import MsdConfig
 
 PHASE_NAMES = {"align": "phase 1, align (projector only, LM frozen; reference answers)",
                "sdvit": "phase 2, sdvit (projector + LM; the target's own responses)",

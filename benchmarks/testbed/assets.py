@@ -126,7 +126,7 @@ def ensure(testbed: str | Path = TESTBED, cache: str | Path = CACHE,
         task.build_splits(data, seed=0, **TEST_SPLIT)
     blind = cache / "drafter-blind"
     if not (blind / "model.safetensors").is_file():
-        from vllm_massv.init_drafter import init_drafter
+        from vllm_massv.drafters.massv.init import init_drafter
 
         init_drafter(src, models / "blind", blind, projector="none")
     stock = cache / "blind-stock"

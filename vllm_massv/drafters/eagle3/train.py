@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-from vllm_massv.eagle3.config import Eagle3ConfigError
-from vllm_massv.eagle3.model import Eagle3Drafter
+from vllm_massv.drafters.eagle3.config import Eagle3ConfigError
+from vllm_massv.drafters.eagle3.hf_model import Eagle3Drafter
 from vllm_massv.training.examples import Example, image_max_pixels
 from vllm_massv.training.features import FINAL, TargetHiddenStates
 from vllm_massv.training.loop import TrainConfig

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from vllm_massv.config import MassvConfig, MassvConfigError
-from vllm_massv.hf import drafter_class
+from vllm_massv.drafters.massv.config import MassvConfig, MassvConfigError
+from vllm_massv.drafters.massv.hf_model import drafter_class
 from vllm_massv.rope import mrope_positions
 from vllm_massv.training.data import load_image
 from vllm_massv.training.examples import Example, image_max_pixels

@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from vllm_massv.msd.config import MsdConfig, MsdConfigError
-from vllm_massv.msd.hf_model import MsdQwen2Drafter
+from vllm_massv.drafters.msd.config import MsdConfig, MsdConfigError
+from vllm_massv.drafters.msd.hf_model import MsdQwen2Drafter
 from vllm_massv.training.examples import Example, image_max_pixels
 from vllm_massv.training.features import TargetHiddenStates
 from vllm_massv.training.loop import TrainConfig

@@ -68,7 +68,7 @@ class TrainConfig:
     save_every: int = 0           # 0: no intermediate checkpoints
     seed: int = 0
     feature_cache: str | None = None
-    method: Literal["massv", "msd", "eagle3"] = "massv"
+    method: str = "massv"         # a method of vllm_massv.methods.METHODS
     decouple: bool | None = None  # msd: False = train without decoupled visual tokens
     ttt_steps: int | None = None  # eagle3: draft steps unrolled in the loss (default: the head's k)
     ttt_decay: float = 1.0        # eagle3: loss weight of step j is ttt_decay ** j

@@ -43,25 +43,15 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-# tests/test_server.py loads this file and reaches the workload and the figures through these
-# names (they live in benchmarks.harness).
-from benchmarks.harness.load import (  # noqa: E402,F401
+from benchmarks.harness.load import (  # noqa: E402
     LoadRun,
-    RequestResult,
     RequestSpec,
     build_workload,
-    chat_payload,
     compare_answers,
-    fetch_metrics,
     format_table,
-    image_data_url,
-    png_data_url,
-    run_load,
     run_load_sync,
-    send_request,
     summarize,
 )
-from benchmarks.harness.metrics import parse_prometheus as parse_metrics  # noqa: E402,F401
 
 TINY_CACHE = ROOT / ".cache" / "serve_load"
 # Server flags for the tiny CPU testbed (the test suite's engine settings).

@@ -78,35 +78,27 @@ from benchmarks.harness.engine import (  # noqa: E402
     run_requests,
     shutdown,
 )
-from benchmarks.harness.methods import (  # noqa: E402,F401
+from benchmarks.harness.methods import (  # noqa: E402
     SCHEDULE_SUFFIX,
     Method,
     parse_schedule,
     testbed_methods,
 )
 from benchmarks.harness.plots import plots  # noqa: E402
-from benchmarks.harness.prompts import (  # noqa: E402,F401
+from benchmarks.harness.prompts import (  # noqa: E402
     PromptItem,
     llava_prompts,
     render_prompts,
     testbed_prompts,
 )
-from benchmarks.harness.report import (  # noqa: E402,F401
+from benchmarks.harness.report import (  # noqa: E402
     RunResult,
-    best_k_table,
-    drift_lines,
     fill_comparisons,
     markdown,
     schedule_from_sweep,
-    speedup_by_k,
     summarize,
 )
 from vllm_massv import envs  # noqa: E402
-
-# tests/test_testbed_models.py and tests/test_eagle3_testbed.py import these names (and some
-# above that this script does not use) from here until they import benchmarks.harness.
-_compare = fill_comparisons
-_drift_lines = drift_lines
 
 
 def build_parser() -> argparse.ArgumentParser:

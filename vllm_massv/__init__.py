@@ -34,8 +34,3 @@ def register() -> None:
         if arch not in supported:
             ModelRegistry.register_model(arch, target)
     patches.install()
-
-
-from vllm_massv import _legacy  # noqa: E402  TEMPORARY, removed before landing
-
-_legacy.install()

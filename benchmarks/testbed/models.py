@@ -183,7 +183,7 @@ def _save(model: Any, out_dir: Path) -> None:
     was_training = model.training
     model.eval()
     model.save_pretrained(out_dir, safe_serialization=True)
-    testing._write_generation_config(out_dir)
+    testing.write_generation_config(out_dir)
     model.train(was_training)
 
 

@@ -9,7 +9,7 @@ d2t mapping runs), weights scaled so that its attention matters, k = 3, on the m
 (text-only, one image, two images, image mid-prompt, a long chunked prompt; concurrent).
 
 The head is untrained, so acceptance is ~0: the checks compare *every* draft vLLM proposes, and
-its logits, with the twin (`vllm_massv.eagle3.model.Eagle3Drafter`) fed the same target hidden
+its logits, with the twin (`vllm_massv.drafters.eagle3.hf_model.Eagle3Drafter`) fed the same target hidden
 states (`training.features.TargetHiddenStates` with the head's layers: a transformers forward of
 the target with its images) and vLLM's own earlier drafts, at 1-D absolute positions (the
 plugin's EAGLE positions patch on this M-RoPE target). The trained testbed head is checked in
@@ -44,7 +44,7 @@ def head(models, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def twin(head):
-    from vllm_massv.eagle3.model import Eagle3Drafter
+    from vllm_massv.drafters.eagle3.hf_model import Eagle3Drafter
 
     return Eagle3Drafter.from_pretrained(head).eval()
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks import throughput as tp
+from benchmarks.harness import prompts
 from benchmarks.testbed import assets, task
 from tests.support import recorders
 from tests.support.engine import engine, prompt_images
@@ -37,7 +37,7 @@ def prompts(tmp_path_factory) -> dict[str, dict]:
 
     data = tmp_path_factory.mktemp("testbed") / "data"
     task.build_splits(data, seed=0, **assets.TEST_SPLIT)
-    items = tp.render_prompts(tp.testbed_prompts(data, 12), AutoTokenizer.from_pretrained(TARGET))
+    items = prompts.render_prompts(prompts.testbed_prompts(data, 12), AutoTokenizer.from_pretrained(TARGET))
     return {f"{i.id}:{i.kind}": i.inputs for i in items}
 
 
@@ -57,7 +57,7 @@ def run(prompts) -> dict:
 
 @pytest.fixture(scope="module")
 def twin():
-    from vllm_massv.eagle3.model import Eagle3Drafter
+    from vllm_massv.drafters.eagle3.hf_model import Eagle3Drafter
 
     return Eagle3Drafter.from_pretrained(HEAD).eval()
 

@@ -1,7 +1,7 @@
 """EAGLE-path drafters on M-RoPE targets: stock vLLM's positions measured, and the plugin's fix.
 
 Stock vLLM 0.32's positions/KV slots, measured, and the plugin's fix
-(`vllm_massv.eagle_positions`); stock configs elsewhere are untouched.
+(`vllm_massv.patches.v1_eagle_positions`); stock configs elsewhere are untouched.
 
 The engine test serves the (untrained) MSD drafter with the fix switched off
 (`VLLM_MASSV_TEST_STOCK_EAGLE_POSITIONS=1`: stock vLLM's proposer positions) and compares every
@@ -22,7 +22,8 @@ import torch
 from tests.support.engine import mixed_batch, token_ids
 from tests.support.profile import ENGINE_ARGS
 from tests.support.replay import MsdReplay, draft_mismatches, run_msd
-from vllm_massv.eagle_positions import STOCK_POSITIONS_ENV, absolute_positions
+from vllm_massv.envs import TEST_STOCK_EAGLE_POSITIONS
+from vllm_massv.rope import absolute_positions
 from vllm_massv.testing import build_msd_drafter
 
 
@@ -69,7 +70,7 @@ def test_stock_eagle_dispatch(models, tmp_path):
 @pytest.fixture(scope="module")
 def stock_run(models, tmp_path_factory):
     drafter = build_msd_drafter(models.target, tmp_path_factory.mktemp("msd") / "on")
-    return drafter, run_msd(models.target, drafter, env={STOCK_POSITIONS_ENV: "1"})
+    return drafter, run_msd(models.target, drafter, env={TEST_STOCK_EAGLE_POSITIONS: "1"})
 
 
 @pytest.mark.slow
@@ -84,7 +85,7 @@ def test_stock_positions_shift_drafts_after_images(models, stock_run, reference,
     prefill chunks, so on an image mid-prompt even step 0's first draft can see overwritten KV
     (seen in a full-suite run; in isolation the first mismatch was at draft position >= 2)."""
     from vllm_massv.training.features import TargetHiddenStates
-    from vllm_massv.msd.hf_model import MsdQwen2Drafter
+    from vllm_massv.drafters.msd.hf_model import MsdQwen2Drafter
 
     drafter_dir, run = stock_run
     assert token_ids(run["outputs"]) == reference

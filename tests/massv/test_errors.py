@@ -24,7 +24,7 @@ from tests.support.models import TinyModels, copy_model
 from tests.support.profile import ENGINE_ARGS
 from vllm_massv import testing as mt
 from vllm_massv.cli import main as massv_main
-from vllm_massv.patches import UnsupportedVllmVersionError, check_vllm_version
+from vllm_massv.patches.surface import UnsupportedVllmVersionError, check_vllm_version
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -68,7 +68,7 @@ def env_var(monkeypatch: pytest.MonkeyPatch):
 
 # --- positive controls: the same path accepts good configurations ------------------------------
 def test_massv_drafter_passes_config_creation(models: TinyModels) -> None:
-    from vllm_massv.patches import draft_is_massv
+    from vllm_massv.patches.drafters import draft_is_massv
 
     for draft in (models.sanity, models.blind):
         cfg = _engine_config(models.target, draft)
@@ -77,7 +77,7 @@ def test_massv_drafter_passes_config_creation(models: TinyModels) -> None:
 
 
 def test_stock_draft_config_passes(models: TinyModels) -> None:
-    from vllm_massv.patches import draft_is_massv
+    from vllm_massv.patches.drafters import draft_is_massv
 
     cfg = _engine_config(models.target, models.stock)
     spec = cfg.speculative_config
@@ -94,7 +94,7 @@ def test_stock_draft_keeps_vllm_vocab_check(models: TinyModels, tmp_path: Path) 
     assert "massv" not in message.lower()
 
 
-# --- MASSV pairing checks (vllm_massv.config.validate_pair / check_checkpoint_weights) ----------
+# --- MASSV pairing checks (vllm_massv.drafters.massv.config.validate_pair / check_checkpoint_weights) ----------
 def test_projector_input_dim_mismatch(models: TinyModels, tmp_path: Path) -> None:
     draft = copy_model(models.blind, tmp_path / "d",
                   lambda c: c["massv"].update(vision_feature_dim=512))
@@ -192,7 +192,7 @@ def test_cpu_expand_fix_and_the_bug_it_fixes() -> None:
     from vllm.platforms import current_platform
     from vllm.triton_utils import HAS_TRITON
 
-    from vllm_massv.patches import expand_batch_to_tokens
+    from vllm_massv.patches.v1_cpu_sampler import expand_batch_to_tokens
 
     cu = torch.tensor([2, 2, 5, 6], dtype=torch.int32)
     out = expand_batch_to_tokens(torch.tensor([0.7, 0.2, 1.0, -1.0]), cu, 6, -1, 1)
@@ -262,8 +262,8 @@ def test_init_positions_mrope_scales_sections(models: TinyModels, tmp_path: Path
     """The text LM's head_dim is 32, the target's 64: the M-RoPE split [8, 12, 12] of the
     target's half-dim (32) is scaled to the drafter's 16 as [4, 6, 6]; an impossible split
     is refused with a clear message."""
-    from vllm_massv.config import MassvConfigError
-    from vllm_massv.init_drafter import scale_mrope_section
+    from vllm_massv.drafters.massv.config import MassvConfigError
+    from vllm_massv.drafters.massv.init import scale_mrope_section
 
     out = tmp_path / "mrope"
     assert massv_main(["init", "--target", str(models.target), "--draft-lm",
@@ -329,7 +329,7 @@ def test_v2_only_features_refused(field) -> None:
     a stand-in config)."""
     from types import SimpleNamespace
 
-    from vllm_massv.patches import refuse_unsupported_modes
+    from vllm_massv.patches.engine_config import refuse_unsupported_modes
 
     spec = SimpleNamespace(parallel_drafting=False, use_local_argmax_reduction=False,
                            disable_padded_drafter_batch=False)

@@ -27,8 +27,8 @@ from tests.support.profile import ENGINE_ARGS, cli_flags
 from tests.support.replay import (emitted_accepted, massv_replay,
                                   prompt_logprobs_vs_transformers)
 from vllm_massv.cli import main as massv
-from vllm_massv.config import MassvConfigError
-from vllm_massv.init_drafter import init_drafter
+from vllm_massv.drafters.massv.config import MassvConfigError
+from vllm_massv.drafters.massv.init import init_drafter
 from vllm_massv.testing import gemma3 as g3
 
 pytestmark = pytest.mark.slow
@@ -138,7 +138,7 @@ def test_hf_drafter_scales_tokens_not_images(models, tmp_path):
     """Token rows are the LM's embedding × √hidden; image rows are the projector's output,
     unscaled (transformers `Gemma3Model.forward`, vLLM `Gemma3Model.embed_input_ids`); padded
     vocab rows get -inf logits."""
-    from vllm_massv.hf import MassvGemma3ForCausalLM, drafter_class
+    from vllm_massv.drafters.massv.hf_model import MassvGemma3ForCausalLM, drafter_class
 
     init_drafter(models["target"], models["text_lm"], tmp_path / "d")
     assert drafter_class(tmp_path / "d") is MassvGemma3ForCausalLM
@@ -257,7 +257,7 @@ def test_trained_drafter_lossless_and_matches_transformers(models, data, trained
     transformers image features (positions, the image mask and √hidden scaling all agree)."""
     from PIL import Image
 
-    from vllm_massv.hf import MassvGemma3ForCausalLM
+    from vllm_massv.drafters.massv.hf_model import MassvGemma3ForCausalLM
     from vllm_massv.training.features import TargetImageEncoder
 
     outs = serve(models["target"], trained["drafter"], data["rows"])["outputs"]

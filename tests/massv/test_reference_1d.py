@@ -3,7 +3,7 @@
 The drafter is the target's language model with 1-D positions and an identity projector (so it
 sees the real image features). For every verify step vLLM reports how many drafts were
 accepted; we replay greedy speculative decoding along the target's output with the transformers
-drafter (`vllm_massv.hf`) and image features from the transformers vision tower, and require the
+drafter (`vllm_massv.drafters.massv.hf_model`) and image features from the transformers vision tower, and require the
 same accepted count at every step. Any off-by-one in positions, slots or the image-embedding
 mask changes these counts.
 """
@@ -73,7 +73,7 @@ def test_proposals_match_transformers(models, vllm_outputs):
 def test_drafter_logits_match_transformers(models):
     """The vLLM drafter class and the transformers drafter compute the same next-token
     distribution (fp32) for the same token ids: the MASSV drafter served as a plain text model
-    with prompt logprobs, against `vllm_massv.hf.MassvQwen2ForCausalLM`. (With image features the
+    with prompt logprobs, against `vllm_massv.drafters.massv.hf_model.MassvQwen2ForCausalLM`. (With image features the
     two are compared through per-step proposals above.)"""
     from vllm_massv import testing as mt
 

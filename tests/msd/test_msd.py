@@ -7,7 +7,7 @@ images, image mid-prompt, a long chunked prompt; run concurrently).
 
 The drafters are untrained (seeded random weights, `vllm_massv.testing.build_msd_drafter`),
 so acceptance is ~0; the checks therefore compare *every* draft vLLM proposes (recorded inside
-the worker) with the transformers twin (`vllm_massv.msd.hf_model.MsdQwen2Drafter`) fed the same
+the worker) with the transformers twin (`vllm_massv.drafters.msd.hf_model.MsdQwen2Drafter`) fed the same
 target hidden states and image embeddings (`training.features.TargetHiddenStates`, a
 transformers forward of the target with its images), 1-D absolute positions. Any error in the
 token shift, the image-row mask, decoupling, positions or draft KV slots changes drafts.
@@ -41,7 +41,7 @@ def features(models, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def twin(drafters):
-    from vllm_massv.msd.hf_model import MsdQwen2Drafter
+    from vllm_massv.drafters.msd.hf_model import MsdQwen2Drafter
 
     return {k: MsdQwen2Drafter.from_pretrained(d).eval() for k, d in drafters.items()}
 

@@ -2,7 +2,7 @@
 
 Like `tests/massv/test_errors.py`, the cases go through vLLM's real config path (`vllm.LLM(...)` /
 `EngineArgs.create_engine_config()`): the plugin's `SpeculativeConfig` check
-(`vllm_massv.msd.config.validate` + `check_checkpoint_weights`) and the V1-runner pin raise while
+(`vllm_massv.drafters.msd.config.validate` + `check_checkpoint_weights`) and the V1-runner pin raise while
 the config is built, before any engine process starts. No engine runs in this module.
 """
 
@@ -55,7 +55,7 @@ def _refused(target: Path, draft: Path, *fragments: str, method: str = "eagle") 
 
 # --- positive control --------------------------------------------------------------------------
 def test_msd_drafter_passes_config_creation(models: TinyModels, msd: Path) -> None:
-    from vllm_massv.patches import draft_is_massv, draft_is_msd
+    from vllm_massv.patches.drafters import draft_is_massv, draft_is_msd
 
     cfg = _engine_config(models.target, msd)
     spec = cfg.speculative_config
@@ -175,8 +175,8 @@ def test_pipeline_parallel_and_parallel_drafting_refused(models: TinyModels, msd
 def test_init_msd_layout(models: TinyModels, tmp_path: Path, capsys) -> None:
     """The drafter directory follows the checkpoint contract and loads in the transformers
     twin."""
-    from vllm_massv.msd.config import expected_weight_names
-    from vllm_massv.msd.hf_model import MsdQwen2Drafter
+    from vllm_massv.drafters.msd.config import expected_weight_names
+    from vllm_massv.drafters.msd.hf_model import MsdQwen2Drafter
 
     out = tmp_path / "msd"
     assert massv_main(["init", "--method", "msd", "--target", str(models.target), "--out",

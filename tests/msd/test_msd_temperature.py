@@ -38,7 +38,7 @@ def sampled_run(models, tmp_path_factory):
     from vllm import SamplingParams
 
     from vllm_massv.training.features import TargetHiddenStates
-    from vllm_massv.msd.hf_model import MsdQwen2Drafter
+    from vllm_massv.drafters.msd.hf_model import MsdQwen2Drafter
 
     drafter = build_msd_drafter(models.target, tmp_path_factory.mktemp("msd") / "on")
     with engine(models.target, {"method": "eagle", "model": str(drafter),

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_massv import distribution
+from vllm_massv.patches import vllm_cpu_alias as distribution
 from vllm_massv.testing import vllm_script
 
 

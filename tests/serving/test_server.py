@@ -27,13 +27,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import importlib.util
 import json
 import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -42,21 +40,12 @@ import pytest
 
 from tests.support.engine import engine, spec_config
 from tests.support.models import TinyModels
+from benchmarks.harness import load
+from benchmarks.harness.metrics import parse_prometheus
 from tests.support.profile import ENGINE_ARGS, cli_flags
 from vllm_massv import testing as mt
 from vllm_massv.testing import ApiServer, ServerStartError
 
-
-def _import_serve_load():
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "serve_load.py"
-    spec = importlib.util.spec_from_file_location("serve_load", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["serve_load"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-serve_load = _import_serve_load()
 
 pytestmark = pytest.mark.slow
 
@@ -189,7 +178,7 @@ def image():
 
 @pytest.fixture(scope="module")
 def image_url(image) -> str:
-    return serve_load.png_data_url(image)
+    return load.png_data_url(image)
 
 
 @pytest.fixture(scope="module")
@@ -231,11 +220,11 @@ def _running(server: ApiServer):
 
 @pytest.fixture(scope="module")
 def workload() -> list:
-    return serve_load.build_workload(LOAD_REQUESTS, max_tokens=LOAD_MAX_TOKENS)
+    return load.build_workload(LOAD_REQUESTS, max_tokens=LOAD_MAX_TOKENS)
 
 
 def _load(server: ApiServer, workload: list):
-    return serve_load.run_load_sync(server.url, workload, model=server.model,
+    return load.run_load_sync(server.url, workload, model=server.model,
                                     concurrency=LOAD_CONCURRENCY, max_seconds=300,
                                     temperature=0.0, request_timeout=240)
 
@@ -290,7 +279,7 @@ def test_spec_decode_metrics(server: ApiServer, chat_response) -> None:
 
     assert chat_response.choices  # the request ran before the metrics are read
     text = requests.get(server.url + "/metrics", timeout=10).text
-    metrics = serve_load.parse_metrics(text)
+    metrics = parse_prometheus(text)
     drafts = metrics.get("vllm:spec_decode_num_drafts_total")
     draft_tokens = metrics.get("vllm:spec_decode_num_draft_tokens_total")
     accepted = metrics.get("vllm:spec_decode_num_accepted_tokens_total")
@@ -327,14 +316,14 @@ def test_load_workload_is_mixed(workload) -> None:
 def test_load_lossless_and_error_free(baseline_run, massv_run, workload) -> None:
     """36 requests at concurrency 8 (max_num_seqs 4: requests queue), greedy: no errors on
     either server, every MASSV answer token-identical to the no-speculation server's."""
-    base, massv = serve_load.summarize(baseline_run), serve_load.summarize(massv_run)
-    print("\n" + serve_load.format_table({"no speculation": base, "MASSV": massv}))
+    base, massv = load.summarize(baseline_run), load.summarize(massv_run)
+    print("\n" + load.format_table({"no speculation": base, "MASSV": massv}))
     for s in (base, massv):
         assert s["errors"] == 0 and s["cancelled"] == 0 and s["not_sent"] == 0, s
         assert s["completed"] == len(workload)
     for r in baseline_run.results + massv_run.results:
         assert r.token_ids and len(r.token_ids) == r.output_tokens, r
-    cmp = serve_load.compare_answers(baseline_run, massv_run)
+    cmp = load.compare_answers(baseline_run, massv_run)
     assert cmp["compared"] == len(workload)
     assert cmp["identical"], cmp
     assert base["drafts"] == 0 and base["tau"] is None
@@ -350,18 +339,18 @@ def test_load_time_budget_stops_the_run(server: ApiServer) -> None:
     as errors), the rest are not sent, and the server aborts what was cut off."""
     import requests
 
-    long_work = serve_load.build_workload(12, max_tokens=1000)
+    long_work = load.build_workload(12, max_tokens=1000)
     t0 = time.monotonic()
-    run = serve_load.run_load_sync(server.url, long_work, model=server.model, concurrency=4,
+    run = load.run_load_sync(server.url, long_work, model=server.model, concurrency=4,
                                    max_seconds=1.5, ignore_eos=True)
     seconds = time.monotonic() - t0
-    s = serve_load.summarize(run)
+    s = load.summarize(run)
     print(f"time budget 1.5 s: returned after {seconds:.1f} s; completed {s['completed']}, "
           f"cancelled {s['cancelled']}, not sent {s['not_sent']}, errors {s['errors']}")
     assert seconds < 15
     assert s["cancelled"] == 4 and s["not_sent"] == 8 and s["errors"] == 0, s
     deadline = time.monotonic() + 5
-    while (running := serve_load.parse_metrics(requests.get(server.url + "/metrics").text)
+    while (running := parse_prometheus(requests.get(server.url + "/metrics").text)
            ["vllm:num_requests_running"]) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert running == 0
@@ -375,7 +364,7 @@ def _b64(data: bytes) -> str:
 def _solid_png(width: int, height: int) -> str:
     from PIL import Image
 
-    return serve_load.png_data_url(Image.new("RGB", (width, height), (0, 128, 255)))
+    return load.png_data_url(Image.new("RGB", (width, height), (0, 128, 255)))
 
 
 # name -> (image URLs of one request, a fragment the error message must hold)
@@ -432,7 +421,7 @@ def test_huge_image_resized_or_refused(server: ApiServer, image_url: str,
 
     ys, xs = np.mgrid[0:3000, 0:4000]
     pixels = np.stack([xs * 255 // 3999, ys * 255 // 2999, (xs + ys) % 256], axis=-1)
-    huge = serve_load.png_data_url(Image.fromarray(pixels.astype(np.uint8), "RGB"))
+    huge = load.png_data_url(Image.fromarray(pixels.astype(np.uint8), "RGB"))
     resp = _post(server, _chat_body(server.model, [huge]), timeout=300)
     outcome = ("served" if resp.status_code == 200 else "refused") + f" (HTTP {resp.status_code})"
     if resp.status_code == 200:
@@ -454,14 +443,14 @@ def test_disconnect_mid_stream_leaves_nothing_running(server: ApiServer, workloa
     generated than asked) and the next request completes."""
     import httpx
 
-    specs = serve_load.build_workload(3, max_tokens=1500)
+    specs = load.build_workload(3, max_tokens=1500)
 
     async def run() -> dict[str, Any]:
         async with httpx.AsyncClient(timeout=120) as client:
-            before = await serve_load.fetch_metrics(client, server.url)
+            before = await load.fetch_metrics(client, server.url)
 
             async def read_a_few_chunks(spec) -> float:
-                body = serve_load.chat_payload(spec, server.model, ignore_eos=True)
+                body = load.chat_payload(spec, server.model, ignore_eos=True)
                 body.pop("stream_options", None)
                 async with client.stream("POST", server.url + "/v1/chat/completions",
                                          json=body) as resp:
@@ -471,20 +460,20 @@ def test_disconnect_mid_stream_leaves_nothing_running(server: ApiServer, workloa
                         chunks += line.startswith("data:")
                         if chunks >= 4:
                             break
-                    metrics = await serve_load.fetch_metrics(client, server.url)
+                    metrics = await load.fetch_metrics(client, server.url)
                 return metrics["vllm:num_requests_running"]
 
             running_while_open = await asyncio.gather(*map(read_a_few_chunks, specs))
             t0 = time.monotonic()
             while True:
-                metrics = await serve_load.fetch_metrics(client, server.url)
+                metrics = await load.fetch_metrics(client, server.url)
                 if metrics["vllm:num_requests_running"] == 0 or time.monotonic() - t0 > 5:
                     break
                 await asyncio.sleep(0.2)
             drained_after = time.monotonic() - t0
-            follow_up = await serve_load.send_request(client, server.url, server.model,
+            follow_up = await load.send_request(client, server.url, server.model,
                                                       workload[1])
-            after = await serve_load.fetch_metrics(client, server.url)
+            after = await load.fetch_metrics(client, server.url)
         return {"running_while_open": running_while_open, "drained_after": drained_after,
                 "metrics": metrics, "follow_up": follow_up, "before": before, "after": after}
 

@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import throughput as tp
+from benchmarks.harness import engine as bench_engine, methods as bench_methods, prompts, report
 from benchmarks.testbed import assets, models, task
+from vllm_massv import envs
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = assets.MODELS
@@ -136,44 +137,44 @@ def test_blind_lm_cannot_see(target_report: dict) -> None:
 
 
 def test_method_parse() -> None:
-    assert tp.Method.parse("a=none") == tp.Method("a", "none")
-    assert tp.Method.parse("m=massv:/x").speculative_config(3) == {
+    assert bench_methods.Method.parse("a=none") == bench_methods.Method("a", "none")
+    assert bench_methods.Method.parse("m=massv:/x").speculative_config(3) == {
         "method": "draft_model", "model": "/x", "num_speculative_tokens": 3}
-    assert tp.Method.parse("n=ngram").speculative_config(2)["method"] == "ngram"
-    assert tp.Method.parse("s=msd:/x").speculative_config(3) == {
+    assert bench_methods.Method.parse("n=ngram").speculative_config(2)["method"] == "ngram"
+    assert bench_methods.Method.parse("s=msd:/x").speculative_config(3) == {
         "method": "eagle", "model": "/x", "num_speculative_tokens": 3}
     for bad in ("nolabel", "a=draft_model", "a=none:/x", "a=eagle:/x", "a=msd", "a=eagle3",
                 "a=eagle3-stock"):
         with pytest.raises(ValueError):
-            tp.Method.parse(bad)
+            bench_methods.Method.parse(bad)
     with pytest.raises(ValueError, match="massv"):
-        tp.Method("b", "massv", str(MODELS / "blind")).speculative_config(2)
+        bench_methods.Method("b", "massv", str(MODELS / "blind")).speculative_config(2)
     with pytest.raises(ValueError, match="no `msd` block"):
-        tp.Method("b", "msd", str(MODELS / "blind")).speculative_config(2)
+        bench_methods.Method("b", "msd", str(MODELS / "blind")).speculative_config(2)
 
 
 def test_method_parse_eagle3(tmp_path: Path) -> None:
     """`eagle3:PATH` and `eagle3-stock:PATH` serve the head with method eagle3; only the stock
     variant's engine starts with stock vLLM's positions; a folder that is not an EAGLE-3 head is
     refused before any engine starts."""
-    from vllm_massv.eagle_positions import STOCK_POSITIONS_ENV
+    from vllm_massv.envs import TEST_STOCK_EAGLE_POSITIONS
 
     head = tmp_path / "head"
     head.mkdir()
     (head / "config.json").write_text(json.dumps({"speculators_model_type": "eagle3"}))
-    fixed = tp.Method.parse(f"e=eagle3:{head}")
-    stock = tp.Method.parse(f"s=eagle3-stock:{head}")
+    fixed = bench_methods.Method.parse(f"e=eagle3:{head}")
+    stock = bench_methods.Method.parse(f"s=eagle3-stock:{head}")
     for m in (fixed, stock):
         assert m.speculative_config(4) == {"method": "eagle3", "model": str(head),
                                            "num_speculative_tokens": 4}
-    assert tp.STOCK_POSITIONS_ENV == STOCK_POSITIONS_ENV
-    assert fixed.engine_env() == {STOCK_POSITIONS_ENV: "0"}
-    assert stock.engine_env() == {STOCK_POSITIONS_ENV: "1"}
-    assert tp.Method.parse(f"m=msd:{head}").engine_env() == {STOCK_POSITIONS_ENV: "0"}
-    assert tp.Method.parse(f"m=massv:{head}").engine_env() == {}
+    assert envs.TEST_STOCK_EAGLE_POSITIONS == TEST_STOCK_EAGLE_POSITIONS
+    assert fixed.engine_env() == {TEST_STOCK_EAGLE_POSITIONS: "0"}
+    assert stock.engine_env() == {TEST_STOCK_EAGLE_POSITIONS: "1"}
+    assert bench_methods.Method.parse(f"m=msd:{head}").engine_env() == {TEST_STOCK_EAGLE_POSITIONS: "0"}
+    assert bench_methods.Method.parse(f"m=massv:{head}").engine_env() == {}
     for bad in (MODELS / "blind", MODELS / "drafter-msd", tmp_path):
         with pytest.raises(ValueError, match="EAGLE-3 head"):
-            tp.Method("b", "eagle3-stock", str(bad)).speculative_config(4)
+            bench_methods.Method("b", "eagle3-stock", str(bad)).speculative_config(4)
 
 
 def test_k_schedule() -> None:
@@ -182,26 +183,26 @@ def test_k_schedule() -> None:
     refuse them (`vllm/v1/spec_decode/dynamic/utils.py`)."""
     from vllm.v1.spec_decode.dynamic.utils import validate_and_normalize_dynamic_sd_schedule
 
-    sched = tp.parse_schedule("2-8:4, 1-1:6,9-256:0")
+    sched = bench_methods.parse_schedule("2-8:4, 1-1:6,9-256:0")
     assert sched == ((1, 1, 6), (2, 8, 4), (9, 256, 0))
     assert validate_and_normalize_dynamic_sd_schedule([list(e) for e in sched]) == list(sched)
-    m = tp.Method("MASSV (k by batch size)", "massv", str(MODELS / "drafter-massv"), sched)
+    m = bench_methods.Method("MASSV (k by batch size)", "massv", str(MODELS / "drafter-massv"), sched)
     assert m.speculative_config(4) == {
         "method": "draft_model", "model": str(MODELS / "drafter-massv"),
         "num_speculative_tokens": 6,
         "num_speculative_tokens_per_batch_size": [[1, 1, 6], [2, 8, 4], [9, 256, 0]]}
     assert [m.k_at(b, 4) for b in (1, 2, 8, 9, 300)] == [6, 4, 4, 0, 0]
-    assert tp.Method("x", "massv", "/x").k_at(16, 3) == 3
+    assert bench_methods.Method("x", "massv", "/x").k_at(16, 3) == 3
     for bad in ("2-4:3", "1-4:3,4-8:2", "1-4", "1:4", "a-b:c", "1-4:-1", "1-4:0", "4-1:2"):
         with pytest.raises(ValueError):
-            tp.parse_schedule(bad)
+            bench_methods.parse_schedule(bad)
 
 
 def test_best_k_table() -> None:
     """The best-k table of a k sweep: speedups over no speculation per k and batch size at
     temperature 0, the best k in bold, and the schedule run's speedup at the k it used."""
     def row(method, k, b, tok_s, temp=0.0):
-        return tp.RunResult(method=method, k=k, batch_size=b, temperature=temp, seconds=1.0,
+        return report.RunResult(method=method, k=k, batch_size=b, temperature=temp, seconds=1.0,
                             output_tokens=1, tokens_per_s=tok_s, latency_p50_s=1.0,
                             latency_p90_s=1.0, tau=None if method == "none" else 2.0,
                             acceptance_rate=None, acceptance_per_position=None)
@@ -210,27 +211,27 @@ def test_best_k_table() -> None:
                row("M", 2, 1, 20.0), row("M", 4, 1, 30.0), row("M", 2, 8, 60.0),
                row("M", 4, 8, 50.0), row("M", 4, 1, 99.0, 1.0),
                row("M (k by batch size)", 4, 1, 29.0), row("M (k by batch size)", 2, 8, 61.0)]
-    tp._compare(results, {}, [], {}, None)
-    assert tp.speedup_by_k(results, "M") == {1: {2: 2.0, 4: 3.0}, 8: {2: 1.5, 4: 1.25}}
-    lines = tp.best_k_table(results, ["M"])
+    report.fill_comparisons(results, {}, [], {}, None)
+    assert report.speedup_by_k(results, "M") == {1: {2: 2.0, 4: 3.0}, 8: {2: 1.5, 4: 1.25}}
+    lines = report.best_k_table(results, ["M"])
     assert "| 1 | 2.00× | **3.00×** | 4 | 2.90× (4) |" in lines
     assert "| 8 | **1.50×** | 1.25× | 2 | 1.52× (2) |" in lines
-    assert tp.best_k_table(results, []) == [] == tp.best_k_table(results[:4], ["M"])
-    assert tp._drift_lines({"target_itl_ms": 50.0}) == []
-    assert "+4%" in tp._drift_lines({"target_itl_ms": 50.0, "target_itl_end_ms": 52.0})[0]
-    assert "drifted" in tp._drift_lines({"target_itl_ms": 50.0, "target_itl_end_ms": 40.0})[0]
+    assert report.best_k_table(results, []) == [] == report.best_k_table(results[:4], ["M"])
+    assert report.drift_lines({"target_itl_ms": 50.0}) == []
+    assert "+4%" in report.drift_lines({"target_itl_ms": 50.0, "target_itl_end_ms": 52.0})[0]
+    assert "drifted" in report.drift_lines({"target_itl_ms": 50.0, "target_itl_end_ms": 40.0})[0]
     # `--k-by-batch M=auto`: the fastest k per swept batch size, ranges up to the next one
-    assert tp.schedule_from_sweep(results, "M") == ((1, 1, 4), (2, 256, 2))
+    assert report.schedule_from_sweep(results, "M") == ((1, 1, 4), (2, 256, 2))
     results += [row("M", 2, 16, 70.0), row("M", 4, 16, 60.0)]
-    assert tp.schedule_from_sweep(results, "M", max_batch=64) == ((1, 1, 4), (2, 64, 2))
+    assert report.schedule_from_sweep(results, "M", max_batch=64) == ((1, 1, 4), (2, 64, 2))
     with pytest.raises(ValueError, match="no k sweep"):
-        tp.schedule_from_sweep(results, "none")
+        report.schedule_from_sweep(results, "none")
 
 
 def test_engine_env_restores(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MASSV_TEST_A", "old")
     monkeypatch.delenv("MASSV_TEST_B", raising=False)
-    with tp.engine_env({"MASSV_TEST_A": "1", "MASSV_TEST_B": "1"}):
+    with bench_engine.engine_env({"MASSV_TEST_A": "1", "MASSV_TEST_B": "1"}):
         assert os.environ["MASSV_TEST_A"] == os.environ["MASSV_TEST_B"] == "1"
     assert os.environ["MASSV_TEST_A"] == "old" and "MASSV_TEST_B" not in os.environ
 
@@ -253,11 +254,11 @@ def test_llava_prompts_render_for_qwen_and_gemma3(tmp_path: Path) -> None:
         {"id": "text", "conversations": [{"from": "human", "value": "Q3"}]},
     ]
     (tmp_path / "d.json").write_text(json.dumps(entries))
-    items = tp.llava_prompts(tmp_path / "d.json", 10)
+    items = prompts.llava_prompts(tmp_path / "d.json", 10)
     assert [(i.id, i.kind) for i in items] == [("one", "image"), ("two", "image"), ("text", "text")]
     qwen, gemma = mt.build_tokenizer(tmp_path / "qt"), g3.build_gemma3_tokenizer(tmp_path / "gt")
     for tok, placeholder in ((qwen, "<|image_pad|>"), (gemma, "<start_of_image>")):
-        rendered = tp.render_prompts(items, tok)
+        rendered = prompts.render_prompts(items, tok)
         assert [r.inputs["prompt"].count(placeholder) for r in rendered] == [1, 2, 0]
         assert len(rendered[1].inputs["multi_modal_data"]["image"]) == 2
         assert "multi_modal_data" not in rendered[2].inputs
@@ -288,7 +289,7 @@ def test_throughput_smoke(tmp_path: Path) -> None:
     assert {b: (r["k"], r["greedy_equal"]) for b, r in sched.items()} == {1: (2, True),
                                                                           2: (1, True)}
     assert len(sched[2]["acceptance_per_position"]) == 1
-    fields = set(tp.RunResult.__dataclass_fields__)
+    fields = set(report.RunResult.__dataclass_fields__)
     m = rows["massv"]
     assert set(m) == fields
     assert m["greedy_equal"] is True and m["greedy_mismatches"] == []

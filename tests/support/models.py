@@ -12,7 +12,7 @@ from typing import Any, Callable
 from safetensors.torch import load_file, save_file
 
 from vllm_massv import testing as mt
-from vllm_massv.init_drafter import init_drafter
+from vllm_massv.drafters.massv.init import init_drafter
 
 
 @dataclass(frozen=True)

@@ -96,7 +96,7 @@ def cpu_sampler_fix_active(worker) -> bool:
     """Whether the worker's rejection sampler uses the plugin's `expand_batch_to_tokens`."""
     import vllm.v1.sample.rejection_sampler as rs
 
-    from vllm_massv.patches import expand_batch_to_tokens
+    from vllm_massv.patches.v1_cpu_sampler import expand_batch_to_tokens
 
     return rs.expand_batch_to_tokens is expand_batch_to_tokens
 

@@ -95,7 +95,7 @@ def chunk_end_overrides(chunk_ends: dict, outputs: dict) -> dict[str, dict[int, 
 def massv_replay(drafter, prompt_ids, output_ids, image_embeds, drafted_per_step,
                  proposals_out: list | None = None) -> list[int]:
     """Accepted draft count per verify step of greedy speculative decoding, simulated with a
-    transformers drafter (`vllm_massv.hf`) along the target's output: what vLLM's per-request
+    transformers drafter (`vllm_massv.drafters.massv.hf_model`) along the target's output: what vLLM's per-request
     `spec_decode_metrics.per_step_accepted` must equal. `proposals_out` gets each step's draft
     token ids."""
     def propose(m: int, drafted: int) -> list[int]:
@@ -127,7 +127,7 @@ def assert_replay_equal(target: Path, drafter_dir: Path, outputs: dict[str, Any]
     / steps."""
     from transformers import AutoProcessor
 
-    from vllm_massv.hf import drafter_class
+    from vllm_massv.drafters.massv.hf_model import drafter_class
     from vllm_massv.training.features import TargetImageEncoder
 
     processor = AutoProcessor.from_pretrained(target)
@@ -178,11 +178,11 @@ def check_engine_mode(label: str, models: TinyModels, drafter_dir: Path, outputs
 
 def prompt_logprobs_vs_transformers(drafter_dir: Path, prompt: str, top: int = 5):
     """Serve a MASSV drafter as a plain text model with prompt logprobs and compare them with its
-    transformers twin (`vllm_massv.hf`), fp32. Returns (the vLLM output, the largest
+    transformers twin (`vllm_massv.drafters.massv.hf_model`), fp32. Returns (the vLLM output, the largest
     |vLLM - transformers| logprob over vLLM's top-`top` entries of every position)."""
     from vllm import SamplingParams
 
-    from vllm_massv.hf import drafter_class
+    from vllm_massv.drafters.massv.hf_model import drafter_class
     from vllm_massv.speculators import SPECULATORS_KEYS
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -230,7 +230,7 @@ def run_msd(target: Path, drafter: Path, env: dict | None = None, rerun: bool = 
 
 class MsdReplay:
     """The greedy drafts vLLM's EAGLE proposer should make with an MSD drafter, computed with the
-    transformers twin (`vllm_massv.msd.hf_model.MsdQwen2Drafter`).
+    transformers twin (`vllm_massv.drafters.msd.hf_model.MsdQwen2Drafter`).
 
     For a context `seq[:ctx_len]`, rows t = 0..ctx_len-2 take (x_{t+1}, f_t); image rows (next
     token an image placeholder in the prompt) take the image embedding; each draft step appends a
@@ -294,7 +294,7 @@ class MsdReplay:
 
 class Eagle3Replay:
     """The greedy drafts vLLM's EAGLE proposer (method `eagle3`) should make, computed with the
-    transformers twin (`vllm_massv.eagle3.model.Eagle3Drafter`).
+    transformers twin (`vllm_massv.drafters.eagle3.hf_model.Eagle3Drafter`).
 
     For a context `seq[:ctx_len]`, rows t = 0..ctx_len-2 take (E(x_{t+1}), fc(a_t)); each draft
     step appends a row (E(draft), the previous output o) at the next position, as

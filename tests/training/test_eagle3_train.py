@@ -15,11 +15,11 @@ import torch
 
 from test_msd_train import dataset  # noqa: F401  (the shared tiny `massv generate` data set)
 from test_train import assert_same_loss_curve
-from vllm_massv.eagle3.config import Eagle3Config, Eagle3ConfigError, default_aux_layer_ids
-from vllm_massv.eagle3.init import draft_vocab_mapping, init_eagle3_drafter
-from vllm_massv.eagle3.model import Eagle3Drafter
-from vllm_massv.training import eagle3
-from vllm_massv.training.train import TrainConfig, train
+from vllm_massv.drafters.eagle3.config import Eagle3Config, Eagle3ConfigError, default_aux_layer_ids
+from vllm_massv.drafters.eagle3.init import draft_vocab_mapping, init_eagle3_drafter
+from vllm_massv.drafters.eagle3.hf_model import Eagle3Drafter
+from vllm_massv.drafters.eagle3 import train as eagle3
+from vllm_massv.training.loop import TrainConfig, train
 
 
 def _tiny_cfg(**kw) -> Eagle3Config:

@@ -26,7 +26,7 @@ from PIL import Image
 from tests.support.engine import engine
 from vllm_massv import testing as mt
 from vllm_massv.cli import main as massv_main
-from vllm_massv.config import MassvConfigError
+from vllm_massv.drafters.massv.config import MassvConfigError
 from vllm_massv.training import data as D
 from vllm_massv.training import generate as G
 

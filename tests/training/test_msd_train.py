@@ -15,10 +15,11 @@ import torch
 
 from test_train import assert_same_loss_curve
 from vllm_massv import testing as mt
-from vllm_massv.msd.hf_model import MsdQwen2Drafter
+from vllm_massv.drafters.msd import train as msd
+from vllm_massv.drafters.msd.hf_model import MsdQwen2Drafter
 from vllm_massv.testing import build_msd_drafter
-from vllm_massv.training import msd
-from vllm_massv.training.train import Example, TrainConfig, train
+from vllm_massv.training.examples import Example
+from vllm_massv.training.loop import TrainConfig, train
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +160,7 @@ def test_decouple_changes_only_image_rows(msd_drafter) -> None:
 def test_msd_training_lowers_loss_and_exports(models, msd_drafter, dataset, tmp_path) -> None:
     """Loss and held-out loss fall; the export loads with MsdQwen2Drafter.from_pretrained and
     passes the serving-side checks; --no-decouple is recorded in the export."""
-    from vllm_massv.msd.config import check_checkpoint_weights, validate
+    from vllm_massv.drafters.msd.config import check_checkpoint_weights, validate
     from transformers import AutoConfig
 
     out = tmp_path / "msd"

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from vllm_massv import testing as mt
-from vllm_massv.training.train import TrainConfig, train
+from vllm_massv.training.loop import TrainConfig, train
 
 
 @pytest.fixture(scope="module")
@@ -138,8 +138,8 @@ def test_mrope_positions_match_transformers(models) -> None:
 def test_mrope_drafter_on_text_equals_1d(models, tmp_path: Path) -> None:
     """With every axis equal (text), the M-RoPE drafter computes exactly the 1-D drafter's
     logits: the section split only matters where the axes differ (image tokens)."""
-    from vllm_massv.hf import MassvQwen2ForCausalLM
-    from vllm_massv.init_drafter import init_drafter
+    from vllm_massv.drafters.massv.hf_model import MassvQwen2ForCausalLM
+    from vllm_massv.drafters.massv.init import init_drafter
 
     one_d = init_drafter(models.target, models.text_lm, tmp_path / "d1").out_dir
     three_d = init_drafter(models.target, models.text_lm, tmp_path / "d3",
@@ -161,7 +161,7 @@ def test_mrope_drafter_on_text_equals_1d(models, tmp_path: Path) -> None:
 def test_train_mrope_drafter(models, dataset, tmp_path: Path) -> None:
     """sdvit trains an M-RoPE drafter (3-D positions from the image grids) and exports it with
     its mrope_section intact."""
-    from vllm_massv.init_drafter import init_drafter
+    from vllm_massv.drafters.massv.init import init_drafter
 
     drafter = init_drafter(models.target, models.text_lm, tmp_path / "init",
                            positions="mrope").out_dir
@@ -179,7 +179,7 @@ def test_export_is_self_describing(models, dataset, tmp_path: Path) -> None:
     phases, the data, the held-out agreement and the serving commands."""
     from huggingface_hub import ModelCard
 
-    from vllm_massv.init_drafter import init_drafter
+    from vllm_massv.drafters.massv.init import init_drafter
 
     drafter = init_drafter(models.target, models.text_lm, tmp_path / "init",
                            num_speculative_tokens=3).out_dir
@@ -209,7 +209,7 @@ def test_export_is_self_describing(models, dataset, tmp_path: Path) -> None:
 
 
 def test_model_card_hub_target() -> None:
-    from vllm_massv.config import MassvConfig
+    from vllm_massv.drafters.massv.config import MassvConfig
     from vllm_massv.training.model_card import build_model_card
 
     massv = MassvConfig(vision_feature_dim=3584, orig_vocab_size=151936, image_token_id=151655,
@@ -223,7 +223,7 @@ def test_model_card_hub_target() -> None:
 
 def test_model_card_msd() -> None:
     """An MSD drafter's card (training/msd.py export) names MSD and serves with method eagle."""
-    from vllm_massv.msd.config import MsdConfig
+    from vllm_massv.drafters.msd.config import MsdConfig
     from vllm_massv.training.model_card import build_model_card, phase_record
 
     msd = MsdConfig(target="Qwen/Qwen2.5-VL-7B-Instruct", image_token_id=151655,

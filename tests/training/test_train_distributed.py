@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from test_train import _cfg, _log, dataset  # noqa: F401 -- the shared data set fixture
 
-from vllm_massv.training.train import TrainConfig, train
+from vllm_massv.training.loop import TrainConfig, train
 
 pytestmark = pytest.mark.slow
 RUN = dict(max_steps=5, grad_accum=2, save_every=2, eval_fraction=0.2, log_examples=True)
@@ -70,7 +70,7 @@ def test_ranks_get_disjoint_shares_of_the_epoch(runs, models, dataset):  # noqa:
     batches), and the first len(train set) of it is one epoch: every example exactly once."""
     from transformers import AutoTokenizer
 
-    from vllm_massv.training.train import load_examples, split_examples
+    from vllm_massv.training.examples import load_examples, split_examples
 
     cfg = _cfg(models, dataset, "unused", **RUN)
     train_ids, _ = split_examples(load_examples(cfg, AutoTokenizer.from_pretrained(cfg.drafter)),

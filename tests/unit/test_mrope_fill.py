@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import torch
 
-from vllm_massv.proposer import MassvDraftModelProposer
+from vllm_massv.drafters.massv.v1_proposer import MassvDraftModelProposer
 
 
 def test_mrope_fill_keeps_target_columns_and_no_negative_position() -> None:

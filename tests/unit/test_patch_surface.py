@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import pytest
 
-from vllm_massv import patch_surface as ps
-from vllm_massv.patches import PATCH_SURFACE, SUPPORTED_VLLM_SERIES
+from vllm_massv.patches import surface_check as ps
+from vllm_massv.patches.surface import PATCH_SURFACE, SUPPORTED_VLLM_SERIES
 
 
 def test_every_supported_series_records_every_symbol() -> None:
@@ -26,7 +26,7 @@ def test_every_supported_series_records_every_symbol() -> None:
     for series, entry in record.items():
         assert list(entry["symbols"]) == list(PATCH_SURFACE), (
             f"series {series}: record out of date with PATCH_SURFACE; run "
-            "`python -m vllm_massv.patch_surface record` (and `record --vllm X`)")
+            "`python -m vllm_massv.patches.surface_check record` (and `record --vllm X`)")
         missing = [s for s, d in entry["symbols"].items() if d["kind"] == "missing"]
         assert not missing, f"series {series} lacks {missing}"
 

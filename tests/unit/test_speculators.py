@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_massv.config import MassvConfigError
+from vllm_massv.drafters.massv.config import MassvConfigError
 
 TARGET_ARCH = "Qwen2_5_VLForConditionalGeneration"
 
@@ -85,7 +85,7 @@ def test_engine_config_from_one_argument(models) -> None:
     assert config.model_config.model == str(models.target)
     assert (spec.method, spec.model, spec.num_speculative_tokens) == (
         "draft_model", str(models.blind), 4)
-    from vllm_massv.patches import draft_is_massv
+    from vllm_massv.patches.drafters import draft_is_massv
 
     assert draft_is_massv(spec)
 
@@ -143,7 +143,7 @@ TESTBED_MSD = ("benchmarks/testbed/models/drafter-msd",
 
 @pytest.fixture(scope="module")
 def msd_drafter(models, tmp_path_factory) -> Path:
-    from vllm_massv.msd.init import init_msd_drafter
+    from vllm_massv.drafters.msd.init import init_msd_drafter
 
     return init_msd_drafter(models.target, tmp_path_factory.mktemp("msd") / "msd",
                             num_speculative_tokens=3).out_dir
@@ -180,7 +180,7 @@ def test_msd_engine_config_from_one_argument(drafter, monkeypatch) -> None:
     MSD pairing checks pass; a --speculative-config k overrides the checkpoint's."""
     from vllm.engine.arg_utils import EngineArgs
 
-    from vllm_massv.patches import draft_is_msd
+    from vllm_massv.patches.drafters import draft_is_msd
 
     monkeypatch.chdir(REPO)
     args = dict(model=drafter, dtype="float32", max_model_len=2048, enforce_eager=True)
@@ -229,7 +229,7 @@ def test_msd_verifier_missing(msd_drafter, tmp_path: Path) -> None:
                   lambda c: c["speculators_config"].pop("verifier"))
     with pytest.raises(MassvConfigError, match="needs verifier.name_or_path"):
         _override(draft)
-    from vllm_massv.msd.config import MsdConfigError
+    from vllm_massv.drafters.msd.config import MsdConfigError
 
     no_block = _copy(msd_drafter, tmp_path / "e", lambda c: c.pop("msd"))
     with pytest.raises(MsdConfigError, match="no 'msd' block"):

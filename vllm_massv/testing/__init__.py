@@ -45,9 +45,6 @@ from vllm_massv.testing.tokenizer import (
     build_tokenizer,
 )
 
-# The old private name, still read by benchmarks/testbed/models.py.
-_write_generation_config = write_generation_config
-
 __all__ = [
     "ApiServer",
     "CHAT_TEMPLATE",

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from vllm_massv.eagle3.init import init_eagle3_drafter
-from vllm_massv.msd.init import init_msd_drafter
+from vllm_massv.drafters.eagle3.init import init_eagle3_drafter
+from vllm_massv.drafters.msd.init import init_msd_drafter
 
 
 def build_msd_drafter(target_dir: str | Path, out_dir: str | Path, *, decouple: bool = True,

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from vllm_massv.init_drafter import init_drafter
+from vllm_massv.drafters.massv.init import init_drafter
 from vllm_massv.speculators import SPECULATORS_KEYS
 from vllm_massv.testing.tokenizer import (
     CHAT_TEMPLATE,

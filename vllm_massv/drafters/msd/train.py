@@ -2,7 +2,7 @@
 2505.14260 §3; released code `EAGLE/eagle/train/main_deepspeed.py`). The loop, optimizer,
 checkpoints and resume are `loop.py`'s; the export is `export.py`'s.
 
-Row t of a sequence x_0..x_{L-1} (the layout vLLM's EAGLE first pass feeds, `vllm_massv.msd`):
+Row t of a sequence x_0..x_{L-1} (the layout vLLM's EAGLE first pass feeds, `vllm_massv.drafters.msd`):
 
 * input hidden f_t: the target's last-layer post-norm hidden state at t, from a frozen target
   forward *with the image* (`features.TargetHiddenStates`), plus uniform noise in training

@@ -22,7 +22,7 @@ Qwen2.5-VL-7B is to Qwen2.5-1.5B (c ≈ 0.2), without changing a single output: 
 layers whose attention output projection (``o_proj``) and MLP down projection (``down_proj``) are
 all zeros. Each such layer computes its attention and MLP in full, then adds exactly ``0.0`` to
 the residual stream, and ``x + 0.0 == x`` bit for bit in IEEE arithmetic, so hidden states,
-logits and tokens are identical to the unpadded target's (``tests/test_testbed_models.py``
+logits and tokens are identical to the unpadded target's (``tests/serving/test_testbed_models.py``
 checks the logits). The other weights of a padding layer are copies of the last real layer, so
 the kernels see ordinary data.
 

@@ -111,7 +111,7 @@ SIZES: dict[str, int] = {"small": 12, "big": 22}
 POSITIONS = ("top left", "top right", "centre", "bottom left", "bottom right")
 SLOT_XY = ((30, 30), (110, 30), (70, 70), (30, 110), (110, 110))
 # Shape extents relative to the nominal radius (chosen so that no two objects touch, whatever the
-# positions and jitter; tests/test_testbed_task.py checks every worst case).
+# positions and jitter; tests/unit/test_testbed_task.py checks every worst case).
 SQUARE_HALF = 0.75
 TRIANGLE_HALF_WIDTH = 0.92
 TRIANGLE_HEIGHT = 1.65

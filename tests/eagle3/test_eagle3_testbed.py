@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.harness import prompts
+from benchmarks.harness import prompts as bench_prompts
 from benchmarks.testbed import assets, task
 from tests.support import recorders
 from tests.support.engine import engine, prompt_images
@@ -37,7 +37,8 @@ def prompts(tmp_path_factory) -> dict[str, dict]:
 
     data = tmp_path_factory.mktemp("testbed") / "data"
     task.build_splits(data, seed=0, **assets.TEST_SPLIT)
-    items = prompts.render_prompts(prompts.testbed_prompts(data, 12), AutoTokenizer.from_pretrained(TARGET))
+    items = bench_prompts.render_prompts(bench_prompts.testbed_prompts(data, 12),
+                                         AutoTokenizer.from_pretrained(TARGET))
     return {f"{i.id}:{i.kind}": i.inputs for i in items}
 
 

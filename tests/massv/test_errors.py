@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from safetensors.torch import load_file, save_file
 
+from benchmarks.harness.engine import shutdown
 from tests.support.engine import spec_config
 from tests.support.models import TinyModels, copy_model
 from tests.support.profile import ENGINE_ARGS
@@ -39,7 +40,7 @@ def _build_llm(target: Path, draft: Path, **overrides: Any) -> None:
 
     llm = LLM(model=str(target), speculative_config=spec_config(draft, 3),
               **{**ENGINE_ARGS, **overrides})
-    llm.llm_engine.engine_core.shutdown()
+    shutdown(llm)
     pytest.fail("LLM(...) started an engine instead of refusing the configuration")
 
 

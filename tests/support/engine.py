@@ -12,6 +12,7 @@ import gc
 from pathlib import Path
 from typing import Any
 
+from benchmarks.harness.engine import shutdown
 from benchmarks.harness.metrics import engine_metrics
 from tests.support.profile import ENGINE_ARGS
 from vllm_massv import testing as mt
@@ -42,7 +43,7 @@ def engine(target: Path, speculative_config: dict | None = None, env: dict | Non
             yield llm
     finally:
         if llm is not None:
-            llm.llm_engine.engine_core.shutdown()
+            shutdown(llm)
             del llm
         gc.collect()
 

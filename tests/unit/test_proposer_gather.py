@@ -12,9 +12,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from vllm_massv.drafters.massv.draft_layout import shift_mask_to_draft_layout
 from vllm_massv.drafters.massv.v1_proposer import (MassvDraftModelProposer,
-                                                   _capture_scheduler_output,
-                                                   shift_mask_to_draft_layout)
+                                                   _capture_scheduler_output)
 
 
 class FakeRunner:

@@ -1,8 +1,9 @@
 """Engine-config policy for MASSV and MSD drafters, applied while vLLM builds its config (before any
-engine process starts): the V1 model runner is pinned (`VllmConfig.use_v2_model_runner`), vLLM
-modes that break these drafters are refused and MASSV pairs with sliding-window layers get one
-KV-cache group (`VllmConfig.__post_init__`), and the drafter's pairing and weight checks replace
-the bare vocab-size check (`SpeculativeConfig.verify_equal_vocab_size_if_draft_model`). Why,
+engine process starts): MASSV runs on the model runner vLLM picks (V1 or Model Runner V2), MSD is
+pinned to the V1 runner where one exists (`VllmConfig.use_v2_model_runner`, vLLM 0.32/0.33),
+vLLM modes that break these drafters (and what MRV2 does not do for them) are refused, and MASSV
+pairs with sliding-window layers get one KV-cache group (`VllmConfig.__post_init__`); the
+drafter's pairing and weight checks replace the bare vocab-size check (`SpeculativeConfig.verify_equal_vocab_size_if_draft_model`). Why,
 symbol by symbol: docs/design/vllm-integration.md.
 """
 
@@ -11,7 +12,8 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from vllm_massv import envs
-from vllm_massv.drafters.massv.config import check_checkpoint_weights, validate_pair
+from vllm_massv.drafters.massv.config import (MRV2_MROPE_REFUSAL, MassvConfig,
+                                              check_checkpoint_weights, validate_pair)
 from vllm_massv.drafters.msd import config as msd
 from vllm_massv.patches.drafters import draft_is_massv, draft_is_msd
 from vllm_massv.patches.hook import patches_class
@@ -25,39 +27,60 @@ def _log_once(message: str) -> None:
 
 @patches_class("VllmConfig")
 def apply_engine_policy(cls: type) -> None:
-    """`vllm.config.vllm.VllmConfig`: the V1 runner pin and the mode policy (module docstring)."""
-    stock = cls.use_v2_model_runner
+    """`vllm.config.vllm.VllmConfig`: the mode policy, runner checks and the MSD V1 pin (module
+    docstring). MASSV drafters run on whichever model runner vLLM picks."""
+    stock_runner = getattr(cls, "use_v2_model_runner", None)  # gone in vLLM 0.34 (MRV2 only)
+    if stock_runner is not None:
 
-    def use_v2_model_runner(self) -> bool:
-        if draft_is_msd(self.speculative_config):
-            return _v1_runner_for_msd()
-        if not draft_is_massv(self.speculative_config):
-            return stock.fget(self)
-        if self.speculative_config.use_heterogeneous_vocab:
-            # vLLM skips the vocab check (and with it our pairing checks) in this mode.
-            raise ValueError(
-                "MASSV drafters share the target's token ids (their vocabulary is padded to the "
-                "target's); remove 'use_heterogeneous_vocab' from the speculative config.")
-        if envs.v2_model_runner_requested():
-            raise ValueError(
-                "MASSV drafters run on vLLM's V1 model runner (the V2 runner's draft-model "
-                "speculator ignores image embeddings); unset VLLM_USE_V2_MODEL_RUNNER.")
-        _log_once("MASSV drafter: using the V1 model runner (image-aware drafting is "
-                  "implemented for V1).")
-        return False
+        def use_v2_model_runner(self) -> bool:
+            if draft_is_msd(self.speculative_config):
+                return _v1_runner_for_msd()
+            return stock_runner.fget(self)
 
-    cls.use_v2_model_runner = property(use_v2_model_runner, doc=stock.__doc__)
+        cls.use_v2_model_runner = property(use_v2_model_runner, doc=stock_runner.__doc__)
     stock_post_init = cls.__post_init__
 
     def __post_init__(self) -> None:
-        if draft_is_massv(self.speculative_config):
+        massv = draft_is_massv(self.speculative_config)
+        msd = not massv and draft_is_msd(self.speculative_config)
+        if massv:
             refuse_unsupported_modes(self)
             _single_kv_cache_group_for_massv(self)
-        elif draft_is_msd(self.speculative_config):
+        elif msd:
             refuse_unsupported_modes(self, drafter="MSD")
-        return stock_post_init(self)
+        stock_post_init(self)
+        if (massv or msd) and uses_model_runner_v2(self):
+            _refuse_on_model_runner_v2(self, "MASSV" if massv else "MSD")
 
     cls.__post_init__ = __post_init__
+
+
+def uses_model_runner_v2(vllm_config: Any) -> bool:
+    """Whether vLLM runs this config on Model Runner V2: its own choice on vLLM 0.32/0.33
+    (`VllmConfig.use_v2_model_runner`), always on vLLM 0.34 (the V1 runner is gone)."""
+    if getattr(type(vllm_config), "use_v2_model_runner", None) is None:
+        return True
+    return bool(vllm_config.use_v2_model_runner)
+
+
+def _refuse_on_model_runner_v2(vllm_config: Any, drafter: Literal["MASSV", "MSD"]) -> None:
+    """Raise (before any engine process starts) for what this project's drafters do not do on
+    Model Runner V2 yet.
+
+    Raises:
+        ValueError: an MSD drafter (its decoupled visual rows are implemented for V1's EAGLE
+            proposer), or a `positions: mrope` MASSV drafter (MRV2 gives drafters 1-D
+            positions).
+    """
+    if drafter == "MSD":
+        raise ValueError(
+            "MSD drafters are not supported on vLLM's Model Runner V2 yet (their decoupled "
+            "visual rows are implemented for the V1 runner's EAGLE proposer). On vLLM 0.32/0.33 "
+            "unset VLLM_USE_V2_MODEL_RUNNER; vLLM 0.34 has no V1 runner.")
+    massv = MassvConfig.from_hf_config(vllm_config.speculative_config.draft_model_config.hf_config)
+    if massv.positions != "1d":
+        raise ValueError(MRV2_MROPE_REFUSAL)
+    _log_once("MASSV drafter on vLLM's Model Runner V2 (image-aware MASSV speculator).")
 
 
 @patches_class("SpeculativeConfig")
@@ -106,8 +129,11 @@ def refuse_unsupported_modes(vllm_config: Any, drafter: Literal["MASSV", "MSD"] 
               vLLM's Qwen2/Gemma3 LMs lack `get_top_tokens`);
             * `disable_padded_drafter_batch`: vLLM's draft-model proposer supports only the
               padded batch (it raises later, inside the engine);
-            * HiSparse attention or watermarking: V2-runner-only features
-              (`VllmConfig.use_v2_model_runner`), and MASSV/MSD pin the V1 runner.
+            * `use_heterogeneous_vocab` (vLLM 0.32/0.33, V1): skips the vocab check, and with
+              it the pairing checks; MASSV drafters share the target's token ids;
+            * HiSparse attention or watermarking: features of Model Runner V2 only
+              (`VllmConfig.use_v2_model_runner` picks MRV2 for them), where MSD does not run
+              and MASSV was not tested with them.
     """
     massv = drafter == "MASSV"
     spec = vllm_config.speculative_config
@@ -128,6 +154,10 @@ def refuse_unsupported_modes(vllm_config: Any, drafter: Literal["MASSV", "MSD"] 
         problems.append(
             "use_local_argmax_reduction: it bypasses compute_logits, which masks the drafter's "
             "padded vocabulary rows. Remove it from the speculative config.")
+    if massv and getattr(spec, "use_heterogeneous_vocab", False):
+        problems.append(
+            "use_heterogeneous_vocab: MASSV drafters share the target's token ids (their "
+            "vocabulary is padded to the target's). Remove it from the speculative config.")
     if massv and getattr(spec, "disable_padded_drafter_batch", False):
         problems.append(
             "disable_padded_drafter_batch: vLLM's draft_model proposer only supports the "
@@ -138,8 +168,8 @@ def refuse_unsupported_modes(vllm_config: Any, drafter: Literal["MASSV", "MSD"] 
         ("watermarking", getattr(vllm_config, "watermark_config", None) is not None)) if on]
     for name in v2_only:
         problems.append(
-            f"{name}: needs vLLM's V2 model runner, while {drafter} drafters run on the V1 "
-            "runner (where their image-aware drafting is implemented). Remove it.")
+            f"{name}: not supported with {drafter} drafters (a Model Runner V2 feature, "
+            f"untested with {drafter} drafting). Remove it.")
     if problems:
         raise ValueError(f"{drafter} drafter: unsupported vLLM mode(s):\n- "
                          + "\n- ".join(problems))

@@ -77,6 +77,11 @@ def install_vllm_cpu_alias() -> bool:
 
 
 def platform_plugin() -> None:
-    """`vllm.platform_plugins` entry point: install the alias; activate no platform."""
+    """`vllm.platform_plugins` entry point: install the alias (and, only with
+    `VLLM_MASSV_MRV2_CPU=1`, the MRV2-on-CPU test vehicle, `vllm_massv/mrv2_cpu.py`); activate
+    no platform."""
+    from vllm_massv import mrv2_cpu
+
     install_vllm_cpu_alias()
+    mrv2_cpu.activate()
     return None

@@ -19,6 +19,7 @@ from vllm.v1.spec_decode.draft_model import DraftModelProposer
 
 from vllm_massv import envs
 from vllm_massv.drafters.massv.config import MassvConfig
+from vllm_massv.drafters.massv.draft_layout import shift_mask_to_draft_layout
 from vllm_massv.patches.v1_cpu_sampler import fix_cpu_rejection_sampler
 
 logger = init_logger("vllm.massv.proposer")
@@ -181,30 +182,6 @@ class MassvDraftModelProposer(DraftModelProposer):
             positions - delta, common_attn_metadata, batch_size, input_batch_size, block_size)
         positions += delta
         return positions
-
-
-def shift_mask_to_draft_layout(is_mm: torch.Tensor, query_start_loc_cpu: torch.Tensor
-                               ) -> torch.Tensor:
-    """Move a target-layout token mask to vLLM's expanded draft layout.
-
-    The draft first pass lays out request r's tokens at `qsl[r] + r`, i.e. target token i of
-    request r sits at draft index `i + r`, followed by one bonus slot per request
-    (`vllm/v1/spec_decode/utils.py::copy_and_expand_eagle_inputs_kernel`).
-
-    Args:
-        is_mm: [N] bool (CPU), target layout.
-        query_start_loc_cpu: [batch + 1] int32 (CPU), cumulative query lengths, qsl[-1] == N.
-    Returns:
-        [N + batch] bool (CPU).
-    """
-    batch = query_start_loc_cpu.shape[0] - 1
-    n = is_mm.shape[0]
-    q_lens = (query_start_loc_cpu[1:] - query_start_loc_cpu[:-1]).long()
-    req = torch.repeat_interleave(torch.arange(batch), q_lens, output_size=n)
-    idx = torch.nonzero(is_mm, as_tuple=True)[0]
-    out = torch.zeros(n + batch, dtype=torch.bool)
-    out[idx + req[idx]] = True
-    return out
 
 
 def _capture_scheduler_output(runner, proposer: MassvDraftModelProposer) -> None:

@@ -1,7 +1,8 @@
 """MASSV drafters for vLLM (MASSV, arXiv 2505.10526 §3): a vLLM text LM plus a projector that maps
 the target VLM's cached image embeddings into the drafter's embedding space at the
 image-placeholder positions. The drafter never runs a vision encoder: the proposer
-(`v1_proposer.py`) hands it the embeddings the target already computed.
+(`v1_proposer.py`, V1 runner) or speculator (`mrv2_speculator.py`, Model Runner V2) hands it the
+embeddings the target already computed.
 
 :class:`MassvDrafterMixin` goes before the vLLM causal-LM class in the bases and
 ``SupportsMultiModalEmbeddings`` after it (a ``typing.Protocol`` placed before the LM class would
@@ -26,6 +27,7 @@ from vllm.model_executor.models.utils import _merge_multimodal_embeddings
 
 from vllm_massv.drafters.massv.config import (MassvConfig, MassvConfigError,
                                               expected_projector_weight_names)
+from vllm_massv.drafters.massv.mrv2_config import MASSV_SPECULATOR_CONFIG
 from vllm_massv.drafters.massv.projector import build_projector
 
 logger = init_logger("vllm.massv.models")
@@ -50,6 +52,53 @@ class MassvDrafterMixin:
                         "(image placeholders keep their token embeddings).")
         # Rows >= orig_vocab_size exist only to match the target's vocab size.
         self.orig_vocab_size = self.massv_config.orig_vocab_size
+        #: Model Runner V2 (`mrv2_speculator.py`): `forward` embeds the tokens itself and takes
+        #: the image embeddings staged for the next forward. V1's proposer embeds before the call.
+        self.embed_in_forward = False
+        self._staged_mm: tuple[list[torch.Tensor], torch.Tensor] | None = None
+
+    def stage_multimodal(self, staged: tuple[list[torch.Tensor], torch.Tensor] | None) -> None:
+        """Hand the next `forward` its image embeddings (Model Runner V2's speculator calls this
+        before the draft prefill and with None after the draft pass).
+
+        Args:
+            staged: None, or (embeds, is_mm) as `embed_input_ids` takes them: per image item a
+                [n_i, vision_feature_dim] tensor, and an [num_tokens] bool mask in the layout
+                of the next forward's `input_ids`.
+        """
+        self._staged_mm = staged
+
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
+                intermediate_tensors=None, inputs_embeds: torch.Tensor | None = None,
+                **kwargs) -> torch.Tensor:
+        """The LM's forward; with `embed_in_forward` (Model Runner V2) the input embeddings are
+        computed here from `input_ids` and the staged image embeddings (consumed once).
+
+        Args:
+            input_ids: [num_tokens] int token ids (None when `inputs_embeds` is given).
+            positions: [num_tokens] int64 1-D positions ([3, num_tokens] for `positions:
+                mrope` drafters on V1).
+            inputs_embeds: [num_tokens, hidden_size] or None.
+        Returns:
+            [num_tokens, hidden_size] hidden states.
+        Raises:
+            RuntimeError: the staged mask does not match `input_ids` (a layout bug; never
+                drafted through silently).
+        """
+        if inputs_embeds is None and self.embed_in_forward:
+            staged, self._staged_mm = self._staged_mm, None
+            if staged is None:
+                inputs_embeds = self.embed_input_ids(input_ids)
+            else:
+                embeds, is_mm = staged
+                if is_mm.shape[0] != input_ids.shape[0]:
+                    raise RuntimeError(
+                        f"MASSV: staged image mask has {is_mm.shape[0]} rows, the draft pass "
+                        f"{input_ids.shape[0]} tokens")
+                inputs_embeds = self.embed_input_ids(
+                    input_ids, embeds, is_multimodal=is_mm.to(input_ids.device))
+        return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds,
+                               **kwargs)
 
     def embed_input_ids(
         self,
@@ -117,9 +166,14 @@ class MassvQwen2ForCausalLM(MassvDrafterMixin, Qwen2ForCausalLM, SupportsMultiMo
     """Qwen2 text LM + MASSV projector. Checkpoint layout: Qwen2's own weight names plus
     `mm_projector.*`; `config.json` carries a `massv` block (:class:`MassvConfig`)."""
 
+    #: vLLM >= 0.34 builds the Model Runner V2 speculator this names (`mrv2_config.py`).
+    speculator_config_class = MASSV_SPECULATOR_CONFIG
+
 
 class MassvGemma3ForCausalLM(MassvDrafterMixin, Gemma3ForCausalLM, SupportsMultiModalEmbeddings):
     """Gemma3 text LM + MASSV projector, for `Gemma3ForConditionalGeneration` targets.
     Checkpoint layout: Gemma3's own weight names (`model.*`, tied `lm_head`) plus
     `mm_projector.*`; `config.json` is a `gemma3_text` config with a `massv` block, saved with
     `sliding_window: null` (every draft layer in one KV-cache group; docs/design/massv.md)."""
+
+    speculator_config_class = MASSV_SPECULATOR_CONFIG

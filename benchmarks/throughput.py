@@ -98,7 +98,7 @@ from benchmarks.harness.report import (  # noqa: E402
     schedule_from_sweep,
     summarize,
 )
-from vllm_massv import envs  # noqa: E402
+from vllm_massv import envs, mrv2_cpu  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -212,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                                         for m in methods], "reference": plan.reference,
                             "sweep_methods": plan.sweep_methods}
     meta["device"] = device_name()
+    meta["mrv2_cpu"] = mrv2_cpu.activate()  # VLLM_MASSV_MRV2_CPU=1: timings are not speeds
     # c: the drafter's and the target's inter-token latency, each alone at batch 1.
     ref_method = next((m for m in methods if m.label == plan.reference), None)
     drafter_lm = args.drafter_lm or (ref_method.model if ref_method else None)

@@ -159,6 +159,16 @@ def drift_lines(meta: dict[str, Any]) -> list[str]:
     return [line, ""]
 
 
+def interpreter_lines(meta: dict[str, Any]) -> list[str]:
+    """The warning a run on Model Runner V2 through Triton's interpreter carries
+    (`VLLM_MASSV_MRV2_CPU=1`, `vllm_massv/mrv2_cpu.py`): its timings are not speeds."""
+    if not meta.get("mrv2_cpu"):
+        return []
+    return ["**Model Runner V2 through Triton's interpreter (`VLLM_MASSV_MRV2_CPU=1`): the tok/s, "
+            "latency, speedup, bound and c columns time interpreted Python kernels and are not "
+            "speeds.** τ, acceptance and greedy equality are meaningful.", ""]
+
+
 def markdown(results: list[RunResult], meta: dict[str, Any]) -> str:
     """``results.md``: the header (target, prompts, c, drift), one table row per run, the best-k
     tables of the k sweep and τ per prompt kind."""
@@ -167,7 +177,7 @@ def markdown(results: list[RunResult], meta: dict[str, Any]) -> str:
              f"({meta['num_image_prompts']} with an image), max {meta['max_tokens']} new tokens; "
              f"c = {_f(meta.get('c'), 3)} (drafter ITL {_f(meta.get('drafter_itl_ms'), 2)} ms / "
              f"target ITL {_f(meta.get('target_itl_ms'), 2)} ms, batch 1).", "",
-             *drift_lines(meta),
+             *drift_lines(meta), *interpreter_lines(meta),
              "| method | k | batch | temp | tok/s | p50 s | p90 s | τ | accept | per position "
              "| speedup vs none | vs reference | bound τ/(1+kc) | c in loop | greedy = none |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

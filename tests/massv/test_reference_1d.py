@@ -5,7 +5,7 @@ sees the real image features). For every verify step vLLM reports how many draft
 accepted; we replay greedy speculative decoding along the target's output with the transformers
 drafter (`vllm_massv.drafters.massv.hf_model`) and image features from the transformers vision tower, and require the
 same accepted count at every step. Any off-by-one in positions, slots or the image-embedding
-mask changes these counts.
+mask changes these counts. The tests marked `both_runners` also run on Model Runner V2.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from __future__ import annotations
 import pytest
 
 from tests.support import recorders
-from tests.support.engine import engine, generate, greedy, mixed_batch, spec_config, token_ids
+from tests.support.engine import (IMAGE_PROMPTS, engine, generate, greedy, mixed_batch,
+                                  spec_config, token_ids)
 from tests.support.replay import assert_replay_equal, prompt_logprobs_vs_transformers
 
 K = 3
@@ -58,16 +59,32 @@ def test_training_image_features_match_vllm(llm, models, encoder, vllm_outputs):
         assert min(errs) < 1e-4, name
 
 
+@pytest.mark.both_runners
 def test_lossless(vllm_outputs, reference):
     assert token_ids(vllm_outputs) == reference
 
 
+@pytest.mark.both_runners
 def test_proposals_match_transformers(models, vllm_outputs):
     steps, accepted = assert_replay_equal(models.target, models.sanity_1d, vllm_outputs,
                                           mixed_batch(models.target))
     print(f"1-D drafter: {accepted} accepted over {steps} steps (tau {1 + accepted / steps:.3f}), "
           "all equal to the transformers replay")
     assert accepted > 0
+
+
+@pytest.mark.both_runners
+def test_prefix_cache_rerun(llm, models, vllm_outputs, reference):
+    """The image prompts again on the same engine: their prompts hit the prefix cache (at least
+    one 32-token KV block), the drafter's KV for the cached blocks is reused, and outputs and
+    every step's accepted count still equal the target alone and the replay."""
+    prompts = {n: p for n, p in mixed_batch(models.target).items() if n in IMAGE_PROMPTS}
+    rerun = generate(llm, prompts)
+    for name, out in rerun.items():
+        assert out.num_cached_tokens and out.num_cached_tokens >= 32, name
+    assert token_ids(rerun) == {n: reference[n] for n in prompts}
+    steps, accepted = assert_replay_equal(models.target, models.sanity_1d, rerun, prompts)
+    print(f"prefix-cache rerun: {accepted} accepted over {steps} steps, equal to the replay")
 
 
 def test_drafter_logits_match_transformers(models):

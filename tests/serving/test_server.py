@@ -507,3 +507,44 @@ def test_server_stops_cleanly(server: ApiServer, chat_response) -> None:
     left = mt.wait_group_gone(proc.pid, 15)
     assert not left, f"processes left in the server's group after it exited: {left}"
     assert rc == 0, server.log_tail()
+
+
+# --- Model Runner V2 (the VLLM_MASSV_MRV2_CPU=1 session of `make test`) ---------------------------
+@pytest.fixture(scope="module")
+def mrv2_server(models: TinyModels, reference, tmp_path_factory):
+    """The server on Model Runner V2 (every server process inherits VLLM_MASSV_MRV2_CPU=1) with
+    the 1-D sanity drafter: MRV2 refuses `positions: mrope` drafters."""
+    tmp = tmp_path_factory.mktemp("server_mrv2")
+    spec_file = tmp / "massv.json"
+    spec_file.write_text(json.dumps(spec_config(models.sanity_1d, NUM_SPEC_TOKENS)))
+    with _running(ApiServer(models.target, SERVER_ARGS, env=SERVER_ENV,
+                            speculative_config=spec_file, log=tmp / "server.log",
+                            startup_timeout=STARTUP_TIMEOUT_S,
+                            stop_timeout=STOP_TIMEOUT_S)) as srv:
+        yield srv
+
+
+@pytest.mark.mrv2
+def test_mrv2_chat_lossless_with_massv_speculator(mrv2_server: ApiServer, image_url: str,
+                                                  reference) -> None:
+    """One image chat request through the OpenAI server on MRV2: the offline greedy reference
+    (target alone, MRV2), drafts made and accepted, by the MASSV speculator."""
+    import requests
+    from openai import OpenAI
+
+    client = OpenAI(base_url=mrv2_server.url + "/v1", api_key="x", timeout=240, max_retries=0)
+    response = client.chat.completions.create(
+        model=mrv2_server.model, messages=_messages(image_url), temperature=0.0,
+        max_tokens=MAX_TOKENS, extra_body={"return_token_ids": True})
+    choice = response.choices[0]
+    assert getattr(choice, "token_ids", None) == reference["token_ids"]
+    assert choice.message.content == reference["text"]
+    metrics = parse_prometheus(requests.get(mrv2_server.url + "/metrics", timeout=10).text)
+    drafts = metrics.get("vllm:spec_decode_num_drafts_total")
+    accepted = metrics.get("vllm:spec_decode_num_accepted_tokens_total")
+    print(f"MRV2 server: drafts={drafts} accepted={accepted}")
+    assert drafts and drafts > 0 and accepted is not None
+    log = mrv2_server.log.read_text(errors="replace")
+    assert "Using V2 Model Runner" in log, mrv2_server.log_tail()
+    assert "MASSV speculator active (Model Runner V2)" in log, mrv2_server.log_tail()
+    assert "using text-only draft inputs" not in log

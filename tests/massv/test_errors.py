@@ -180,6 +180,16 @@ def test_mrope_drafter_refused_on_mrv2(models: TinyModels) -> None:
 
 
 @pytest.mark.mrv2
+def test_mrope_drafter_kept_on_v1_when_vllm_would_pick_mrv2(models: TinyModels,
+                                                             monkeypatch) -> None:
+    """With Triton present and no VLLM_USE_V2_MODEL_RUNNER, vLLM 0.32 picks MRV2; the plugin
+    keeps a `positions: mrope` drafter on V1 instead (and a 1-D drafter on vLLM's choice)."""
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
+    assert _engine_config(models.target, models.sanity).use_v2_model_runner is False
+    assert _engine_config(models.target, models.sanity_1d).use_v2_model_runner is True
+
+
+@pytest.mark.mrv2
 def test_1d_drafter_configures_on_mrv2(models: TinyModels) -> None:
     from vllm_massv.patches.drafters import draft_is_massv
     from vllm_massv.patches.engine_config import uses_model_runner_v2

@@ -1,6 +1,7 @@
 """Engine-config policy for MASSV and MSD drafters, applied while vLLM builds its config (before any
-engine process starts): MASSV runs on the model runner vLLM picks (V1 or Model Runner V2), MSD is
-pinned to the V1 runner where one exists (`VllmConfig.use_v2_model_runner`, vLLM 0.32/0.33),
+engine process starts): MASSV runs on the model runner vLLM picks (V1 or Model Runner V2); MSD
+and `positions: mrope` MASSV drafters are pinned to the V1 runner where one exists and the user
+did not ask for V2 (`VllmConfig.use_v2_model_runner`, vLLM 0.32/0.33),
 vLLM modes that break these drafters (and what MRV2 does not do for them) are refused, and MASSV
 pairs with sliding-window layers get one KV-cache group (`VllmConfig.__post_init__`); the
 drafter's pairing and weight checks replace the bare vocab-size check (`SpeculativeConfig.verify_equal_vocab_size_if_draft_model`). Why,
@@ -27,14 +28,19 @@ def _log_once(message: str) -> None:
 
 @patches_class("VllmConfig")
 def apply_engine_policy(cls: type) -> None:
-    """`vllm.config.vllm.VllmConfig`: the mode policy, runner checks and the MSD V1 pin (module
-    docstring). MASSV drafters run on whichever model runner vLLM picks."""
+    """`vllm.config.vllm.VllmConfig`: the mode policy, runner checks and the V1 pin of MSD and
+    M-RoPE MASSV drafters (module docstring). 1-D MASSV drafters run on whichever model runner
+    vLLM picks."""
     stock_runner = getattr(cls, "use_v2_model_runner", None)  # gone in vLLM 0.34 (MRV2 only)
     if stock_runner is not None:
 
         def use_v2_model_runner(self) -> bool:
             if draft_is_msd(self.speculative_config):
                 return _v1_runner_for_msd()
+            if _is_mrope_massv(self.speculative_config) and not envs.v2_model_runner_requested():
+                _log_once("MASSV drafter with positions='mrope': using the V1 model runner "
+                          "(Model Runner V2 gives drafters 1-D positions).")
+                return False
             return stock_runner.fget(self)
 
         cls.use_v2_model_runner = property(use_v2_model_runner, doc=stock_runner.__doc__)
@@ -63,6 +69,12 @@ def uses_model_runner_v2(vllm_config: Any) -> bool:
     return bool(vllm_config.use_v2_model_runner)
 
 
+def _is_mrope_massv(speculative_config: Any) -> bool:
+    """A MASSV drafter with `positions: mrope` (the target's own M-RoPE; V1 runner only)."""
+    return draft_is_massv(speculative_config) and MassvConfig.from_hf_config(
+        speculative_config.draft_model_config.hf_config).positions != "1d"
+
+
 def _refuse_on_model_runner_v2(vllm_config: Any, drafter: Literal["MASSV", "MSD"]) -> None:
     """Raise (before any engine process starts) for what this project's drafters do not do on
     Model Runner V2 yet.
@@ -77,8 +89,7 @@ def _refuse_on_model_runner_v2(vllm_config: Any, drafter: Literal["MASSV", "MSD"
             "MSD drafters are not supported on vLLM's Model Runner V2 yet (their decoupled "
             "visual rows are implemented for the V1 runner's EAGLE proposer). On vLLM 0.32/0.33 "
             "unset VLLM_USE_V2_MODEL_RUNNER; vLLM 0.34 has no V1 runner.")
-    massv = MassvConfig.from_hf_config(vllm_config.speculative_config.draft_model_config.hf_config)
-    if massv.positions != "1d":
+    if _is_mrope_massv(vllm_config.speculative_config):
         raise ValueError(MRV2_MROPE_REFUSAL)
     _log_once("MASSV drafter on vLLM's Model Runner V2 (image-aware MASSV speculator).")
 

@@ -90,8 +90,8 @@ MRV2_MROPE_REFUSAL = (
     "MASSV drafters with massv.positions='mrope' run on vLLM's V1 model runner only: Model "
     "Runner V2 gives drafters 1-D positions (the target's M-RoPE positions stay in its rope "
     "state, vllm/v1/worker/gpu/mm/rope.py). Serve a `positions: 1d` drafter (`massv init` "
-    "writes 1-D drafters by default), or, on vLLM 0.32/0.33, the V1 runner "
-    "(VLLM_USE_V2_MODEL_RUNNER=0).")
+    "writes 1-D drafters by default), or, on vLLM 0.32/0.33, the V1 runner (unset "
+    "VLLM_USE_V2_MODEL_RUNNER: the plugin then picks V1 for this drafter).")
 
 
 def is_massv_hf_config(hf_config: Any) -> bool:

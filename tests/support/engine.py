@@ -105,3 +105,38 @@ def spec_counters(llm) -> dict[str, Any]:
     """vLLM's global spec-decode counters (cumulative; take differences): the repository's
     reader, `benchmarks.harness.metrics.engine_metrics`."""
     return engine_metrics(llm)
+
+
+def first_draft_acceptance(outputs: dict[str, Any], temperature: float, max_tokens: int,
+                           vocab: int) -> tuple[float, float, int]:
+    """At temperature T > 0 a greedy draft d is accepted with probability p_T(d). For a drafter
+    whose first draft of a verify step is the target's argmax at the next output position (the
+    target's own LM with the target's positions), the share of steps that accept it must match
+    the mean of max_x p_T(x) at those positions, computed from the target's full raw logprobs
+    (p_T = softmax(logprob / T); the requests need `logprobs=-1`).
+
+    Returns:
+        (share of verify steps whose first draft was accepted, mean max_x p_T(x), steps).
+    Raises:
+        AssertionError: a request stopped early, emitted an id outside `vocab`, or drafted
+            nothing.
+    """
+    import torch
+
+    expected, first_accepted = [], []
+    for name, out in outputs.items():
+        ids = list(out.outputs[0].token_ids)
+        assert len(ids) == max_tokens or out.outputs[0].finish_reason == "stop", name
+        assert all(0 <= t < vocab for t in ids), name
+        metrics = out.outputs[0].spec_decode_metrics
+        assert metrics.num_draft_tokens > 0, name
+        m = 1  # tokens emitted before the step (the prefill emits one)
+        for accepted in metrics.per_step_accepted:
+            if m >= len(ids):
+                break
+            lp = torch.tensor([x.logprob for x in out.outputs[0].logprobs[m].values()])
+            expected.append(torch.softmax(lp / temperature, -1).max().item())
+            first_accepted.append(float(accepted >= 1))
+            m += accepted + 1
+    n = len(expected)
+    return sum(first_accepted) / n, sum(expected) / n, n

@@ -5,7 +5,8 @@ The functions are sent by reference: the worker imports this module, which it fi
 `sys.path` the test process passes on (pytest's `pythonpath`, the repository root).
 
 * :func:`install_recorder` / :func:`read_record` -- every proposal the worker's runner makes:
-  the drafts, the k the scheduler chose, the drafter's logits and the partial-prefill chunk ends.
+  the drafts, the k the scheduler chose, the drafter's logits and the partial-prefill chunk ends
+  (V1's proposer or Model Runner V2's speculator).
 * :func:`proposer_class`, :func:`cpu_sampler_fix_active`, :func:`vllm_encoder_cache` -- facts
   read from the worker.
 
@@ -48,18 +49,13 @@ def install_recorder(worker) -> None:
     chunk_ends: dict = {}
     runner._massv_record = {"drafts": drafts, "steps": steps, "logits": logits,
                             "chunk_ends": chunk_ends}
-    propose = runner.propose_draft_token_ids
     calls: list = []
+    if is_model_runner_v2(runner):
+        _record_mrv2_speculator(runner.speculator, runner._massv_record, calls)
+        return
+    propose = runner.propose_draft_token_ids
     model = getattr(runner.drafter, "model", None)
-    if model is not None and hasattr(model, "compute_logits"):
-        compute_logits = model.compute_logits
-
-        def recording_compute_logits(hidden_states, *args, **kwargs):
-            out = compute_logits(hidden_states, *args, **kwargs)
-            calls.append(out.detach().float().cpu().clone())
-            return out
-
-        model.compute_logits = recording_compute_logits
+    _record_logits(model, calls)
 
     def propose_draft_token_ids(scheduler_output, *args, **kwargs):
         calls.clear()
@@ -83,6 +79,60 @@ def install_recorder(worker) -> None:
     runner.propose_draft_token_ids = propose_draft_token_ids
 
 
+def is_model_runner_v2(runner) -> bool:
+    """Model Runner V2 (`vllm/v1/worker/gpu/model_runner.py`) has a `speculator`; V1 a
+    `drafter`."""
+    return hasattr(runner, "speculator") and not hasattr(runner, "drafter")
+
+
+def _record_logits(model, calls: list) -> None:
+    if model is None or not hasattr(model, "compute_logits"):
+        return
+    compute_logits = model.compute_logits
+
+    def recording_compute_logits(hidden_states, *args, **kwargs):
+        out = compute_logits(hidden_states, *args, **kwargs)
+        calls.append(out.detach().float().cpu().clone())
+        return out
+
+    model.compute_logits = recording_compute_logits
+
+
+def _record_mrv2_speculator(speculator, record: dict, calls: list) -> None:
+    """:func:`install_recorder` on Model Runner V2: wraps `speculator.propose`, which the runner
+    calls once per step with the step's `InputBatch` and the k the scheduler chose
+    (`num_speculative_tokens`; the runner blanks drafts past k, `sample_tokens`)."""
+    propose = speculator.propose
+    _record_logits(getattr(speculator, "model", None), calls)
+
+    def recording_propose(input_batch, *args, num_speculative_tokens=None, dummy_run=False,
+                          **kwargs):
+        if dummy_run:
+            return propose(input_batch, *args, num_speculative_tokens=num_speculative_tokens,
+                           dummy_run=dummy_run, **kwargs)
+        calls.clear()
+        n = input_batch.num_reqs
+        k = (speculator.num_speculative_steps if num_speculative_tokens is None
+             else num_speculative_tokens)
+        record["steps"].append((n, k))
+        req_ids = list(input_batch.req_ids[:n])
+        done = input_batch.num_computed_tokens_np[:n] + input_batch.num_scheduled_tokens[:n]
+        in_prefill = {}
+        for i, req_id in enumerate(req_ids):
+            in_prefill[req_id] = bool(done[i] < input_batch.prefill_len_np[i])
+            if in_prefill[req_id]:
+                record["chunk_ends"].setdefault(req_id, []).append(int(done[i]) - 1)
+        out = propose(input_batch, *args, num_speculative_tokens=num_speculative_tokens,
+                      dummy_run=dummy_run, **kwargs)
+        for req_id, row in zip(req_ids, out[:, :k].tolist()):
+            record["drafts"].append((req_id, in_prefill[req_id], [int(t) for t in row]))
+        record["logits"].append({r: [c[i] for c in calls if c.shape[0] > i]
+                                 for i, r in enumerate(req_ids)})
+        return out
+
+    speculator.propose = recording_propose
+
+
 def read_record(worker) -> dict[str, Any]:
     """A copy of what :func:`install_recorder` recorded: {"drafts", "steps", "logits",
     "chunk_ends"}."""
@@ -102,8 +152,9 @@ def cpu_sampler_fix_active(worker) -> bool:
 
 
 def proposer_class(worker) -> str:
-    """The class name of the worker's drafter (proposer)."""
-    return type(worker.model_runner.drafter).__name__
+    """The class name of the worker's drafter (V1 proposer or Model Runner V2 speculator)."""
+    runner = worker.model_runner
+    return type(runner.speculator if is_model_runner_v2(runner) else runner.drafter).__name__
 
 
 def vllm_encoder_cache(worker) -> dict[str, torch.Tensor]:

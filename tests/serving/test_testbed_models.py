@@ -220,6 +220,11 @@ def test_best_k_table() -> None:
     assert report.drift_lines({"target_itl_ms": 50.0}) == []
     assert "+4%" in report.drift_lines({"target_itl_ms": 50.0, "target_itl_end_ms": 52.0})[0]
     assert "drifted" in report.drift_lines({"target_itl_ms": 50.0, "target_itl_end_ms": 40.0})[0]
+    # a run on Model Runner V2 through Triton's interpreter says its timings are not speeds
+    meta = {"device": "cpu", "target": "t", "num_prompts": 1, "num_image_prompts": 0,
+            "max_tokens": 1}
+    assert "not speeds" not in report.markdown(results, meta)
+    assert "are not speeds" in report.markdown(results, {**meta, "mrv2_cpu": True})
     # `--k-by-batch M=auto`: the fastest k per swept batch size, ranges up to the next one
     assert report.schedule_from_sweep(results, "M") == ((1, 1, 4), (2, 256, 2))
     results += [row("M", 2, 16, 70.0), row("M", 4, 16, 60.0)]

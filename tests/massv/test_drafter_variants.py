@@ -2,12 +2,14 @@
 
 Other drafters through the MASSV proposer: a small text LM with a different KV head shape
 (k=1, lossless), and the ablations that must collapse acceptance while staying lossless
-(garbage weights, zeroed image features, a forced wrong last draft)."""
+(garbage weights, zeroed image features, a forced wrong last draft), and a drafter without a
+projector (also on Model Runner V2)."""
 
 from __future__ import annotations
 
 import shutil
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -23,6 +25,23 @@ def test_blind_text_lm_k1_lossless(models, reference):
     assert token_ids(outs) == reference
     assert sum(sum(o.outputs[0].spec_decode_metrics.per_step_drafted)
                for o in outs.values()) > 0
+
+
+@pytest.mark.both_runners
+def test_projector_none_lossless(models, reference, tmp_path):
+    """`massv init --projector none` (a text LM with the target's vocabulary, no projector): the
+    image placeholders keep their token embeddings, by design. Lossless, drafting (k = 2), on
+    both runners; on Model Runner V2 the MASSV speculator serves it."""
+    from vllm_massv.drafters.massv.init import init_drafter
+
+    draft = init_drafter(models.target, models.text_lm, tmp_path / "none",
+                         projector="none").out_dir
+    with engine(models.target, spec_config(draft, 2)) as llm:
+        outs = generate(llm, mixed_batch(models.target))
+    assert token_ids(outs) == reference
+    drafted = sum(sum(o.outputs[0].spec_decode_metrics.per_step_drafted) for o in outs.values())
+    print(f"projector none: acceptance {acceptance(outs):.3f} over {drafted} draft tokens")
+    assert drafted > 0
 
 
 def test_garbage_drafter_weights_lossless(models, reference, tmp_path):

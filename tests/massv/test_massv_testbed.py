@@ -13,29 +13,22 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.harness import prompts as bench_prompts
-from benchmarks.testbed import assets, task
+from benchmarks.testbed import assets
 from tests.support.engine import engine, generate, greedy, prompt_images, token_ids
 from tests.support.profile import RUNNER
 from tests.support.replay import assert_replay_equal
+from tests.support.testbed import TARGET, held_out_prompts
 
 pytestmark = [pytest.mark.slow, pytest.mark.both_runners]
 
 K = 4
 MAX_TOKENS = 48
-TARGET = assets.MODELS / "target"
 DRAFTER = assets.MODELS / "drafter-massv"
 
 
 @pytest.fixture(scope="module")
 def prompts(tmp_path_factory) -> dict[str, dict]:
-    from transformers import AutoTokenizer
-
-    data = tmp_path_factory.mktemp("testbed") / "data"
-    task.build_splits(data, seed=0, **assets.TEST_SPLIT)
-    items = bench_prompts.render_prompts(bench_prompts.testbed_prompts(data, 12),
-                                         AutoTokenizer.from_pretrained(TARGET))
-    return {f"{i.id}:{i.kind}": i.inputs for i in items}
+    return held_out_prompts(tmp_path_factory.mktemp("testbed") / "data", 12)
 
 
 @pytest.fixture(scope="module")

@@ -89,12 +89,18 @@ def test_prefix_cache_rerun(llm, models, vllm_outputs, reference):
 
 
 @pytest.mark.both_runners
-def test_sampling_temperature_on_text(llm, models):
-    """T = 0.3 on text prompts, where the 1-D drafter is the target itself (text M-RoPE positions
-    are 1-D): its first draft is the target's argmax, accepted as often as the target's mean
-    max_x p_T(x) (`first_draft_acceptance`). On V1 this holds through the plugin's CPU sampler
-    fix; on Model Runner V2 through its own rejection sampler
-    (`vllm/v1/worker/gpu/spec_decode/rejection_sampler.py`), which needs no fix."""
+@pytest.mark.parametrize("temperature", [0.3, 1.0])
+def test_sampling_temperature_on_text(llm, models, temperature):
+    """T > 0 on text prompts, where the 1-D drafter is the target itself (text M-RoPE positions
+    are 1-D): its first draft is the target's argmax, accepted with probability p_T(argmax), so
+    the share of accepted first drafts must match the mean p_T(argmax) (`first_draft_acceptance`)
+    within 4 binomial standard deviations plus 0.02 (a sum of independent Bernoulli trials with
+    varying p has at most the variance of n trials at the mean p: the bound is conservative,
+    false-alarm rate below 1e-4). On V1 this holds through the plugin's CPU sampler fix; on
+    Model Runner V2 through its own rejection sampler
+    (`vllm/v1/worker/gpu/spec_decode/rejection_sampler.py`), which needs no fix. At T = 1 the
+    random target is nearly flat (p ~ 0.02-0.05): a verifier using wrong temperatures accepts far
+    more or less."""
     from vllm import SamplingParams
 
     from vllm_massv import testing as mt
@@ -104,13 +110,13 @@ def test_sampling_temperature_on_text(llm, models):
                  "Spell the word banana backwards.", "What comes after Monday?"]
     prompts = {f"q{i}": {"prompt": mt.text_prompt(models.target, q)}
                for i, q in enumerate(questions)}
-    temperature = 0.3
     outs = generate(llm, prompts, SamplingParams(temperature=temperature, max_tokens=32,
                                                  logprobs=-1))
     rate, p, steps = first_draft_acceptance(outs, temperature, max_tokens=32, vocab=2112)
+    bound = 4 * (p * (1 - p) / steps) ** 0.5 + 0.02
     print(f"1-D drafter at temperature {temperature} on text: first draft accepted in "
-          f"{rate:.3f} of {steps} steps; target p(argmax) there {p:.3f}")
-    assert steps >= 30 and abs(rate - p) < 0.15
+          f"{rate:.3f} of {steps} steps; target p(argmax) there {p:.3f} (bound {bound:.3f})")
+    assert steps >= 30 and abs(rate - p) < bound
 
 
 def test_drafter_logits_match_transformers(models):

@@ -218,6 +218,15 @@ def _running(server: ApiServer):
         server.stop()
 
 
+def _massv_server(models: TinyModels, drafter: Path, tmp: Path) -> ApiServer:
+    """`vllm serve TARGET --speculative-config massv.json` with `drafter` (not started)."""
+    spec_file = tmp / "massv.json"
+    spec_file.write_text(json.dumps(spec_config(drafter, NUM_SPEC_TOKENS)))
+    return ApiServer(models.target, SERVER_ARGS, env=SERVER_ENV, speculative_config=spec_file,
+                     log=tmp / "server.log", startup_timeout=STARTUP_TIMEOUT_S,
+                     stop_timeout=STOP_TIMEOUT_S)
+
+
 @pytest.fixture(scope="module")
 def workload() -> list:
     return load.build_workload(LOAD_REQUESTS, max_tokens=LOAD_MAX_TOKENS)
@@ -244,13 +253,8 @@ def baseline_run(models: TinyModels, reference, workload, tmp_path_factory):
 def server(models: TinyModels, reference, baseline_run, tmp_path_factory):
     """The OpenAI server with the sanity MASSV drafter (started after the offline reference and
     the no-speculation server are gone)."""
-    tmp = tmp_path_factory.mktemp("server")
-    spec_file = tmp / "massv.json"
-    spec_file.write_text(json.dumps(spec_config(models.sanity, NUM_SPEC_TOKENS)))
-    with _running(ApiServer(models.target, SERVER_ARGS, env=SERVER_ENV,
-                            speculative_config=spec_file, log=tmp / "server.log",
-                            startup_timeout=STARTUP_TIMEOUT_S,
-                            stop_timeout=STOP_TIMEOUT_S)) as srv:
+    with _running(_massv_server(models, models.sanity,
+                                tmp_path_factory.mktemp("server"))) as srv:
         yield srv
 
 
@@ -514,13 +518,8 @@ def test_server_stops_cleanly(server: ApiServer, chat_response) -> None:
 def mrv2_server(models: TinyModels, reference, tmp_path_factory):
     """The server on Model Runner V2 (every server process inherits VLLM_MASSV_MRV2_CPU=1) with
     the 1-D sanity drafter: MRV2 refuses `positions: mrope` drafters."""
-    tmp = tmp_path_factory.mktemp("server_mrv2")
-    spec_file = tmp / "massv.json"
-    spec_file.write_text(json.dumps(spec_config(models.sanity_1d, NUM_SPEC_TOKENS)))
-    with _running(ApiServer(models.target, SERVER_ARGS, env=SERVER_ENV,
-                            speculative_config=spec_file, log=tmp / "server.log",
-                            startup_timeout=STARTUP_TIMEOUT_S,
-                            stop_timeout=STOP_TIMEOUT_S)) as srv:
+    with _running(_massv_server(models, models.sanity_1d,
+                                tmp_path_factory.mktemp("server_mrv2"))) as srv:
         yield srv
 
 

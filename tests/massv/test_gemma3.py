@@ -184,6 +184,7 @@ def sanity_run(models, data):
     return serve(models["target"], models["sanity"], data["rows"], read_encoder_cache=True)
 
 
+@pytest.mark.both_runners
 def test_sanity_drafter_lossless_and_accepts_all(sanity_run, data):
     """The target's own language model as drafter (identity projector): greedy output equals
     the target alone on the mixed batch, and drafts on image prompts are accepted. On CPU the
@@ -201,6 +202,7 @@ def test_sanity_drafter_lossless_and_accepts_all(sanity_run, data):
     assert drafted > 0 and acc / drafted > 0.95
 
 
+@pytest.mark.both_runners
 def test_training_features_match_vllm(sanity_run, models, data):
     """The transformers Gemma3 image path (SigLIP + multimodal projector) == what vLLM caches
     and hands the drafter."""

@@ -39,6 +39,7 @@ def encoder(models):
     return TargetImageEncoder(models.target)
 
 
+@pytest.mark.both_runners
 def test_training_image_features_match_vllm(llm, models, encoder, vllm_outputs):
     """What training feeds the projector == what vLLM caches and hands the drafter (read from
     the worker's encoder cache right after a request with that image). Runs after the mixed

@@ -159,5 +159,8 @@ def proposer_class(worker) -> str:
 
 def vllm_encoder_cache(worker) -> dict[str, torch.Tensor]:
     """The image embeddings a vLLM worker has cached (what the drafter is handed), by mm hash:
-    CPU copies of `GPUModelRunner.encoder_cache`."""
-    return {k: v.detach().cpu().clone() for k, v in worker.model_runner.encoder_cache.items()}
+    CPU copies of `GPUModelRunner.encoder_cache` (V1: a dict; Model Runner V2:
+    `EncoderCache.encoder_outputs`, `vllm/v1/worker/gpu/mm/encoder_cache.py`)."""
+    cache = worker.model_runner.encoder_cache  # MRV2: an EncoderCache with `encoder_outputs`
+    outputs = getattr(cache, "encoder_outputs", cache)
+    return {k: v.detach().cpu().clone() for k, v in outputs.items()}

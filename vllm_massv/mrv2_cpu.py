@@ -26,11 +26,6 @@ import os
 
 from vllm_massv import envs
 
-#: Triton's switch for its interpreter (`triton/knobs.py`: `runtime.interpret`), read when a
-#: kernel is decorated.
-TRITON_INTERPRET = "TRITON_INTERPRET"
-
-
 class _InterpreterDriver:
     """Stands in for a Triton driver in `triton.backends.backends["cpu"]`: only `is_active` is
     read (by vLLM's `HAS_TRITON` check); interpreted kernels never launch through a driver."""
@@ -58,7 +53,7 @@ def activate() -> bool:
     """
     if not active():
         return False
-    os.environ[TRITON_INTERPRET] = "1"
+    os.environ[envs.TRITON_INTERPRET] = "1"
     os.environ[envs.VLLM_USE_V2_MODEL_RUNNER] = "1"
     try:
         from triton.backends import Backend, backends

@@ -24,7 +24,7 @@ from tests.support.replay import (Eagle3Replay, chunk_end_overrides, draft_logpr
                                   emitted_accepted)
 from tests.support.testbed import TARGET, held_out_prompts
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.both_runners]
 
 K = 4
 HEAD = assets.MODELS / "drafter-eagle3"

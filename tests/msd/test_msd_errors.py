@@ -150,10 +150,12 @@ def test_wrong_target_family(msd: Path, tmp_path: Path) -> None:
     _refused(target, msd, "model_type 'gemma3'", "qwen2_vl, qwen2_5_vl")
 
 
-def test_v2_model_runner_refused(models: TinyModels, msd: Path,
-                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
-    _refused(models.target, msd, "V1 model runner", "unset VLLM_USE_V2_MODEL_RUNNER")
+@pytest.mark.mrv2
+def test_msd_drafter_configures_on_mrv2(models: TinyModels, msd: Path) -> None:
+    """MSD runs on the runner vLLM picks: Model Runner V2 here (no V1 pin, no refusal)."""
+    from vllm_massv.patches.engine_config import uses_model_runner_v2
+
+    assert uses_model_runner_v2(_engine_config(models.target, msd))
 
 
 def test_pipeline_parallel_and_parallel_drafting_refused(models: TinyModels, msd: Path) -> None:

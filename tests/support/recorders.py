@@ -35,8 +35,9 @@ def install_recorder(worker) -> None:
     * "logits": `{req_id: k x [vocab] float32 logits}` (one row per draft step, from the
       drafter model's `compute_logits`).
     * "chunk_ends" `{req_id: positions}`: the last position of each prompt chunk that does not
-      finish the prompt (vLLM 0.32 gives that row the prompt's *last* token as its next token,
-      see `tests.support.replay.Eagle3Replay`).
+      finish the prompt (vLLM 0.32's V1 runner gives that row the prompt's *last* token as its
+      next token, see `tests.support.replay.Eagle3Replay`); empty on Model Runner V2, which
+      gives it the true next prompt token.
     """
     runner = worker.model_runner
     if hasattr(runner, "_massv_record"):
@@ -117,11 +118,12 @@ def _record_mrv2_speculator(speculator, record: dict, calls: list) -> None:
         record["steps"].append((n, k))
         req_ids = list(input_batch.req_ids[:n])
         done = input_batch.num_computed_tokens_np[:n] + input_batch.num_scheduled_tokens[:n]
-        in_prefill = {}
-        for i, req_id in enumerate(req_ids):
-            in_prefill[req_id] = bool(done[i] < input_batch.prefill_len_np[i])
-            if in_prefill[req_id]:
-                record["chunk_ends"].setdefault(req_id, []).append(int(done[i]) - 1)
+        # "chunk_ends" stays empty: MRV2 gives a partial-prefill chunk's last row the true next
+        # prompt token (`req_states.next_prefill_tokens`,
+        # `gpu/spec_decode/target_dependent_ar/speculator.py::_prepare_prefill_inputs_kernel`),
+        # so no row needs V1's override.
+        in_prefill = {req_id: bool(done[i] < input_batch.prefill_len_np[i])
+                      for i, req_id in enumerate(req_ids)}
         out = propose(input_batch, *args, num_speculative_tokens=num_speculative_tokens,
                       dummy_run=dummy_run, **kwargs)
         for req_id, row in zip(req_ids, out[:, :k].tolist()):

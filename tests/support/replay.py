@@ -214,7 +214,7 @@ def run_msd(target: Path, drafter: Path, env: dict | None = None, rerun: bool = 
         llm.collective_rpc(recorders.install_recorder)
         outputs = generate(llm, mixed_batch(target))
         record = llm.collective_rpc(recorders.read_record)[0]
-        result = {"outputs": outputs, "log": record["drafts"],
+        result = {"outputs": outputs, "log": record["drafts"], "logits": record["logits"],
                   "rows": chunk_end_overrides(record["chunk_ends"], outputs),
                   "proposer": llm.collective_rpc(recorders.proposer_class)[0],
                   "cpu_sampler_fix": llm.collective_rpc(recorders.cpu_sampler_fix_active)[0]}
@@ -223,8 +223,15 @@ def run_msd(target: Path, drafter: Path, env: dict | None = None, rerun: bool = 
             prompts = {n: p for n, p in mixed_batch(target).items() if n in IMAGE_PROMPTS}
             rerun = generate(llm, prompts)
             record = llm.collective_rpc(recorders.read_record)[0]
+            rows = chunk_end_overrides(record["chunk_ends"], rerun)
+            for name, out in rerun.items():
+                # Prefix-cache hits reuse the first run's draft KV too, rows written with that
+                # run's partial-prefill overrides included.
+                cached = out.num_cached_tokens or 0
+                rows[name] = {**{pos: tok for pos, tok in result["rows"][name].items()
+                                 if pos < cached}, **rows[name]}
             result["rerun"] = {"outputs": rerun, "log": record["drafts"],
-                               "rows": chunk_end_overrides(record["chunk_ends"], rerun)}
+                               "logits": record["logits"], "rows": rows}
         return result
 
 
@@ -249,12 +256,14 @@ class MsdReplay:
     `seq`, first layer used), image_embeds [n_placeholders, H] or None, prompt_len, ctx_len, k,
     positions [>= ctx_len - 1 + k] int64 RoPE positions or None (0, 1, ...), follow)` -> (k draft
     ids, k top-1 minus top-2 logit margins). `follow`: draft tokens to feed back instead of the
-    twin's own (vLLM's drafts, so that every draft position is compared on the same inputs).
+    twin's own (vLLM's drafts, so that every draft position is compared on the same inputs). The
+    k [vocab] logit rows of the last call are in `last_logits`.
     """
 
     def __init__(self, drafter, features, decouple: bool | None = None,
                  row_tokens: dict[int, int] | None = None) -> None:
         self.drafter, self.decouple = drafter, decouple
+        self.last_logits: list[torch.Tensor] = []
         self.embed_tokens, self.lm_head = features.embed_tokens, features.lm_head
         self.image_token_id = features.image_token_id
         self.row_tokens = row_tokens or {}
@@ -275,12 +284,15 @@ class MsdReplay:
         hid = states[0][: ctx_len - 1].to(emb.dtype)
         drafts: list[int] = []
         margins: list[float] = []
+        self.last_logits = []
         for j in range(k):
             n = emb.shape[0]
             pos = None if positions is None else positions[:n].unsqueeze(0)
             o = self.drafter(emb[None], hid[None], None if rows is None else rows[None],
                              position_ids=pos)[0, -1]
-            top = self.lm_head(o).topk(2)
+            logits = self.lm_head(o)
+            self.last_logits.append(logits)
+            top = logits.topk(2)
             tok = int(top.indices[0])
             nxt = tok if follow is None else int(follow[j])
             emb = torch.cat([emb, self.embed_tokens(torch.tensor([nxt]))])
@@ -355,7 +367,8 @@ class Eagle3Replay:
 
 
 def draft_mismatches(log: list, outputs: dict, prompts: dict, features, replays, *,
-                     temporal_positions: bool = False, tie: float = 1e-2) -> dict[str, dict]:
+                     temporal_positions: bool = False, tie: float = 1e-2,
+                     logit_log: list | None = None) -> dict[str, dict]:
     """Compare the drafts vLLM made (recorded in the worker) with a replay's, step by step along
     each request's output.
 
@@ -373,9 +386,17 @@ def draft_mismatches(log: list, outputs: dict, prompts: dict, features, replays,
         temporal_positions: give the replay stock vLLM's first-pass RoPE positions (the target's
             temporal M-RoPE row, continued by +1 per draft) instead of the absolute index.
         tie: logit margin below which a mismatch is a tie.
+        logit_log: the drafter logits the worker recorded (`read_record(...)["logits"]`); with
+            it "logit_diff" is the largest |vLLM logit - replay logit| over every compared
+            draft position (finite entries), so a caller can require the two computations to
+            agree numerically everywhere, not only in their argmax.
     Returns:
-        name -> {"steps", "mismatches" (per draft position), "ties", "first"}.
+        name -> {"steps", "mismatches" (per draft position), "ties", "first", "logit_diff"}.
     """
+    logged_by_req: dict[str, list] = {}
+    for entry in logit_log or []:
+        for req, rows in entry.items():
+            logged_by_req.setdefault(req.split("-")[0], []).append(rows)
     result = {}
     for name, out in outputs.items():
         images = prompt_images(prompts[name])
@@ -390,20 +411,30 @@ def draft_mismatches(log: list, outputs: dict, prompts: dict, features, replays,
         entries = recorded_drafts(log, out.request_id)
         replay = replays[name] if isinstance(replays, dict) else replays
         k = max(out.outputs[0].spec_decode_metrics.per_step_drafted, default=0)
-        mismatches, ties, first, steps = [0] * k, 0, None, 0
+        logged = (logged_by_req.get(out.request_id.split("-")[0], [])[-len(entries):]
+                  if logit_log is not None else None)
+        mismatches, ties, first, steps, worst = [0] * k, 0, None, 0, 0.0
         for n, m, drafted in verify_steps(out, len(seq)):
             got = entries[n][:drafted]
             want, margins = replay(seq, states, image_embeds if images else None, p, p + m,
                                    drafted, positions, got)
             steps += 1
             for j in range(drafted):
+                measured = 0.0
+                if logged is not None:
+                    twin = replay.last_logits[j]
+                    vllm = logged[n][j][: twin.shape[0]]
+                    finite = torch.isfinite(twin) & torch.isfinite(vllm)
+                    measured = float((twin[finite] - vllm[finite]).abs().max())
+                    worst = max(worst, measured)
                 if want[j] != got[j]:
                     if margins[j] < tie:
                         ties += 1
                     else:
                         mismatches[j] += 1
                         first = first or (n, j)
-        result[name] = {"steps": steps, "mismatches": mismatches, "ties": ties, "first": first}
+        result[name] = {"steps": steps, "mismatches": mismatches, "ties": ties, "first": first,
+                        "logit_diff": worst}
     return result
 
 

@@ -1,7 +1,7 @@
 """Engine-config policy for MASSV and MSD drafters, applied while vLLM builds its config (before any
-engine process starts): MASSV runs on the model runner vLLM picks (V1 or Model Runner V2); MSD
-and `positions: mrope` MASSV drafters are pinned to the V1 runner where one exists and the user
-did not ask for V2 (`VllmConfig.use_v2_model_runner`, vLLM 0.32/0.33),
+engine process starts): MASSV and MSD run on the model runner vLLM picks (V1 or Model Runner
+V2), except `positions: mrope` MASSV drafters, pinned to the V1 runner where one exists and the
+user did not ask for V2 (`VllmConfig.use_v2_model_runner`, vLLM 0.32/0.33),
 vLLM modes that break these drafters (and what MRV2 does not do for them) are refused, and MASSV
 pairs with sliding-window layers get one KV-cache group (`VllmConfig.__post_init__`); the
 drafter's pairing and weight checks replace the bare vocab-size check (`SpeculativeConfig.verify_equal_vocab_size_if_draft_model`). Why,
@@ -28,15 +28,13 @@ def _log_once(message: str) -> None:
 
 @patches_class("VllmConfig")
 def apply_engine_policy(cls: type) -> None:
-    """`vllm.config.vllm.VllmConfig`: the mode policy, runner checks and the V1 pin of MSD and
-    M-RoPE MASSV drafters (module docstring). 1-D MASSV drafters run on whichever model runner
-    vLLM picks."""
+    """`vllm.config.vllm.VllmConfig`: the mode policy, runner checks and the V1 pin of M-RoPE
+    MASSV drafters (module docstring). 1-D MASSV drafters and MSD drafters run on whichever
+    model runner vLLM picks."""
     stock_runner = getattr(cls, "use_v2_model_runner", None)  # gone in vLLM 0.34 (MRV2 only)
     if stock_runner is not None:
 
         def use_v2_model_runner(self) -> bool:
-            if draft_is_msd(self.speculative_config):
-                return _v1_runner_for_msd()
             if _is_mrope_massv(self.speculative_config) and not envs.v2_model_runner_requested():
                 _log_once("MASSV drafter with positions='mrope': using the V1 model runner "
                           "(Model Runner V2 gives drafters 1-D positions).")
@@ -55,8 +53,8 @@ def apply_engine_policy(cls: type) -> None:
         elif msd:
             refuse_unsupported_modes(self, drafter="MSD")
         stock_post_init(self)
-        if (massv or msd) and uses_model_runner_v2(self):
-            _refuse_on_model_runner_v2(self, "MASSV" if massv else "MSD")
+        if massv and uses_model_runner_v2(self):
+            _refuse_on_model_runner_v2(self)
 
     cls.__post_init__ = __post_init__
 
@@ -75,20 +73,12 @@ def _is_mrope_massv(speculative_config: Any) -> bool:
         speculative_config.draft_model_config.hf_config).positions != "1d"
 
 
-def _refuse_on_model_runner_v2(vllm_config: Any, drafter: Literal["MASSV", "MSD"]) -> None:
-    """Raise (before any engine process starts) for what this project's drafters do not do on
-    Model Runner V2 yet.
+def _refuse_on_model_runner_v2(vllm_config: Any) -> None:
+    """Raise (before any engine process starts) for a MASSV drafter Model Runner V2 cannot serve.
 
     Raises:
-        ValueError: an MSD drafter (its decoupled visual rows are implemented for V1's EAGLE
-            proposer), or a `positions: mrope` MASSV drafter (MRV2 gives drafters 1-D
-            positions).
+        ValueError: a `positions: mrope` MASSV drafter (MRV2 gives drafters 1-D positions).
     """
-    if drafter == "MSD":
-        raise ValueError(
-            "MSD drafters are not supported on vLLM's Model Runner V2 yet (their decoupled "
-            "visual rows are implemented for the V1 runner's EAGLE proposer). On vLLM 0.32/0.33 "
-            "unset VLLM_USE_V2_MODEL_RUNNER; vLLM 0.34 has no V1 runner.")
     if _is_mrope_massv(vllm_config.speculative_config):
         raise ValueError(MRV2_MROPE_REFUSAL)
     _log_once("MASSV drafter on vLLM's Model Runner V2 (image-aware MASSV speculator).")
@@ -143,8 +133,8 @@ def refuse_unsupported_modes(vllm_config: Any, drafter: Literal["MASSV", "MSD"] 
             * `use_heterogeneous_vocab` (vLLM 0.32/0.33, V1): skips the vocab check, and with
               it the pairing checks; MASSV drafters share the target's token ids;
             * HiSparse attention or watermarking: features of Model Runner V2 only
-              (`VllmConfig.use_v2_model_runner` picks MRV2 for them), where MSD does not run
-              and MASSV was not tested with them.
+              (`VllmConfig.use_v2_model_runner` picks MRV2 for them), never tested with these
+              drafters.
     """
     massv = drafter == "MASSV"
     spec = vllm_config.speculative_config
@@ -184,16 +174,6 @@ def refuse_unsupported_modes(vllm_config: Any, drafter: Literal["MASSV", "MSD"] 
     if problems:
         raise ValueError(f"{drafter} drafter: unsupported vLLM mode(s):\n- "
                          + "\n- ".join(problems))
-
-
-def _v1_runner_for_msd() -> bool:
-    if envs.v2_model_runner_requested():
-        raise ValueError(
-            "MSD drafters run on vLLM's V1 model runner (their image-row decoupling and "
-            "position fix are implemented for V1's EAGLE proposer); unset "
-            "VLLM_USE_V2_MODEL_RUNNER.")
-    _log_once("MSD drafter: using the V1 model runner.")
-    return False
 
 
 def has_sliding_window_layers(hf_text_config: Any) -> bool:

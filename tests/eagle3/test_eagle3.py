@@ -11,8 +11,10 @@ d2t mapping runs), weights scaled so that its attention matters, k = 3, on the m
 The head is untrained, so acceptance is ~0: the checks compare *every* draft vLLM proposes, and
 its logits, with the twin (`vllm_massv.drafters.eagle3.hf_model.Eagle3Drafter`) fed the same target hidden
 states (`training.features.TargetHiddenStates` with the head's layers: a transformers forward of
-the target with its images) and vLLM's own earlier drafts, at 1-D absolute positions (the
-plugin's EAGLE positions patch on this M-RoPE target). The trained testbed head is checked in
+the target with its images) and vLLM's own earlier drafts, at 1-D absolute positions (on V1 the
+plugin's EAGLE positions patch on this M-RoPE target; Model Runner V2 gives drafters 1-D
+positions itself, and the tests marked `both_runners` run there on stock vLLM: they would catch
+MRV2 regressing to V1's positions). The trained testbed head is checked in
 `test_eagle3_testbed.py`.
 """
 
@@ -71,6 +73,7 @@ def run(models, head) -> dict:
                 "cpu_sampler_fix": llm.collective_rpc(recorders.cpu_sampler_fix_active)[0]}
 
 
+@pytest.mark.both_runners
 def test_lossless(run, reference):
     assert token_ids(run["outputs"]) == reference
 
@@ -88,6 +91,7 @@ def _replays(run, twin, features, quirk: bool = True) -> dict:
             for name in run["outputs"]}
 
 
+@pytest.mark.both_runners
 def test_drafts_match_transformers_twin(run, models, features, twin):
     result = draft_mismatches(run["log"], run["outputs"], mixed_batch(models.target), features,
                               _replays(run, twin, features))
@@ -99,6 +103,7 @@ def test_drafts_match_transformers_twin(run, models, features, twin):
     assert sum(r["ties"] for r in result.values()) <= 3
 
 
+@pytest.mark.both_runners
 def test_draft_logprobs_match_transformers_twin(run, models, features, twin):
     """Every draft step's next-token log-probabilities inside vLLM (the head's `compute_logits`,
     d2t-mapped to the target vocabulary) equal the twin's on the same inputs: max |diff| over the

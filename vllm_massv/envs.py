@@ -14,6 +14,10 @@ from pathlib import Path
 #: only in engines serving a drafter of this project ("1"/"true"; default off). For comparing stock
 #: draft methods fairly at temperature > 0 on CPU; `benchmarks/throughput.py` sets it.
 FIX_CPU_SAMPLER = "VLLM_MASSV_FIX_CPU_SAMPLER"
+#: Test switch ("1"): the CPU rejection-sampler fix stays off everywhere, also in engines serving
+#: this project's drafters, so a test can show what the stock sampler does at temperature > 0
+#: (`tests/serving/test_sampling_distribution.py`). Never set in production.
+TEST_NO_CPU_SAMPLER_FIX = "VLLM_MASSV_TEST_NO_CPU_SAMPLER_FIX"
 #: Where `make patch-surface VLLM=X` keeps downloaded vLLM wheels (default
 #: ~/.cache/vllm-massv/wheels).
 WHEEL_CACHE = "MASSV_WHEEL_CACHE"
@@ -52,6 +56,11 @@ def _is_true(name: str) -> bool:
 def fix_cpu_sampler() -> bool:
     """`VLLM_MASSV_FIX_CPU_SAMPLER` is "1" or "true" (any case)."""
     return _is_true(FIX_CPU_SAMPLER)
+
+
+def test_no_cpu_sampler_fix() -> bool:
+    """Test switch `VLLM_MASSV_TEST_NO_CPU_SAMPLER_FIX` is "1"."""
+    return _is_one(TEST_NO_CPU_SAMPLER_FIX)
 
 
 def wheel_cache() -> Path:

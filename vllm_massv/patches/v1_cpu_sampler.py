@@ -40,8 +40,11 @@ def fix_cpu_rejection_sampler(drafter: str | None = None) -> bool:
         drafter: the drafter kind ("MASSV", "MSD") to name in a one-time log line, or None for
             no log line.
     Returns:
-        Whether the fix is active.
+        Whether the fix is active (never with the test switch
+        `VLLM_MASSV_TEST_NO_CPU_SAMPLER_FIX=1`).
     """
+    if envs.test_no_cpu_sampler_fix():
+        return False
     from vllm.platforms import current_platform  # vLLM is loaded: this runs in a worker
     from vllm.triton_utils import HAS_TRITON
 

@@ -84,6 +84,7 @@ from benchmarks.harness.engine import (  # noqa: E402
     run_requests,
     shutdown,
 )
+from benchmarks.harness.paths import portable  # noqa: E402
 from benchmarks.harness.prompts import PromptItem, render_prompts, testbed_prompts  # noqa: E402
 from benchmarks.harness.proposer_report import compare, markdown, summarize  # noqa: E402
 from benchmarks.testbed import assets, task  # noqa: E402
@@ -420,6 +421,7 @@ def write_result(result: dict[str, Any], out: Path) -> int:
     Returns:
         the exit status: 1 when a variant's greedy output differs from ``none``'s, else 0.
     """
+    result = portable(result)  # committed result files name no local paths
     md = markdown(result)
     out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{out}.md").write_text(md)

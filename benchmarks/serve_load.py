@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.harness.paths import portable  # noqa: E402
 from benchmarks.harness.load import (  # noqa: E402
     LoadRun,
     RequestSpec,
@@ -188,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         report["results"] = {label: [asdict(r) for r in run.results]
                              for label, run in runs.items()}
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(portable(report), indent=2) + "\n")
         print(f"wrote {args.json}")
     return status
 

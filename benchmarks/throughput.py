@@ -84,6 +84,7 @@ from benchmarks.harness.methods import (  # noqa: E402
     parse_schedule,
     testbed_methods,
 )
+from benchmarks.harness.paths import portable  # noqa: E402
 from benchmarks.harness.plots import plots  # noqa: E402
 from benchmarks.harness.prompts import (  # noqa: E402
     PromptItem,
@@ -380,6 +381,7 @@ def write_outputs(out: Path, results: list[RunResult], meta: dict[str, Any],
     Returns:
         the exit status: 1 on a greedy mismatch or a failed method, else 0.
     """
+    meta = portable(meta)  # committed result files name no local paths
     (out / "results.json").write_text(json.dumps(
         {"meta": meta, "results": [asdict(r) for r in results]}, indent=2) + "\n")
     md = markdown(results, meta)

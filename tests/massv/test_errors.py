@@ -12,6 +12,7 @@ Broken drafters are copies of the session's tiny models (`conftest.models`) with
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -54,17 +55,37 @@ def _refused(target: Path, draft: Path, *fragments: str, **overrides: Any) -> st
     return message
 
 
-def _engine_config(target: Path, draft: Path):
+def _engine_config(target: Path, draft: Path, **overrides: Any):
     """vLLM's full `VllmConfig` for target + draft (nothing is started)."""
     from vllm.engine.arg_utils import EngineArgs
 
     return EngineArgs(model=str(target), speculative_config=spec_config(draft, 3),
-                      **ENGINE_ARGS).create_engine_config()
+                      **{**ENGINE_ARGS, **overrides}).create_engine_config()
 
 
 @pytest.fixture
 def env_var(monkeypatch: pytest.MonkeyPatch):
     return monkeypatch.setenv
+
+
+@pytest.fixture
+def massv_warnings():
+    """The warnings the plugin logs on vLLM's "vllm.massv" logger while a test runs (vLLM's
+    loggers do not propagate to the root logger, which pytest's caplog reads)."""
+    records: list[str] = []
+
+    class Handler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.levelno >= logging.WARNING:
+                records.append(record.getMessage())
+
+    from vllm_massv.patches import engine_config
+
+    engine_config.LOGGED.clear()  # each message is logged once per process
+    logger, handler = logging.getLogger("vllm.massv"), Handler()
+    logger.addHandler(handler)
+    yield records
+    logger.removeHandler(handler)
 
 
 # --- positive controls: the same path accepts good configurations ------------------------------
@@ -93,6 +114,60 @@ def test_stock_draft_keeps_vllm_vocab_check(models: TinyModels, tmp_path: Path) 
     message = _refused(models.target, draft, "should have the same vocabulary size",
                        "vocab_size=2112", "vocab_size=2048")
     assert "massv" not in message.lower()
+
+
+# --- startup warnings: served, with a warning naming the consequence and the fix ---------------
+def test_shorter_drafter_context_warns(models: TinyModels, tmp_path: Path,
+                                       massv_warnings) -> None:
+    """A drafter with a 1024-token context on the target served at max_model_len 2048 (the
+    recipe pair's 32k drafter on a 128k target, in small). On the V1 runner vLLM stops drafting
+    for the whole batch once a request passes the drafter's length: one warning, at config time,
+    with both lengths, that consequence and the fix. Texts per runner:
+    `tests/unit/test_config_warnings.py`."""
+    draft = copy_model(models.blind, tmp_path / "d",
+                       lambda c: c.update(max_position_embeddings=1024))
+    cfg = _engine_config(models.target, draft)
+    assert cfg.model_config.max_model_len == 2048  # V1: served length unchanged
+    assert massv_warnings == [
+        "MASSV drafter context is shorter than the target's: the drafter's max_model_len is "
+        "1024, the target's 2048. vLLM's V1 runner drafts a step only when the longest "
+        "sequence in the batch plus k = 3 fits in the drafter "
+        "(GPUModelRunner._input_fits_in_drafter): once any request is longer than 1021 "
+        "tokens, speculative decoding stops for every request in its batch until that request "
+        "finishes (τ = 1; output unchanged). To keep drafting, serve with --max-model-len 1024 "
+        "(or less), or give the drafter a longer context if its RoPE allows it: raise "
+        "max_position_embeddings in the drafter's config.json, with a RoPE scaling (e.g. YaRN) "
+        "that its base LM supports (see the LM's model card)."]
+    massv_warnings.clear()
+    _engine_config(models.target, draft, max_model_len=1024)  # the fix: no warning
+    assert massv_warnings == []
+
+
+def test_stock_drafter_with_shorter_context_gets_no_plugin_warning(
+        models: TinyModels, tmp_path: Path, massv_warnings) -> None:
+    draft = copy_model(models.stock, tmp_path / "s",
+                       lambda c: c.update(max_position_embeddings=1024))
+    assert _engine_config(models.target, draft).model_config.max_model_len == 2048
+    assert massv_warnings == []
+
+
+def test_drafter_recorded_for_a_sibling_target_warns(models: TinyModels, tmp_path: Path,
+                                                     massv_warnings) -> None:
+    """A drafter recorded for Qwen2-VL served with a Qwen2.5-VL target of the same widths: every
+    pairing check passes (lossless, low acceptance), so it is served with a warning naming
+    both."""
+    draft = copy_model(models.blind, tmp_path / "d", lambda c: c["massv"].update(
+        target="Qwen/Qwen2-VL-7B-Instruct", target_architecture="Qwen2VLForConditionalGeneration"))
+    _engine_config(models.target, draft)
+    assert len(massv_warnings) == 1, massv_warnings
+    assert massv_warnings[0].startswith(
+        "this MASSV drafter was built for Qwen/Qwen2-VL-7B-Instruct "
+        f"(Qwen2VLForConditionalGeneration), but the served target {models.target} is a "
+        "Qwen2_5_VLForConditionalGeneration model.")
+    assert "to silence this warning" in massv_warnings[0]
+    massv_warnings.clear()
+    _engine_config(models.target, models.blind)  # recorded for this very target: silent
+    assert massv_warnings == []
 
 
 # --- MASSV pairing checks (vllm_massv.drafters.massv.config.validate_pair / check_checkpoint_weights) ----------

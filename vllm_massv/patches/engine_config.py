@@ -4,8 +4,11 @@ V2), except `positions: mrope` MASSV drafters, pinned to the V1 runner where one
 user did not ask for V2 (`VllmConfig.use_v2_model_runner`, vLLM 0.32/0.33),
 vLLM modes that break these drafters (and what MRV2 does not do for them) are refused, and MASSV
 pairs with sliding-window layers get one KV-cache group (`VllmConfig.__post_init__`); the
-drafter's pairing and weight checks replace the bare vocab-size check (`SpeculativeConfig.verify_equal_vocab_size_if_draft_model`). Why,
-symbol by symbol: docs/design/vllm-integration.md.
+drafter's pairing and weight checks replace the bare vocab-size check (`SpeculativeConfig.verify_equal_vocab_size_if_draft_model`).
+Two warnings, for these drafters only: a drafter whose context is shorter than the target's
+(`context_length_warning`; on vLLM 0.32's Model Runner V2 the plugin also lowers max_model_len
+to the MASSV drafter's, as vLLM 0.33/0.34 do), and a drafter served with another target than the
+one it records (`recorded_target_mismatch`). Why, symbol by symbol: docs/design/vllm-integration.md.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from typing import Any, Literal
 
 from vllm_massv import envs
 from vllm_massv.drafters.massv.config import (MRV2_MROPE_REFUSAL, MassvConfig,
-                                              check_checkpoint_weights, validate_pair)
+                                              check_checkpoint_weights, recorded_target_mismatch,
+                                              validate_pair)
 from vllm_massv.drafters.msd import config as msd
 from vllm_massv.patches.drafters import draft_is_massv, draft_is_msd
 from vllm_massv.patches.hook import patches_class
@@ -24,6 +28,20 @@ def _log_once(message: str) -> None:
     from vllm.logger import init_logger  # vLLM is imported by then: this runs inside its config
 
     init_logger("vllm.massv").info_once(message)
+
+
+#: Messages `_log` has logged in this process (vLLM validates a `SpeculativeConfig` more than
+#: once, and the V1 draft-model proposer validates it again in the worker).
+LOGGED: set[str] = set()
+
+
+def _log(level: Literal["warning", "info"], message: str) -> None:
+    """Log on vLLM's "vllm.massv" logger, once per process and message."""
+    from vllm.logger import init_logger
+
+    if message not in LOGGED:
+        LOGGED.add(message)
+        getattr(init_logger("vllm.massv"), level)(message)
 
 
 @patches_class("VllmConfig")
@@ -52,9 +70,12 @@ def apply_engine_policy(cls: type) -> None:
             _single_kv_cache_group_for_massv(self)
         elif msd:
             refuse_unsupported_modes(self, drafter="MSD")
+        lengths = _shorter_drafter_context(self) if massv or msd else None
         stock_post_init(self)
         if massv and uses_model_runner_v2(self):
             _refuse_on_model_runner_v2(self)
+        if lengths is not None:
+            _handle_shorter_drafter_context(self, *lengths, drafter="MASSV" if massv else "MSD")
 
     cls.__post_init__ = __post_init__
 
@@ -65,6 +86,91 @@ def uses_model_runner_v2(vllm_config: Any) -> bool:
     if getattr(type(vllm_config), "use_v2_model_runner", None) is None:
         return True
     return bool(vllm_config.use_v2_model_runner)
+
+
+ContextOutcome = Literal["v1_skip", "lowered_by_vllm", "lowered_by_plugin", "mrv2_unchecked"]
+
+
+def context_length_warning(drafter: str, draft_len: int, target_len: int, k: int,
+                           outcome: ContextOutcome) -> str:
+    """The startup warning for a drafter whose context (`draft_len`, its max_model_len from its
+    own config) is shorter than the target's max_model_len (`target_len`), e.g. Qwen2.5-1.5B
+    (32768) drafting for Qwen2.5-VL-7B (128000).
+
+    `outcome` is what this engine does about it:
+    * "v1_skip": vLLM's V1 runner drafts a step only if the batch's longest sequence + k fits
+      in the drafter (`GPUModelRunner._input_fits_in_drafter`,
+      vllm/v1/worker/gpu_model_runner.py), otherwise the whole batch runs without drafts;
+    * "lowered_by_vllm": vLLM lowered max_model_len to the drafter's (Model Runner V2 on
+      0.33/0.34: `VllmConfig._limit_max_model_len_to_draft`);
+    * "lowered_by_plugin": Model Runner V2 on vLLM 0.32 has no such check (its speculator feeds
+      the drafter positions up to the target's max_model_len, past the drafter's RoPE table), so
+      the plugin lowered max_model_len for a MASSV drafter as vLLM 0.33/0.34 do;
+    * "mrv2_unchecked": Model Runner V2 without either (an MSD drafter on vLLM 0.32).
+    """
+    head = (f"{drafter} drafter context is shorter than the target's: the drafter's "
+            f"max_model_len is {draft_len}, the target's {target_len}. ")
+    consequence = {
+        "v1_skip": (
+            f"vLLM's V1 runner drafts a step only when the longest sequence in the batch plus "
+            f"k = {k} fits in the drafter (GPUModelRunner._input_fits_in_drafter): once any "
+            f"request is longer than {draft_len - k} tokens, speculative decoding stops for "
+            "every request in its batch until that request finishes (τ = 1; output unchanged). "
+            "To keep drafting, serve with "),
+        "lowered_by_vllm": (
+            f"vLLM lowered the served max_model_len to {draft_len} "
+            "(VllmConfig._limit_max_model_len_to_draft): longer requests are refused. "
+            "To serve longer contexts, "),
+        "lowered_by_plugin": (
+            "vLLM 0.32's Model Runner V2 does not check the drafter's length (past it the "
+            "drafter would read beyond its RoPE table), so the served max_model_len is lowered "
+            f"to {draft_len}, as vLLM 0.33/0.34 do: longer requests are refused. "
+            "To serve longer contexts, "),
+        "mrv2_unchecked": (
+            f"Model Runner V2 feeds the drafter positions up to {target_len}, past its "
+            "context (undefined drafts beyond it). Serve with "),
+    }[outcome]
+    fix = ("give the drafter a longer context if its RoPE allows it: raise "
+           "max_position_embeddings in the drafter's config.json, with a RoPE scaling (e.g. "
+           "YaRN) that its base LM supports (see the LM's model card).")
+    if outcome in ("v1_skip", "mrv2_unchecked"):
+        return head + consequence + f"--max-model-len {draft_len} (or less), or " + fix
+    return head + consequence + fix
+
+
+def _shorter_drafter_context(vllm_config: Any) -> tuple[int, int] | None:
+    """(drafter's max_model_len, target's) when the drafter's is shorter, before vLLM's
+    `__post_init__` (which may lower the target's). None when it is not shorter, or when the
+    user set the speculative config's own `max_model_len` (vLLM's knob for a shorter draft
+    length: the user asked for it)."""
+    spec = vllm_config.speculative_config
+    draft = getattr(spec, "draft_model_config", None)
+    if draft is None or vllm_config.model_config is None or \
+            getattr(spec, "max_model_len", None) is not None:
+        return None
+    draft_len, target_len = draft.max_model_len, vllm_config.model_config.max_model_len
+    if draft_len is None or target_len is None or draft_len >= target_len:
+        return None
+    return int(draft_len), int(target_len)
+
+
+def _handle_shorter_drafter_context(vllm_config: Any, draft_len: int, target_len: int,
+                                    drafter: Literal["MASSV", "MSD"]) -> None:
+    """After vLLM's `__post_init__`: find what this engine does with a drafter context shorter
+    than the target's (lowering max_model_len for a MASSV drafter on vLLM 0.32's Model Runner
+    V2), and log `context_length_warning` once for this config."""
+    model_config = vllm_config.model_config
+    if model_config.max_model_len <= draft_len:
+        outcome: ContextOutcome = "lowered_by_vllm"
+    elif not uses_model_runner_v2(vllm_config):
+        outcome = "v1_skip"
+    elif drafter == "MASSV":
+        model_config.max_model_len = draft_len
+        outcome = "lowered_by_plugin"
+    else:
+        outcome = "mrv2_unchecked"
+    k = int(getattr(vllm_config.speculative_config, "num_speculative_tokens", 0) or 0)
+    _log("warning", context_length_warning(drafter, draft_len, target_len, k, outcome))
 
 
 def _is_mrope_massv(speculative_config: Any) -> bool:
@@ -91,21 +197,26 @@ def check_pairing(cls: type) -> None:
     stock = cls.verify_equal_vocab_size_if_draft_model
 
     def verify_equal_vocab_size_if_draft_model(self) -> None:
-        if self.target_model_config is not None and draft_is_msd(self):
+        target = self.target_model_config
+        if target is not None and draft_is_msd(self):
             cfg = msd.validate(
-                self.draft_model_config.hf_config, self.target_model_config.hf_config,
-                method=self.method, target_vocab_size=self.target_model_config.get_vocab_size(),
+                self.draft_model_config.hf_config, target.hf_config,
+                method=self.method, target_vocab_size=target.get_vocab_size(),
                 draft_vocab_size=self.draft_model_config.get_vocab_size())
             msd.check_checkpoint_weights(self.draft_model_config.model,
                                          self.draft_model_config.hf_config, cfg)
-            return None
-        if self.target_model_config is None or not draft_is_massv(self):
+        elif target is None or not draft_is_massv(self):
             return stock(self)
-        massv = validate_pair(
-            self.draft_model_config.hf_config, self.target_model_config.hf_config,
-            target_vocab_size=self.target_model_config.get_vocab_size(),
-            draft_vocab_size=self.draft_model_config.get_vocab_size())
-        check_checkpoint_weights(self.draft_model_config.model, massv)
+        else:
+            cfg = validate_pair(
+                self.draft_model_config.hf_config, target.hf_config,
+                target_vocab_size=target.get_vocab_size(),
+                draft_vocab_size=self.draft_model_config.get_vocab_size())
+            check_checkpoint_weights(self.draft_model_config.model, cfg)
+        mismatch = recorded_target_mismatch(cfg, target.hf_config, str(target.model))
+        if mismatch is not None:
+            _log(*mismatch)
+        return None
 
     cls.verify_equal_vocab_size_if_draft_model = verify_equal_vocab_size_if_draft_model
 

@@ -55,6 +55,11 @@ COMMON_SURFACE: tuple[str, ...] = (
     "vllm.config.speculative:SpeculativeConfig.target_model_config",
     "vllm.config.speculative:SpeculativeConfig.draft_model_config",
     "vllm.config.speculative:SpeculativeConfig.uses_draft_model",
+    # engine_config.py (drafter context shorter than the target's: both lengths, k, and the
+    # user's own draft-length knob)
+    "vllm.config.speculative:SpeculativeConfig.max_model_len",
+    "vllm.config.speculative:SpeculativeConfig.num_speculative_tokens",
+    "vllm.config.model:ModelConfig.max_model_len",
     "vllm.config.model:ModelConfig.model",
     "vllm.config.model:ModelConfig.hf_config",
     "vllm.config.model:ModelConfig.hf_text_config",

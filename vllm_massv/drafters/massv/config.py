@@ -199,6 +199,57 @@ def validate_pair(draft_hf_config: Any, target_hf_config: Any, *, target_vocab_s
     return cfg
 
 
+def model_basename(name_or_path: str) -> str:
+    """A model's name without its organisation or directory, lower-cased, for comparing a hub
+    name with a local path: "Qwen/Qwen2.5-VL-7B-Instruct", "/models/Qwen2.5-VL-7B-Instruct/" and
+    a hub cache snapshot ".../models--Qwen--Qwen2.5-VL-7B-Instruct/snapshots/<hash>" all give
+    "qwen2.5-vl-7b-instruct"."""
+    parts = [p for p in str(name_or_path).replace("\\", "/").split("/") if p]
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        return parts[-3].split("--")[-1].lower()
+    return parts[-1].lower() if parts else ""
+
+
+def recorded_target_mismatch(block: DrafterBlock, target_hf_config: Any, target_name: str
+                             ) -> tuple[Literal["warning", "info"], str] | None:
+    """Compare the target a drafter records (`massv`/`msd` block: `target`, `target_architecture`,
+    written by `massv init`) with the target it is served with (the two-argument form names the
+    target freely). The pairing checks compare widths, vocabularies and token ids, which a
+    sibling target of the same width passes (e.g. a drafter trained for Qwen2-VL-7B on
+    Qwen2.5-VL-7B): serving stays lossless but acceptance is low.
+
+    Returns:
+        ("warning", message) when the recorded architecture is not among the served target's
+        architectures; ("info", message) when the architectures agree (or one is not recorded)
+        but the model names differ (compared by :func:`model_basename`, so a hub name and a
+        local copy of it agree); None when they agree or the drafter records nothing.
+    """
+    key = block.block_key
+    recorded_arch = getattr(block, "target_architecture", "") or ""
+    recorded = getattr(block, "target", "") or ""
+    served_archs = list(getattr(target_hf_config, "architectures", None) or [])
+    what = block.drafter_kind.removeprefix("a ").removeprefix("an ")
+    if recorded_arch and served_archs and recorded_arch not in served_archs:
+        return ("warning",
+                f"this {what} was built for {recorded or 'another target'} "
+                f"({recorded_arch}), but the served target {target_name} is a "
+                f"{','.join(served_archs)} model. The pairing checks pass (same widths, "
+                "vocabulary and image token ids), so the output stays identical to the target "
+                "alone, but a drafter trained for another model drafts that model's answers: "
+                "expect low acceptance. Serve the drafter's own target, or build and train one "
+                f"for this target (`massv init --target {target_name} ...`). If this drafter "
+                "was trained for this target, record it in the drafter's config.json "
+                f"({key}.target and {key}.target_architecture, and "
+                "speculators_config.verifier) to silence this warning.")
+    if recorded and target_name and model_basename(recorded) != model_basename(target_name):
+        return ("info",
+                f"this {what} records its target as {recorded}; serving it with "
+                f"{target_name} ({','.join(served_archs) or '?'}). If that is another "
+                "checkpoint than the one it was trained for (a fine-tune, another size), "
+                "expect lower acceptance.")
+    return None
+
+
 def check_checkpoint_weights(model_dir: str | os.PathLike, cfg: MassvConfig) -> None:
     """Check that a local drafter directory holds the projector weights its config promises.
 

@@ -28,8 +28,17 @@ TEST_STOCK_PROPOSER = "VLLM_MASSV_TEST_STOCK_PROPOSER"
 #: Test switch ("1"): the MASSV proposer replaces every request's last draft token by a wrong one,
 #: so a test can check the rejection path (per-position acceptance N/N/.../0).
 TEST_CORRUPT_LAST_DRAFT = "VLLM_MASSV_TEST_CORRUPT_LAST_DRAFT"
+#: User opt-out of the EAGLE position fix for third-party heads (`vllm_massv.patches.
+#: v1_eagle_positions`): "0" (or "false", "off") makes vLLM build its stock `EagleProposer` for
+#: `eagle`/`eagle3` heads that are not this project's drafters, on M-RoPE targets too, so those
+#: engines run exactly as stock vLLM (stock positions, and no CPU rejection-sampler fix unless
+#: VLLM_MASSV_FIX_CPU_SAMPLER asks for it). Default on. MSD drafters (this project's) are not
+#: affected: they always get their own proposer.
+EAGLE_POSITION_FIX = "VLLM_MASSV_EAGLE_POSITION_FIX"
 #: Test switch ("1"): EAGLE-path drafters on M-RoPE targets keep stock vLLM's temporal-row
-#: positions (to measure the stock defect the position fix repairs).
+#: positions inside the plugin's proposers (MSD included; the CPU sampler fix stays on), to
+#: measure the stock defect the position fix repairs. Not the user opt-out: see
+#: EAGLE_POSITION_FIX.
 TEST_STOCK_EAGLE_POSITIONS = "VLLM_MASSV_TEST_STOCK_EAGLE_POSITIONS"
 #: Test switch ("1"): run vLLM's Model Runner V2 on a CPU through Triton's interpreter in every
 #: vLLM process (`vllm_massv/mrv2_cpu.py`). A correctness vehicle for tests and benchmarks on
@@ -76,6 +85,11 @@ def test_stock_proposer() -> bool:
 def test_corrupt_last_draft() -> bool:
     """Test switch `VLLM_MASSV_TEST_CORRUPT_LAST_DRAFT` is "1"."""
     return _is_one(TEST_CORRUPT_LAST_DRAFT)
+
+
+def eagle_position_fix() -> bool:
+    """`VLLM_MASSV_EAGLE_POSITION_FIX` is not "0", "false" or "off" (any case; default on)."""
+    return os.environ.get(EAGLE_POSITION_FIX, "1").strip().lower() not in ("0", "false", "off")
 
 
 def test_stock_eagle_positions() -> bool:

@@ -22,7 +22,7 @@ import torch
 from tests.support.engine import mixed_batch, token_ids
 from tests.support.profile import ENGINE_ARGS
 from tests.support.replay import MsdReplay, draft_mismatches, run_msd
-from vllm_massv.envs import TEST_STOCK_EAGLE_POSITIONS
+from vllm_massv.envs import EAGLE_POSITION_FIX, TEST_STOCK_EAGLE_POSITIONS
 from vllm_massv.rope import absolute_positions
 from vllm_massv.testing import build_msd_drafter
 
@@ -55,16 +55,24 @@ def _proposer_class(target: Path, draft: Path, method: str):
     return type(EagleProposer.__new__(EagleProposer, vllm_config=cfg, device="cpu")).__name__
 
 
-def test_stock_eagle_dispatch(models, tmp_path):
+def test_stock_eagle_dispatch(models, tmp_path, monkeypatch):
     """Which proposer vLLM builds with the plugin: stock `EagleProposer` for an EAGLE head on a
-    1-D-RoPE target; the absolute-positions fix only on an M-RoPE target."""
+    1-D-RoPE target; the absolute-positions fix only on an M-RoPE target, and not there either
+    with the user's opt-out `VLLM_MASSV_EAGLE_POSITION_FIX=0` (stock vLLM exactly: no plugin
+    proposer, so no position fix and no CPU sampler fix). MSD drafters keep their proposer."""
     from transformers import AutoConfig
 
+    monkeypatch.delenv(EAGLE_POSITION_FIX, raising=False)
     lm = AutoConfig.from_pretrained(models.text_lm)
     on_text = _llama_eagle_head(tmp_path / "text_head", lm.hidden_size, lm.vocab_size)
     on_vl = _llama_eagle_head(tmp_path / "vl_head", 256, 2112)
+    msd = build_msd_drafter(models.target, tmp_path / "msd")
     assert _proposer_class(models.text_lm, on_text, "eagle") == "EagleProposer"
     assert _proposer_class(models.target, on_vl, "eagle") == "EagleAbsolutePositionsProposer"
+    assert _proposer_class(models.target, msd, "eagle") == "MsdEagleProposer"
+    monkeypatch.setenv(EAGLE_POSITION_FIX, "0")
+    assert _proposer_class(models.target, on_vl, "eagle") == "EagleProposer"
+    assert _proposer_class(models.target, msd, "eagle") == "MsdEagleProposer"
 
 
 @pytest.fixture(scope="module")

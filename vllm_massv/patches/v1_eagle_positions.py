@@ -2,7 +2,9 @@
 for RoPE and draft KV slots (a stock-vLLM bug fix). Stock vLLM gives them the target's temporal
 M-RoPE row, which after an image is smaller than the token index: the head sees positions it was
 not trained with and writes its draft KV into earlier tokens' slots. `v1_proposer_routing.py`
-builds :class:`EagleAbsolutePositionsProposer` for them (and its subclass for MSD drafters).
+builds :class:`EagleAbsolutePositionsProposer` for them (and its subclass for MSD drafters);
+`VLLM_MASSV_EAGLE_POSITION_FIX=0` (`vllm_massv.envs`) turns it off for heads that are not this
+project's drafters: vLLM then builds its own `EagleProposer`, exactly as without the plugin.
 Design: docs/design/vllm-integration.md; upstream report: docs/notes/eagle-mrope-positions.md.
 """
 
@@ -14,17 +16,10 @@ from vllm.v1.spec_decode.eagle import EagleProposer
 
 from vllm_massv import envs
 from vllm_massv.patches.v1_cpu_sampler import fix_cpu_rejection_sampler
+from vllm_massv.patches.v1_proposer_routing import needs_absolute_positions  # noqa: F401
 from vllm_massv.rope import absolute_positions
 
 logger = init_logger("vllm.massv.eagle_positions")
-
-
-def needs_absolute_positions(vllm_config) -> bool:
-    """True for an `eagle`/`eagle3` drafter without M-RoPE serving an M-RoPE target."""
-    spec = vllm_config.speculative_config
-    if spec is None or spec.method not in ("eagle", "eagle3") or spec.draft_model_config is None:
-        return False
-    return bool(vllm_config.model_config.uses_mrope) and not spec.draft_model_config.uses_mrope
 
 
 class EagleAbsolutePositionsProposer(EagleProposer):
@@ -38,10 +33,12 @@ class EagleAbsolutePositionsProposer(EagleProposer):
     def __init__(self, vllm_config, device: torch.device, runner=None) -> None:
         super().__init__(vllm_config, device, runner=runner)
         self._stock_positions = envs.test_stock_eagle_positions()
-        logger.info("EAGLE proposer on an M-RoPE target (%s): draft positions = %s",
+        opt_out = ("" if self.drafter_name is not None else
+                   f"; {envs.EAGLE_POSITION_FIX}=0 serves this head with vLLM's stock proposer")
+        logger.info("EAGLE proposer on an M-RoPE target (%s): draft positions = %s%s",
                     type(self).__name__,
                     f"stock vLLM (temporal M-RoPE row; {envs.TEST_STOCK_EAGLE_POSITIONS}=1)"
-                    if self._stock_positions else "1-D absolute")
+                    if self._stock_positions else "1-D absolute", opt_out)
         fix_cpu_rejection_sampler(self.drafter_name)
 
     def propose(self, num_speculative_tokens, target_token_ids, target_positions,

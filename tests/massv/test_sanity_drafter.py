@@ -15,6 +15,7 @@ import pytest
 
 from tests.support.engine import (IMAGE_PROMPTS, acceptance, engine, first_draft_acceptance,
                                   generate, mixed_batch, spec_config, token_ids)
+from tests.support.replay import assert_replay_equal
 
 K = 4
 
@@ -39,6 +40,16 @@ def test_acceptance_on_image_prompts(first_run):
     print(f"sanity drafter acceptance on image prompts (k={K}): {rate:.4f}")
     assert rate >= 0.99
     assert acceptance(first_run, ["text"]) >= 0.99
+
+
+def test_proposals_match_transformers(models, first_run):
+    """Every verify step accepts what the transformers replay of the M-RoPE drafter accepts
+    (`tests.support.replay.massv_replay` with the target's M-RoPE prompt positions): the M-RoPE
+    replay the TP = 2, compiled and dynamic-k tests compare with."""
+    steps, accepted = assert_replay_equal(models.target, models.sanity, first_run,
+                                          mixed_batch(models.target))
+    print(f"M-RoPE sanity drafter: {accepted} accepted over {steps} steps "
+          f"(tau {1 + accepted / steps:.3f}), all equal to the transformers replay")
 
 
 def test_prefix_cache_rerun(llm, models, first_run, reference):

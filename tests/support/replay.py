@@ -23,8 +23,8 @@ from typing import Any
 import torch
 
 from tests.support import recorders
-from tests.support.engine import (IMAGE_PROMPTS, engine, generate, mixed_batch, prompt_images,
-                                  token_ids)
+from tests.support.engine import (IMAGE_PROMPTS, acceptance, engine, generate, mixed_batch,
+                                  prompt_images, token_ids)
 from tests.support.models import TinyModels, copy_model
 from tests.support.profile import FP32
 from vllm_massv.rope import mrope_positions
@@ -93,11 +93,22 @@ def chunk_end_overrides(chunk_ends: dict, outputs: dict) -> dict[str, dict[int, 
 
 # --- MASSV -----------------------------------------------------------------------------------
 def massv_replay(drafter, prompt_ids, output_ids, image_embeds, drafted_per_step,
-                 proposals_out: list | None = None) -> list[int]:
+                 proposals_out: list | None = None, image_grids=None) -> list[int]:
     """Accepted draft count per verify step of greedy speculative decoding, simulated with a
-    transformers drafter (`vllm_massv.drafters.massv.hf_model`) along the target's output: what vLLM's per-request
-    `spec_decode_metrics.per_step_accepted` must equal. `proposals_out` gets each step's draft
-    token ids."""
+    transformers drafter (`vllm_massv.drafters.massv.hf_model`) along the target's output: what
+    vLLM's per-request `spec_decode_metrics.per_step_accepted` must equal. `proposals_out` gets
+    each step's draft token ids.
+
+    An M-RoPE drafter (`massv.positions == "mrope"`) gets the target's M-RoPE positions of the
+    prompt (`vllm_massv.rope.mrope_positions` over `image_grids`, one (t, h, w) per image in
+    merged-token units) and text positions continuing from their maximum + 1 after it, as vLLM
+    gives the target (`models/qwen2_5_vl.py::get_mrope_input_positions`)."""
+    mrope = drafter.massv_config.positions == "mrope"
+    prompt_pos = None
+    if mrope:
+        prompt_pos = mrope_positions(list(prompt_ids), drafter.massv_config.image_token_id,
+                                     list(image_grids or []))
+
     def propose(m: int, drafted: int) -> list[int]:
         ctx = list(prompt_ids) + list(output_ids[:m])
         proposals: list[int] = []
@@ -107,8 +118,15 @@ def massv_replay(drafter, prompt_ids, output_ids, image_embeds, drafted_per_step
             # placeholder token id; vLLM does not treat it as an image position either)
             mask = (ids == drafter.massv_config.image_token_id)
             mask[:, len(prompt_ids):] = False
+            kwargs = {}
+            if mrope:
+                start = int(prompt_pos.max()) + 1 if len(prompt_ids) else 0
+                tail = start + torch.arange(ids.shape[1] - len(prompt_ids))
+                kwargs["position_ids"] = torch.cat(
+                    [prompt_pos, tail.expand(3, -1)], dim=1).unsqueeze(1)
             with torch.no_grad():
-                logits = drafter(input_ids=ids, image_embeds=image_embeds, image_mask=mask).logits
+                logits = drafter(input_ids=ids, image_embeds=image_embeds, image_mask=mask,
+                                 **kwargs).logits
             proposals.append(int(logits[0, -1].argmax()))
         return proposals
 
@@ -148,7 +166,9 @@ def assert_replay_equal(target: Path, drafter_dir: Path, outputs: dict[str, Any]
             drafted = [len(row) for row in drafts[name]]
             accepted = [next(vllm_accepted) if d else 0 for d in drafted]
         proposals: list = []
-        expected = massv_replay(drafter, out.prompt_token_ids, tokens, embeds, drafted, proposals)
+        grids = [encoder.grid(im) for im in images] if images else []
+        expected = massv_replay(drafter, out.prompt_token_ids, tokens, embeds, drafted, proposals,
+                                image_grids=grids)
         assert emitted_accepted(accepted, len(tokens)) == expected, name
         if drafts is not None:
             assert drafts[name] == proposals, name
@@ -158,13 +178,16 @@ def assert_replay_equal(target: Path, drafter_dir: Path, outputs: dict[str, Any]
 
 
 def check_engine_mode(label: str, models: TinyModels, drafter_dir: Path, outputs: dict[str, Any],
-                      mode_reference: dict[str, list[int]], reference: dict[str, list[int]]
-                      ) -> None:
+                      mode_reference: dict[str, list[int]], reference: dict[str, list[int]],
+                      image_floor: float | None = None) -> None:
     """A MASSV engine in a non-default mode (TP = 2, compiled) on the mixed batch: lossless
     against the target alone *in the same mode* (the mode's own numerics may flip a near-tie of
     the target's argmax against TP = 1 eager, with or without speculation), and every verify
     step accepts what the transformers replay accepts (:func:`assert_replay_equal`), i.e. the
-    same tau as the TP = 1 eager engine."""
+    same tau as the TP = 1 eager engine. With `image_floor`, the drafter must also accept at
+    least that share of its drafts on the image prompts, so that the replay comparison has
+    something to compare there (a drafter that accepts nothing on images would match a replay
+    of a broken image path just as well)."""
     assert token_ids(outputs) == mode_reference
     same = [n for n in reference if reference[n] == mode_reference[n]]
     print(f"{label} target alone vs TP=1 eager target alone: {len(same)}/{len(reference)} "
@@ -174,6 +197,10 @@ def check_engine_mode(label: str, models: TinyModels, drafter_dir: Path, outputs
     print(f"{label}: {accepted} accepted over {steps} verify steps, "
           f"tau {1 + accepted / steps:.3f}, every step equal to the TP=1 eager replay")
     assert accepted > 0
+    if image_floor is not None:
+        rate = acceptance(outputs, IMAGE_PROMPTS)
+        print(f"{label}: acceptance on the image prompts {rate:.4f} (floor {image_floor})")
+        assert rate >= image_floor
 
 
 def prompt_logprobs_vs_transformers(drafter_dir: Path, prompt: str, top: int = 5):

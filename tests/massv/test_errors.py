@@ -12,7 +12,6 @@ Broken drafters are copies of the session's tiny models (`conftest.models`) with
 from __future__ import annotations
 
 import json
-import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -69,23 +68,22 @@ def env_var(monkeypatch: pytest.MonkeyPatch):
 
 
 @pytest.fixture
-def massv_warnings():
-    """The warnings the plugin logs on vLLM's "vllm.massv" logger while a test runs (vLLM's
-    loggers do not propagate to the root logger, which pytest's caplog reads)."""
-    records: list[str] = []
-
-    class Handler(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            if record.levelno >= logging.WARNING:
-                records.append(record.getMessage())
-
+def massv_warnings(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The warnings the plugin's engine-config hook logs while a test runs (read where they are
+    emitted: vLLM resets its loggers' handlers while it builds a config)."""
     from vllm_massv.patches import engine_config
 
+    records: list[str] = []
+    stock_emit = engine_config.emit
+
+    def emit(level: str, message: str) -> None:
+        if level == "warning":
+            records.append(message)
+        stock_emit(level, message)
+
     engine_config.LOGGED.clear()  # each message is logged once per process
-    logger, handler = logging.getLogger("vllm.massv"), Handler()
-    logger.addHandler(handler)
-    yield records
-    logger.removeHandler(handler)
+    monkeypatch.setattr(engine_config, "emit", emit)
+    return records
 
 
 # --- positive controls: the same path accepts good configurations ------------------------------
@@ -141,6 +139,21 @@ def test_shorter_drafter_context_warns(models: TinyModels, tmp_path: Path,
     massv_warnings.clear()
     _engine_config(models.target, draft, max_model_len=1024)  # the fix: no warning
     assert massv_warnings == []
+
+
+@pytest.mark.mrv2
+def test_shorter_drafter_context_on_mrv2(models: TinyModels, tmp_path: Path,
+                                         massv_warnings) -> None:
+    """vLLM 0.32's Model Runner V2 would feed the drafter positions past its RoPE table: the
+    plugin lowers max_model_len to the MASSV drafter's, as vLLM 0.33/0.34 do, and says so."""
+    from vllm_massv.patches.engine_config import context_length_warning, uses_model_runner_v2
+
+    draft = copy_model(models.blind, tmp_path / "d",
+                       lambda c: c.update(max_position_embeddings=1024))
+    cfg = _engine_config(models.target, draft)
+    assert uses_model_runner_v2(cfg)
+    assert cfg.model_config.max_model_len == 1024
+    assert massv_warnings == [context_length_warning("MASSV", 1024, 2048, 3, "lowered_by_plugin")]
 
 
 def test_stock_drafter_with_shorter_context_gets_no_plugin_warning(

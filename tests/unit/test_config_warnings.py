@@ -11,7 +11,6 @@ The same warnings through vLLM's real config path: `tests/massv/test_errors.py`.
 
 from __future__ import annotations
 
-import logging
 from types import SimpleNamespace
 
 import pytest
@@ -28,30 +27,29 @@ MASSV_BLOCK = {"vision_feature_dim": 3584, "orig_vocab_size": 151936, "image_tok
                "target_architecture": QWEN25_VL}
 
 
-class Captured(logging.Handler):
+class Captured:
+    """The lines the engine-config hook emits, by level."""
+
     def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
+        self.records: list[tuple[str, str]] = []
 
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-    def at(self, level: int) -> list[str]:
-        return [r.getMessage() for r in self.records if r.levelno == level]
+    def at(self, level: str) -> list[str]:
+        return [m for lv, m in self.records if lv == level]
 
 
 @pytest.fixture
-def massv_log():
-    """What the plugin logs on vLLM's "vllm.massv" logger (vLLM's loggers do not propagate to
-    the root logger, so pytest's caplog does not see them)."""
+def massv_log(monkeypatch: pytest.MonkeyPatch) -> Captured:
+    """What the hook logs on vLLM's "vllm.massv" logger (read where it is emitted: vLLM resets
+    its loggers' handlers while it builds a config)."""
+    captured, stock_emit = Captured(), engine_config.emit
+
+    def emit(level: str, message: str) -> None:
+        captured.records.append((level, message))
+        stock_emit(level, message)
+
     engine_config.LOGGED.clear()  # each message is logged once per process
-    logger = logging.getLogger("vllm.massv")
-    handler, level = Captured(), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    yield handler
-    logger.removeHandler(handler)
-    logger.setLevel(level)
+    monkeypatch.setattr(engine_config, "emit", emit)
+    return captured
 
 
 # --- (a) drafter context shorter than the target's -----------------------------------------------
@@ -128,7 +126,7 @@ def test_context_warning_on_massv_config(massv_log, v2_runner, vllm_lowers, outc
     cls = _vllm_config_class(v2_runner, vllm_lowers)
     cfg = cls(_spec(_massv_hf_config(), 32768), 128000)
     cfg.__post_init__()
-    assert massv_log.at(logging.WARNING) == [
+    assert massv_log.at("warning") == [
         context_length_warning("MASSV", 32768, 128000, 4, outcome)]
     assert cfg.model_config.max_model_len == served_len
 
@@ -139,7 +137,7 @@ def test_no_context_warning_when_it_fits_or_the_user_chose(massv_log) -> None:
                 cls(_spec(_massv_hf_config(), 128000), 32768),
                 cls(_spec(_massv_hf_config(), 1024, max_model_len=1024), 4096)):  # spec's own
         cfg.__post_init__()
-    assert massv_log.at(logging.WARNING) == []
+    assert massv_log.at("warning") == []
 
 
 def test_no_context_warning_or_change_for_other_drafters(massv_log) -> None:

@@ -37,11 +37,17 @@ LOGGED: set[str] = set()
 
 def _log(level: Literal["warning", "info"], message: str) -> None:
     """Log on vLLM's "vllm.massv" logger, once per process and message."""
-    from vllm.logger import init_logger
-
     if message not in LOGGED:
         LOGGED.add(message)
-        getattr(init_logger("vllm.massv"), level)(message)
+        emit(level, message)
+
+
+def emit(level: Literal["warning", "info"], message: str) -> None:
+    """Write one line on vLLM's "vllm.massv" logger (tests wrap this to read the lines: vLLM
+    reconfigures its loggers' handlers while it builds a config)."""
+    from vllm.logger import init_logger
+
+    getattr(init_logger("vllm.massv"), level)(message)
 
 
 @patches_class("VllmConfig")

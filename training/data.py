@@ -11,9 +11,14 @@ set's own answer (``reference``) when it has one.
 * :func:`read_image_folder` -- a folder of images plus prompt templates.
 
 Entries a reader cannot turn into a record (no question, ``<image>`` markers that do not match the
-images) are counted by reason in the optional ``skipped`` counter and not yielded. Images are not
-opened by the readers; :func:`load_image` does that at generation time (and training time, with the
-same ``max_pixels``) and returns None with a reason for files that cannot be used.
+images) are counted by reason in the optional ``skipped`` counter and not yielded. Video rows are
+refused, not skipped: the readers raise :class:`VideoRowError` naming the source and the row (a
+``video``/``videos`` field, a ``<video>`` marker, an OpenAI ``video``/``video_url`` content item,
+a video file or a ``datasets.Video`` column): the pipeline trains on images and text only, and a
+video row read as text would silently train the drafter on a prompt without its video.
+
+Images are not opened by the readers; :func:`load_image` does that at generation time (and training
+time, with the same ``max_pixels``) and returns None with a reason for files that cannot be used.
 
 Readers take ``shard``/``num_shards`` so that a data-parallel worker only materialises its own
 records (:func:`shard_of`, the same assignment `generate` uses), and ``limit`` (the first N input
@@ -41,6 +46,9 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "IMAGE_MARKER",
     "PromptRecord",
+    "VIDEO_EXTENSIONS",
+    "VIDEO_MARKER",
+    "VideoRowError",
     "build_content",
     "choose_template",
     "hash64",
@@ -58,6 +66,11 @@ DEFAULT_MAX_PIXELS = 4096 * 4096
 IMAGE_MARKER = "<image>"
 #: File name endings :func:`read_image_folder` treats as images (case-insensitive).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+#: Where a video goes in LLaVA-Video-style prompt text (refused: :class:`VideoRowError`).
+VIDEO_MARKER = "<video>"
+#: File name endings taken for videos where an image is expected (refused, case-insensitive).
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".flv",
+                    ".wmv", ".3gp")
 
 # Reasons an entry or image is skipped (keys of the `skipped` counters and of the summary).
 MISSING = "missing"            # image file does not exist
@@ -67,6 +80,35 @@ CORRUPT = "corrupt"            # other decoding error
 TOO_LARGE = "too_large"        # PIL decompression-bomb limit (Image.MAX_IMAGE_PIXELS) exceeded
 NO_PROMPT = "no_prompt"        # no human turn / empty prompt
 MARKER_MISMATCH = "image_marker_mismatch"  # <image> markers present but not one per image
+
+
+class VideoRowError(ValueError):
+    """An input row holds a video: `massv generate` / `massv train` take image and text rows only
+    (vLLM serves Qwen2.5-VL video prompts with MASSV, but no training path reads videos).
+    `massv generate` reports it as an error (exit 2) before any engine starts."""
+
+    def __init__(self, source: str | os.PathLike, row_id: str, what: str) -> None:
+        super().__init__(
+            f"{source}: row {row_id!r} holds a video ({what}); massv generate and massv train "
+            "take image and text rows only. Drop the video rows, or give a video's frames as "
+            "images (one <image> marker each).")
+        self.source, self.row_id, self.what = str(source), row_id, what
+
+
+def _video_in(prompt: Any, images: Sequence[Any] = (), fields: Any = None) -> str | None:
+    """What makes a row a video row (None for an image/text row): a non-empty ``video`` /
+    ``videos`` field of ``fields`` (a dict), a :data:`VIDEO_MARKER` in the prompt text, or an
+    image path with a :data:`VIDEO_EXTENSIONS` ending."""
+    if isinstance(fields, dict):
+        for key in ("video", "videos"):
+            if fields.get(key) not in (None, "", []):
+                return f"a {key!r} field"
+    if isinstance(prompt, str) and VIDEO_MARKER in prompt:
+        return f"a {VIDEO_MARKER} marker in its prompt"
+    for image in images:
+        if isinstance(image, str) and image.lower().endswith(VIDEO_EXTENSIONS):
+            return f"the video file {image!r} where an image goes"
+    return None
 
 
 @dataclass
@@ -158,8 +200,12 @@ def _first_turns(conversation: Sequence[Any]) -> tuple[str | None, str | None]:
         role = turn.get("from", turn.get("role"))
         value = turn.get("value", turn.get("content"))
         if isinstance(value, list):  # OpenAI-style content items -> text with <image> markers
+            # (video items -> <video> markers, which the readers refuse)
             value = "".join(
-                IMAGE_MARKER if isinstance(it, dict) and (
+                VIDEO_MARKER if isinstance(it, dict) and (
+                    it.get("type") in ("video", "video_url") or "video" in it
+                    or "video_url" in it)
+                else IMAGE_MARKER if isinstance(it, dict) and (
                     it.get("type") in ("image", "image_url") or "image" in it)
                 else it.get("text", "") if isinstance(it, dict) else str(it) for it in value)
         if not isinstance(value, str):
@@ -309,6 +355,10 @@ def read_llava_json(path: str | os.PathLike, *, image_root: str | os.PathLike | 
     paths are resolved against ``image_root`` (default: the JSON file's folder). Entries without an
     ``image`` are text-only prompts. Ids are the entries' ``id`` (the list index when missing);
     repeated ids get ``#2``, ``#3``... in file order.
+
+    Raises:
+        VideoRowError: an entry of this shard holds a video (LLaVA-Video's ``"video"`` field and
+            ``<video>`` marker, an OpenAI video item, a video file as its image).
     """
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
@@ -322,6 +372,9 @@ def read_llava_json(path: str | os.PathLike, *, image_root: str | os.PathLike | 
         image = entry.get("image", entry.get("images"))
         images = [] if image is None else [image] if isinstance(image, str) else list(image)
         prompt, reference = _first_turns(entry.get("conversations") or entry.get("messages") or [])
+        video = _video_in(prompt, images, entry)
+        if video is not None:
+            raise VideoRowError(path, rid, video)
         if not prompt or not prompt.replace(IMAGE_MARKER, "").strip() and not images:
             _count(skipped, NO_PROMPT)
             continue
@@ -480,6 +533,11 @@ def read_dataset(path: str | os.PathLike, *, image_column: str = "image",
     :func:`read_image_folder`. ``reference_column``: the data set's answer (optional).
 
     Ids: the ``id_column`` value (repeats get ``#2``...), else the row index as a string.
+
+    Raises:
+        VideoRowError: the image column is a ``datasets.Video`` feature (raised before any row is
+            read, row ``"*"``), or a row of this shard holds a video (a ``<video>`` marker or
+            video item in its prompt, a video file in its image column).
     """
     import datasets
 
@@ -498,6 +556,10 @@ def read_dataset(path: str | os.PathLike, *, image_column: str = "image",
 
     # Do not decode images: take paths where the files exist, the raw bytes otherwise.
     feature = ds.features[image_column]
+    inner_feature = (feature[0] if isinstance(feature, list) and feature
+                     else getattr(feature, "feature", None))
+    if "Video" in (type(feature).__name__, type(inner_feature).__name__):
+        raise VideoRowError(path, "*", f"column {image_column!r} is a datasets Video feature")
     if isinstance(feature, datasets.Image):
         ds = ds.cast_column(image_column, datasets.Image(decode=False))
     else:
@@ -528,6 +590,13 @@ def read_dataset(path: str | os.PathLike, *, image_column: str = "image",
             continue  # another shard's record: do not touch its images
         value = row[image_column]
         values = [] if value is None else list(value) if isinstance(value, list) else [value]
+        video = _video_in(None, [v for v in values if isinstance(v, str)]
+                          + [v.get("path") for v in values if isinstance(v, dict)])
+        if video is None and not use_templates:
+            raw = row[prompt_column]
+            video = _video_in(_first_turns(raw)[0] if isinstance(raw, list) else raw)
+        if video is not None:
+            raise VideoRowError(path, rid, video)
         images = []
         for j, v in enumerate(values):
             images.append(_image_path(v, rid if len(values) == 1 else f"{rid}-{j}", root,

@@ -40,12 +40,14 @@ def load_examples(cfg: TrainConfig, tokenizer) -> list[Example]:
     sequences are cut at `cfg.max_seq_len`.
 
     Raises:
-        MassvConfigError: no Parquet parts, or `--loss kl` on data without top-k logprobs.
+        MassvConfigError: no Parquet parts, `--loss kl` on data without top-k logprobs, or a row
+            whose prompt holds video placeholders (`<|video_pad|>`, :func:`refuse_video_rows`).
     """
     import pyarrow.parquet as pq
 
     files = data_files(cfg.data)
     table = [row for f in files for row in pq.read_table(f).to_pylist()]
+    refuse_video_rows(table, tokenizer, cfg.data)
     end_of_turn = end_of_turn_id(tokenizer)
     examples = []
     for row in sorted(table, key=lambda r: r["id"]):
@@ -65,6 +67,35 @@ def load_examples(cfg: TrainConfig, tokenizer) -> list[Example]:
     if cfg.loss == "kl" and any(e.top_ids is None for e in examples):
         raise MassvConfigError("--loss kl needs top-k logprobs: run `massv generate --logprobs K`")
     return examples
+
+
+#: Video placeholder tokens of the supported targets' tokenizers (Qwen2-VL / Qwen2.5-VL).
+VIDEO_PLACEHOLDERS = ("<|video_pad|>",)
+
+
+def refuse_video_rows(rows: list[dict], tokenizer, data_dir: str | Path) -> None:
+    """Refuse training rows whose prompt holds video placeholders. `massv generate` refuses video
+    rows (`data.VideoRowError`), but Parquet parts written elsewhere could hold them, and the
+    trainers write image embeddings only at image placeholders (`features.py`): a video row would
+    train the drafter on placeholder token embeddings where serving hands it the video.
+
+    Args:
+        rows: Parquet rows with `id` and `prompt_token_ids`.
+        tokenizer: the drafter's / target's tokenizer (its vocabulary names the placeholders).
+        data_dir: the data directory, for the message.
+    Raises:
+        MassvConfigError: naming the first such row.
+    """
+    vocab = tokenizer.get_vocab()
+    video_ids = {vocab[t] for t in VIDEO_PLACEHOLDERS if t in vocab}
+    if not video_ids:
+        return
+    for row in rows:
+        if video_ids.intersection(row["prompt_token_ids"] or ()):
+            raise MassvConfigError(
+                f"{data_dir}: row {row['id']!r} holds a video (video placeholder tokens in its "
+                "prompt_token_ids); massv train takes image and text rows only. Drop the video "
+                "rows from the data.")
 
 
 def end_of_turn_id(tokenizer) -> int:

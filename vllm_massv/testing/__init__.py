@@ -10,12 +10,19 @@ re-exports its modules' public names (``from vllm_massv import testing as mt; mt
   tiny testbed (:mod:`.weights`: their seeded random initialisation);
 * :mod:`.gemma3` -- the Gemma3 family's tiny target, text LM and tokenizer;
 * :mod:`.drafters` -- tiny untrained MSD and EAGLE-3 drafters;
-* :mod:`.prompts` -- chat-formatted prompts and fixed test images;
+* :mod:`.prompts` -- chat-formatted prompts, fixed test images and videos;
 * :mod:`.server` -- vLLM's OpenAI-compatible server as a subprocess (:class:`ApiServer`).
 """
 
 from vllm_massv.testing.drafters import build_eagle3_drafter, build_msd_drafter
-from vllm_massv.testing.prompts import image_prompt, sample_images, text_prompt
+from vllm_massv.testing.prompts import (
+    image_prompt,
+    sample_images,
+    sample_videos,
+    text_prompt,
+    video_item,
+    video_prompt,
+)
 from vllm_massv.testing.qwen2_vl import (
     build_stock_drafter,
     build_target,
@@ -68,8 +75,11 @@ __all__ = [
     "image_prompt",
     "process_group_members",
     "sample_images",
+    "sample_videos",
     "scoped_env",
     "text_prompt",
+    "video_item",
+    "video_prompt",
     "vllm_script",
     "wait_group_gone",
     "write_generation_config",

@@ -28,12 +28,12 @@ TEST_STOCK_PROPOSER = "VLLM_MASSV_TEST_STOCK_PROPOSER"
 #: Test switch ("1"): the MASSV proposer replaces every request's last draft token by a wrong one,
 #: so a test can check the rejection path (per-position acceptance N/N/.../0).
 TEST_CORRUPT_LAST_DRAFT = "VLLM_MASSV_TEST_CORRUPT_LAST_DRAFT"
-#: User opt-out of the EAGLE position fix for third-party heads (`vllm_massv.patches.
-#: v1_eagle_positions`): "0" (or "false", "off") makes vLLM build its stock `EagleProposer` for
-#: `eagle`/`eagle3` heads that are not this project's drafters, on M-RoPE targets too, so those
-#: engines run exactly as stock vLLM (stock positions, and no CPU rejection-sampler fix unless
-#: VLLM_MASSV_FIX_CPU_SAMPLER asks for it). Default on. MSD drafters (this project's) are not
-#: affected: they always get their own proposer.
+#: User opt-out of the EAGLE position fix (`vllm_massv.patches.v1_eagle_positions`, V1 runner):
+#: "0" (or "false", "off") makes vLLM build its stock `EagleProposer` for `eagle`/`eagle3` heads
+#: other than MSD drafters (any EAGLE/EAGLE-3 head, massv-trained EAGLE-3 heads included) on
+#: M-RoPE targets, so those engines run exactly as stock vLLM: stock positions, and no CPU
+#: rejection-sampler fix unless VLLM_MASSV_FIX_CPU_SAMPLER asks for it. Default on. MSD drafters
+#: always get their own proposer.
 EAGLE_POSITION_FIX = "VLLM_MASSV_EAGLE_POSITION_FIX"
 #: Test switch ("1"): EAGLE-path drafters on M-RoPE targets keep stock vLLM's temporal-row
 #: positions inside the plugin's proposers (MSD included; the CPU sampler fix stays on), to

@@ -3,8 +3,10 @@ private vLLM symbol the plugin (this package, the proposers, the vLLM drafter mo
 and a test checks it against each supported vLLM series.
 
 Every change is gated on a drafter of this project (`drafters.py`), except the
-`--speculative-config FILE` parser (`cli_args.py`) and the EAGLE position fix
-(`v1_eagle_positions.py`, a stock bug). Files named `v1_*` attach to vLLM's V1 model runner and
+`--speculative-config FILE` parser (`cli_args.py`), the EAGLE position fix
+(`v1_eagle_positions.py`, a stock bug; opt-out `VLLM_MASSV_EAGLE_POSITION_FIX=0`) and the
+opt-in CPU sampler fix for every engine (`VLLM_MASSV_FIX_CPU_SAMPLER=1`). The full list, tested
+per config: README ("Which configs it changes, exactly"), `tests/unit/test_stock_scope.py`. Files named `v1_*` attach to vLLM's V1 model runner and
 are installed only on the series that have it (0.32, 0.33); `mrv2_*` to Model Runner V2.
 The design, symbol by symbol: docs/design/vllm-integration.md.
 

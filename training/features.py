@@ -144,6 +144,11 @@ def _load_vision_tower(target: Path, config, dtype: torch.dtype) -> torch.nn.Mod
     if config.model_type == "qwen2_vl":
         from transformers.models.qwen2_vl.modeling_qwen2_vl import (
             Qwen2VisionTransformerPretrainedModel as VisionModel)
+    elif config.model_type == "qwen3_vl":
+        # its `pooler_output` is the main (post-merger) embedding, the first out_hidden_size
+        # columns of what vLLM caches; the DeepStack levels (`deepstack_features`) are not used
+        from transformers.models.qwen3_vl.modeling_qwen3_vl import (
+            Qwen3VLVisionModel as VisionModel)
     else:
         VisionModel = Qwen2_5_VisionTransformerPretrainedModel
     visual = VisionModel._from_config(config.vision_config, dtype=dtype)

@@ -199,3 +199,20 @@ def qwen2_config_from_text_config(text_cfg: Any) -> dict[str, Any]:
                tie_word_embeddings=bool(src.get("tie_word_embeddings", False)),
                use_sliding_window=False, dtype=src.get("dtype") or src.get("torch_dtype"))
     return cfg
+
+
+#: Qwen3 config fields copied from a Qwen3-VL text config (sanity drafters): Qwen2's plus the
+#: attention bias flag (Qwen3 has per-head q_norm / k_norm and an explicit head_dim).
+QWEN3_TEXT_FIELDS = (*QWEN2_TEXT_FIELDS, "attention_bias")
+
+
+def qwen3_config_from_text_config(text_cfg: Any) -> dict[str, Any]:
+    """A Qwen3 config dict with every numeric setting of a Qwen3-VL text config (a transformers
+    `Qwen3VLTextConfig`; its rope parameters keep `mrope_section` / `mrope_interleaved`, which
+    the caller rewrites for the drafter's position scheme)."""
+    src = text_cfg.to_dict()
+    cfg = {k: src[k] for k in QWEN3_TEXT_FIELDS if k in src and src[k] is not None}
+    cfg.update(vocab_size=src["vocab_size"], model_type="qwen3",
+               tie_word_embeddings=bool(src.get("tie_word_embeddings", False)),
+               use_sliding_window=False, dtype=src.get("dtype") or src.get("torch_dtype"))
+    return cfg

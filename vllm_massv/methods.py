@@ -45,6 +45,7 @@ METHODS: dict[str, DrafterMethod] = {m.name: m for m in (
         vllm_architectures={
             "MassvQwen2ForCausalLM": f"{_D}.massv.vllm_model:MassvQwen2ForCausalLM",
             "MassvGemma3ForCausalLM": f"{_D}.massv.vllm_model:MassvGemma3ForCausalLM",
+            "MassvQwen3ForCausalLM": f"{_D}.massv.vllm_model:MassvQwen3ForCausalLM",
         },
         init=f"{_D}.massv.init:init_from_args", train_setup=f"{_D}.massv.train:setup"),
     DrafterMethod(

@@ -83,6 +83,16 @@ COMMON_SURFACE: tuple[str, ...] = (
     "vllm.model_executor.models.gemma3:Gemma3ForCausalLM.compute_logits",
     "vllm.model_executor.models.gemma3:Gemma3ForCausalLM.load_weights",
     "vllm.model_executor.models.gemma3:Gemma3Model.embed_input_ids",
+    # MassvQwen3ForCausalLM (Qwen3-VL targets): its base class (Qwen3Model embeds through the
+    # inherited Qwen2Model.embed_input_ids, above), and the Qwen3-VL cache layout it slices
+    # ([n, out_hidden_size * (1 + levels)]: main block first)
+    "vllm.model_executor.models.qwen3:Qwen3ForCausalLM.__init__",
+    "vllm.model_executor.models.qwen3:Qwen3ForCausalLM.config",
+    "vllm.model_executor.models.qwen3:Qwen3ForCausalLM.model",
+    "vllm.model_executor.models.qwen3:Qwen3ForCausalLM.compute_logits",
+    "vllm.model_executor.models.qwen3:Qwen3ForCausalLM.load_weights",
+    "vllm.model_executor.models.qwen3:Qwen3Model",
+    "vllm.model_executor.models.qwen3_vl:Qwen3VLForConditionalGeneration._compute_deepstack_embeds",
     # drafters/msd/vllm_model.py (EAGLE-style MSD drafter), engine_config.py (mode policy)
     "vllm.config.model:ModelConfig.supports_multimodal_inputs",
     "vllm.model_executor.models.interfaces:SupportsEagle",

@@ -9,6 +9,7 @@ re-exports its modules' public names (``from vllm_massv import testing as mt; mt
 * :mod:`.qwen2_vl` -- the tiny Qwen2.5-VL target, the Qwen2 text LM, the stock drafter and the
   tiny testbed (:mod:`.weights`: their seeded random initialisation);
 * :mod:`.gemma3` -- the Gemma3 family's tiny target, text LM and tokenizer;
+* :mod:`.qwen3_vl` -- a tiny Qwen3-VL target (DeepStack, interleaved M-RoPE) and a Qwen3 text LM;
 * :mod:`.drafters` -- tiny untrained MSD and EAGLE-3 drafters;
 * :mod:`.prompts` -- chat-formatted prompts, fixed test images and videos;
 * :mod:`.server` -- vLLM's OpenAI-compatible server as a subprocess (:class:`ApiServer`).

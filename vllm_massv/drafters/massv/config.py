@@ -104,7 +104,10 @@ def target_image_embedding_dim(target_hf_config: Any) -> int:
     """Width of the image embeddings vLLM caches for a target VLM (the projector's input).
 
     Qwen2-VL / Qwen2.5-VL: `vision_config.out_hidden_size` (post-merger; vLLM
-    `models/qwen2_5_vl.py::embed_multimodal`). Others: the text hidden size (the VLM's own
+    `models/qwen2_5_vl.py::embed_multimodal`). Qwen3-VL: the same, the *main* embedding's width;
+    vLLM caches `out_hidden_size * (1 + len(deepstack_visual_indexes))` columns per image token
+    (`models/qwen3_vl.py`), of which a MASSV drafter reads the first `out_hidden_size`
+    (`vllm_model.py::MassvQwen3ForCausalLM`). Others: the text hidden size (the VLM's own
     multimodal projector maps into it, e.g. Gemma3).
 
     Raises:
@@ -120,6 +123,18 @@ def target_image_embedding_dim(target_hf_config: Any) -> int:
     if out is not None:
         return int(out)
     return int(target_hf_config.get_text_config().hidden_size)
+
+
+#: The MASSV drafter that reads a DeepStack target's cached image embeddings (Qwen3-VL).
+DEEPSTACK_DRAFTER = "MassvQwen3ForCausalLM"
+
+
+def deepstack_levels(target_hf_config: Any) -> int:
+    """How many DeepStack levels a target's cached image embeddings carry after the main block:
+    `len(vision_config.deepstack_visual_indexes)` (Qwen3-VL; vLLM `models/qwen3_vl.py` caches
+    [n, out_hidden_size * (1 + levels)]), 0 for targets without DeepStack."""
+    vision = getattr(target_hf_config, "vision_config", None)
+    return len(getattr(vision, "deepstack_visual_indexes", None) or [])
 
 
 def target_token_ids(target_hf_config: Any) -> tuple[int, int | None]:
@@ -157,6 +172,15 @@ def validate_pair(draft_hf_config: Any, target_hf_config: Any, *, target_vocab_s
             f"{feat_dim} ({archs(target_hf_config)}). The drafter was built for another target "
             f"({cfg.target or 'unknown'}); rebuild it with `massv init --target <this target>` "
             "and retrain the projector.")
+    levels = deepstack_levels(target_hf_config)
+    if cfg.uses_projector and levels and DEEPSTACK_DRAFTER not in (
+            getattr(draft_hf_config, "architectures", None) or []):
+        raise MassvConfigError(
+            f"the target ({archs(target_hf_config)}) caches each image token as "
+            f"{feat_dim} * (1 + {levels}) columns (main embedding + DeepStack levels), which "
+            f"only {DEEPSTACK_DRAFTER} reads (its first {feat_dim} columns); this drafter is "
+            f"{archs(draft_hf_config)}. Build the drafter with `massv init --target <this "
+            "target>` and a Qwen3 text LM.")
     draft_hidden = getattr(draft_hf_config, "hidden_size", None)
     if cfg.projector == "identity" and draft_hidden is not None and draft_hidden != feat_dim:
         raise MassvConfigError(
@@ -192,11 +216,29 @@ def validate_pair(draft_hf_config: Any, target_hf_config: Any, *, target_vocab_s
         raise MassvConfigError(
             "massv.positions='mrope' but the drafter's rope config has no mrope_section; set "
             "positions to '1d' or copy the target's rope parameters (massv init does).")
+    if cfg.positions == "mrope" and (_mrope_interleaved(draft_hf_config)
+                                     != _mrope_interleaved(target_hf_config.get_text_config())):
+        raise MassvConfigError(
+            "massv.positions='mrope' but the drafter's mrope_interleaved "
+            f"({_mrope_interleaved(draft_hf_config)}) differs from the target's "
+            f"({_mrope_interleaved(target_hf_config.get_text_config())}; Qwen3-VL interleaves "
+            "the t/h/w frequencies, Qwen2-VL splits them in sections); copy the target's rope "
+            "parameters (massv init does).")
     if cfg.positions == "1d" and draft_mrope:
         raise MassvConfigError(
             "massv.positions='1d' but the drafter's rope config has an mrope_section; remove it "
             "or set positions to 'mrope'.")
     return cfg
+
+
+def _mrope_interleaved(hf_config: Any) -> bool:
+    """The `mrope_interleaved` flag of a (text) config's rope parameters (Qwen3-VL: True;
+    absent, i.e. False, for Qwen2-VL / Qwen2.5-VL). vLLM `layers/rotary_embedding/__init__.py`
+    (`get_rope`) reads the same key."""
+    params = getattr(hf_config, "rope_parameters", None)
+    if params is None and hasattr(hf_config, "to_dict"):
+        params = hf_config.to_dict().get("rope_parameters")
+    return bool(isinstance(params, dict) and params.get("mrope_interleaved", False))
 
 
 def model_basename(name_or_path: str) -> str:

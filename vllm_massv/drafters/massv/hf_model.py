@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import (DynamicCache, Gemma3ForCausalLM, Gemma3TextConfig, Qwen2Config,
-                          Qwen2ForCausalLM)
+                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -21,7 +21,8 @@ from vllm_massv.drafters.massv.config import MassvConfig
 from vllm_massv.drafters.massv.projector import build_projector
 
 __all__ = ["MassvGemma3ForCausalLM", "MassvHFDrafterMixin", "MassvQwen2ForCausalLM",
-           "MRopeRotaryEmbedding", "HF_DRAFTER_CLASSES", "drafter_class"]
+           "MassvQwen3ForCausalLM", "InterleavedMRopeRotaryEmbedding", "MRopeRotaryEmbedding",
+           "HF_DRAFTER_CLASSES", "drafter_class"]
 
 
 class MassvHFDrafterMixin:
@@ -183,10 +184,79 @@ class MassvGemma3ForCausalLM(MassvHFDrafterMixin, Gemma3ForCausalLM):
         return kwargs
 
 
+class InterleavedMRopeRotaryEmbedding(nn.Module):
+    """Qwen3-VL's interleaved M-RoPE around a 1-D rotary embedding: for [3, batch, seq]
+    `position_ids`, frequency j of the rotary half takes its cos/sin from axis 1 (height) when
+    j % 3 == 1 and j < 3 * mrope_section[1], from axis 2 (width) when j % 3 == 2 and
+    j < 3 * mrope_section[2], else from axis 0 (temporal); the same layout for both halves.
+    [batch, seq] ids are text (all axes equal): exactly the 1-D result. Source: transformers
+    `models/qwen3_vl/modeling_qwen3_vl.py::Qwen3VLTextRotaryEmbedding.recomposition_frequencies`,
+    vLLM `layers/rotary_embedding/mrope.py` (`mrope_interleaved`)."""
+
+    def __init__(self, base: nn.Module, mrope_section: Sequence[int]) -> None:
+        super().__init__()
+        self.base = base
+        half = sum(mrope_section)
+        axis = [0] * half
+        for a in (1, 2):
+            for j in range(a, mrope_section[a] * 3, 3):
+                axis[j] = a
+        # a plain list, not a buffer: from_pretrained leaves non-persistent buffers uninitialised
+        self.axis = axis * 2
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        if position_ids.dim() == 2:
+            return self.base(x, position_ids)
+        per_axis = [self.base(x, position_ids[a]) for a in range(3)]
+        cos = torch.stack([p[0] for p in per_axis])   # [3, batch, seq, head_dim]
+        sin = torch.stack([p[1] for p in per_axis])
+        idx = torch.tensor(self.axis, device=cos.device).view(1, 1, 1, -1).expand(
+            1, *cos.shape[1:])
+        return cos.gather(0, idx)[0], sin.gather(0, idx)[0]
+
+
+class MassvQwen3ForCausalLM(MassvHFDrafterMixin, Qwen3ForCausalLM):
+    """transformers MASSV drafter for Qwen3-VL targets (a Qwen3 text LM). Load with
+    `MassvQwen3ForCausalLM.from_pretrained(drafter_dir)`; `forward` as in
+    :class:`MassvQwen2ForCausalLM`, with the target's *interleaved* M-RoPE for `positions:
+    mrope` (:class:`InterleavedMRopeRotaryEmbedding`). `image_embeds` are the target's main
+    (post-merger) image embeddings, [n, vision_feature_dim]: wider rows (vLLM's cache with the
+    DeepStack levels appended) are cut to their first `vision_feature_dim` columns, as the vLLM
+    drafter does; the levels are not injected.
+
+    Raises:
+        MassvConfigError: the config has no valid `massv` block.
+    """
+
+    config_class = Qwen3Config
+
+    def __init__(self, config: Qwen3Config) -> None:
+        super().__init__(config)
+        self._init_massv(config)
+        if self.massv_config.positions == "mrope":
+            rope = config.rope_parameters or {}
+            section = rope.get("mrope_section")
+            if not section:
+                raise ValueError("massv.positions='mrope' but rope_parameters has no mrope_section")
+            wrapper = (InterleavedMRopeRotaryEmbedding if rope.get("mrope_interleaved")
+                       else MRopeRotaryEmbedding)
+            self.model.rotary_emb = wrapper(self.model.rotary_emb, section)
+        self.post_init()
+
+    def embed(self, input_ids, image_embeds=None, image_mask=None):
+        if image_embeds is not None:
+            image_embeds = image_embeds[..., :self.massv_config.vision_feature_dim]
+        return super().embed(input_ids, image_embeds, image_mask)
+
+    _prepare_lm_kwargs = MassvQwen2ForCausalLM._prepare_lm_kwargs
+
+
 #: transformers class of each MASSV drafter architecture (the `architectures[0]` in config.json).
 HF_DRAFTER_CLASSES = {
     "MassvQwen2ForCausalLM": MassvQwen2ForCausalLM,
     "MassvGemma3ForCausalLM": MassvGemma3ForCausalLM,
+    "MassvQwen3ForCausalLM": MassvQwen3ForCausalLM,
 }
 
 

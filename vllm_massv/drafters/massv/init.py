@@ -19,7 +19,8 @@ import torch
 from safetensors.torch import save_file
 
 from vllm_massv.checkpoint import (copy_tokenizer_files, language_model_state, local_dir,
-                                   qwen2_config_from_text_config, read_safetensors_dir)
+                                   qwen2_config_from_text_config, qwen3_config_from_text_config,
+                                   read_safetensors_dir)
 from vllm_massv.drafters.massv.config import (PROJECTOR_PREFIX, MassvConfig, MassvConfigError,
                                               PositionScheme, ProjectorKind,
                                               target_image_embedding_dim, target_token_ids)
@@ -42,6 +43,7 @@ FAMILIES = {
                            "Qwen2.5-1.5B-Instruct"),
     "gemma3": DrafterFamily(("gemma3",), "gemma3_text", "MassvGemma3ForCausalLM",
                             "gemma-3-1b-it"),
+    "qwen3": DrafterFamily(("qwen3_vl",), "qwen3", "MassvQwen3ForCausalLM", "Qwen3-1.7B"),
 }
 def drafter_family(target_cfg: Any) -> DrafterFamily:
     """The drafter family for a target VLM config.
@@ -78,14 +80,15 @@ def init_drafter(target: str | Path, draft_lm: str | Path, out: str | Path, *,
     layers in one KV-cache group (docs/design/massv.md).
 
     Args:
-        target: the target VLM (Qwen2-VL / Qwen2.5-VL or Gemma3 family): a local directory or a
-            hub name.
-        draft_lm: a text LM of the target's family (Qwen2 / Gemma3 `gemma3_text`), or the target
-            VLM itself (sanity drafter); directory or name.
+        target: the target VLM (Qwen2-VL / Qwen2.5-VL, Qwen3-VL or Gemma3 family): a local
+            directory or a hub name.
+        draft_lm: a text LM of the target's family (Qwen2 / Qwen3 / Gemma3 `gemma3_text`), or
+            the target VLM itself (sanity drafter); directory or name.
         out: output directory (created; existing files are overwritten).
         projector: projector kind; `identity` needs equal widths, `none` is text-only.
         positions: `1d` / `mrope`; default `1d` for a text LM, the target's own scheme (`mrope`
-            for Qwen2-VL, `1d` for Gemma3) when `draft_lm` is the VLM.
+            for Qwen2-VL and Qwen3-VL -- interleaved for Qwen3-VL --, `1d` for Gemma3) when
+            `draft_lm` is the VLM.
         projector_hidden_size: hidden width of `mlp2x_gelu` (default: drafter hidden size).
         seed: seed of the projector's initialization.
         num_speculative_tokens: k written to the `speculators_config` block, which makes
@@ -119,8 +122,12 @@ def init_drafter(target: str | Path, draft_lm: str | Path, out: str | Path, *,
 
     if sanity:
         text_cfg = lm_cfg.get_text_config()
-        cfg = (qwen2_config_from_text_config(text_cfg) if family.lm_type == "qwen2"
-               else text_cfg.to_dict())
+        if family.lm_type == "qwen2":
+            cfg = qwen2_config_from_text_config(text_cfg)
+        elif family.lm_type == "qwen3":
+            cfg = qwen3_config_from_text_config(text_cfg)
+        else:
+            cfg = text_cfg.to_dict()
         cfg["dtype"] = cfg.get("dtype") or str(lm_cfg.dtype).removeprefix("torch.")
         lm_state = language_model_state(draft_lm)
         positions = positions or ("mrope" if has_mrope(target_text) else "1d")
@@ -128,7 +135,7 @@ def init_drafter(target: str | Path, draft_lm: str | Path, out: str | Path, *,
         cfg = lm_cfg.to_dict()
         lm_state = read_safetensors_dir(draft_lm)
         positions = positions or "1d"
-    if family.lm_type == "qwen2":
+    if family.lm_type in ("qwen2", "qwen3"):
         cfg["rope_parameters"] = _rope_for_positions(cfg, target_text, positions)
     else:
         if positions != "1d":
@@ -227,6 +234,8 @@ def _rope_for_positions(cfg: dict[str, Any], target_text: Any,
         raise MassvConfigError("--positions mrope needs an M-RoPE target (its rope_parameters "
                                "have no mrope_section); use --positions 1d.")
     rope["mrope_section"] = scale_mrope_section(section, head_dim // 2)
+    if (target_text.to_dict().get("rope_parameters") or {}).get("mrope_interleaved"):
+        rope["mrope_interleaved"] = True  # Qwen3-VL: t/h/w frequencies interleaved
     return rope
 
 

@@ -23,6 +23,7 @@ from vllm.logger import init_logger
 from vllm.model_executor.models.gemma3 import Gemma3ForCausalLM
 from vllm.model_executor.models.interfaces import SupportsMultiModalEmbeddings
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
+from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 from vllm.model_executor.models.utils import _merge_multimodal_embeddings
 
 from vllm_massv.drafters.massv.config import (MassvConfig, MassvConfigError,
@@ -177,3 +178,63 @@ class MassvGemma3ForCausalLM(MassvDrafterMixin, Gemma3ForCausalLM, SupportsMulti
     `sliding_window: null` (every draft layer in one KV-cache group; docs/design/massv.md)."""
 
     speculator_config_class = MASSV_SPECULATOR_CONFIG
+
+
+class MassvQwen3ForCausalLM(MassvDrafterMixin, Qwen3ForCausalLM, SupportsMultiModalEmbeddings):
+    """Qwen3 text LM (per-head `q_norm` / `k_norm`) + MASSV projector, for
+    `Qwen3VLForConditionalGeneration` targets. Checkpoint layout: Qwen3's own weight names plus
+    `mm_projector.*`; `config.json` is a `qwen3` config with a `massv` block (`positions:
+    mrope` drafters carry the target's `mrope_section` and `mrope_interleaved: true`).
+
+    The projector reads the target's *main* image embedding only. vLLM caches each Qwen3-VL
+    image as one [n_i, out_hidden_size * (1 + L)] tensor: the post-merger embedding in the first
+    `out_hidden_size` (= `massv.vision_feature_dim`) columns, then L DeepStack levels that the
+    target adds to the hidden states after its first L decoder layers (vLLM
+    `models/qwen3_vl.py::Qwen3_VisionTransformer.forward`, `_compute_deepstack_embeds`,
+    `Qwen3LLMModel.forward`). The drafter keeps the first `vision_feature_dim` columns and does
+    not inject the levels.
+    """
+
+    speculator_config_class = MASSV_SPECULATOR_CONFIG
+
+    def embed_input_ids(
+        self,
+        input_ids: torch.Tensor,
+        multimodal_embeddings: list[torch.Tensor] | None = None,
+        *,
+        is_multimodal: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """As :meth:`MassvDrafterMixin.embed_input_ids`, on each item's main-embedding slice.
+
+        Args:
+            multimodal_embeddings: per image item, [n_i, vision_feature_dim * (1 + L)] (vLLM's
+                cached Qwen3-VL embedding with L DeepStack levels) or [n_i,
+                vision_feature_dim]; only the first `vision_feature_dim` columns are used.
+        Raises:
+            ValueError: an item narrower than `vision_feature_dim`, or not a whole number of
+                `vision_feature_dim` blocks wide.
+        """
+        if multimodal_embeddings:
+            multimodal_embeddings = [main_image_embedding(e, self.massv_config.vision_feature_dim)
+                                     for e in multimodal_embeddings]
+        return super().embed_input_ids(input_ids, multimodal_embeddings,
+                                       is_multimodal=is_multimodal)
+
+
+def main_image_embedding(embeds: torch.Tensor, width: int) -> torch.Tensor:
+    """The main (post-merger) block of a Qwen3-VL image embedding as vLLM caches it.
+
+    Args:
+        embeds: [n, width * (1 + L)], L >= 0 DeepStack levels after the main block (vLLM
+            `models/qwen3_vl.py::_compute_deepstack_embeds` splits it the same way).
+        width: the main block's width (`vision_config.out_hidden_size`).
+    Returns:
+        [n, width], a view of `embeds`.
+    Raises:
+        ValueError: `embeds.shape[-1]` is not a positive multiple of `width`.
+    """
+    cols = embeds.shape[-1]
+    if cols < width or cols % width:
+        raise ValueError(f"MASSV: image embedding of width {cols} is not the main block "
+                         f"({width}) plus whole DeepStack levels")
+    return embeds[..., :width]

@@ -1,0 +1,311 @@
+"""Qwen3-VL targets with MASSV (issue 24, steps 1-2), on tiny random models built locally.
+
+The target (`vllm_massv.testing.qwen3_vl.build_qwen3_vl_target`): a 3-layer Qwen3 text LM
+(hidden 128, head_dim 32, q_norm / k_norm, interleaved M-RoPE [6, 5, 5]) and a 3-block vision
+tower with DeepStack taps [0, 1]. vLLM caches each image as [n, 128 * 3] (main embedding, then
+two DeepStack levels) and adds level l to the hidden states after decoder layer l at the image
+positions (vLLM `models/qwen3_vl.py::_compute_deepstack_embeds`, `Qwen3LLMModel.forward`).
+
+A MASSV drafter's projector reads the main embedding only (the first 128 columns;
+`vllm_model.py::MassvQwen3ForCausalLM`). The identity ("sanity") drafter -- the target's own LM,
+its interleaved M-RoPE positions, identity projector -- is therefore the target *without*
+DeepStack: exact on text, and on image prompts it drafts what a target without the DeepStack
+levels would say. Engines: the target alone, then the sanity drafter (~1.5 min on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.support import recorders
+from tests.support.engine import engine, generate, mixed_batch, spec_config, token_ids
+from vllm_massv import testing as mt
+from vllm_massv.drafters.massv.config import MassvConfigError, validate_pair
+from vllm_massv.drafters.massv.init import init_drafter
+from vllm_massv.testing import qwen3_vl as q3
+
+K = 3
+LEVELS = len(q3.DEEPSTACK_VISUAL_INDEXES)
+QWEN3_ENGINE = {"limit_mm_per_prompt": {"image": 2, "video": 0}}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("qwen3_vl")
+    target = q3.build_qwen3_vl_target(root / "target")
+    sanity = init_drafter(target, target, root / "sanity", projector="identity").out_dir
+    return {"root": root, "target": target, "sanity": sanity,
+            "text_lm": q3.build_qwen3_text_lm(root / "text_lm")}
+
+
+def _hf_configs(drafter: Path, target: Path):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(drafter), AutoConfig.from_pretrained(target)
+
+
+# --- no engine ---------------------------------------------------------------------------------
+def test_target_config_has_deepstack_and_interleaved_mrope(models):
+    """The builder writes what vLLM's Qwen3-VL reads: DeepStack taps, interleaved M-RoPE
+    scaled to head_dim 32, Qwen3 q_norm / k_norm weights, the Qwen3-VL processor."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoProcessor
+
+    cfg = AutoConfig.from_pretrained(models["target"])
+    assert cfg.model_type == "qwen3_vl"
+    assert cfg.vision_config.deepstack_visual_indexes == q3.DEEPSTACK_VISUAL_INDEXES
+    rope = cfg.text_config.rope_parameters
+    assert rope["mrope_section"] == q3.MROPE_SECTION and rope["mrope_interleaved"] is True
+    assert sum(rope["mrope_section"]) * 2 == cfg.text_config.head_dim
+    with safe_open(models["target"] / "model.safetensors", "pt") as f:
+        names = set(f.keys())
+    assert "model.language_model.layers.0.self_attn.q_norm.weight" in names
+    assert {f"model.visual.deepstack_merger_list.{i}.linear_fc2.weight"
+            for i in range(LEVELS)} <= names
+    assert type(AutoProcessor.from_pretrained(models["target"])).__name__ == "Qwen3VLProcessor"
+
+
+def test_init_sanity_drafter_for_qwen3_vl(models):
+    """`massv init` with the target as draft LM: a Qwen3 drafter with the target's interleaved
+    M-RoPE, identity projector over the 128-wide main embedding, the LM's q_norm / k_norm."""
+    from safetensors import safe_open
+
+    cfg = json.loads((models["sanity"] / "config.json").read_text())
+    assert cfg["architectures"] == ["MassvQwen3ForCausalLM"] and cfg["model_type"] == "qwen3"
+    assert cfg["rope_parameters"]["mrope_section"] == q3.MROPE_SECTION
+    assert cfg["rope_parameters"]["mrope_interleaved"] is True
+    assert cfg["head_dim"] == 32 and cfg["num_hidden_layers"] == 3
+    m = cfg["massv"]
+    assert (m["positions"], m["projector"], m["vision_feature_dim"]) == ("mrope", "identity", 128)
+    with safe_open(models["sanity"] / "model.safetensors", "pt") as f:
+        names = set(f.keys())
+    assert "model.layers.0.self_attn.k_norm.weight" in names
+    assert not any("visual" in n or "deepstack" in n for n in names)
+    validate_pair(*_hf_configs(models["sanity"], models["target"]), target_vocab_size=2112,
+                  draft_vocab_size=2112)
+
+
+def test_init_with_qwen3_text_lm(models, tmp_path):
+    """A Qwen3 text LM: 1-D by default (rope without mrope keys), vocab 2048 padded to 2112;
+    `--positions mrope` copies the interleaved split; a Qwen2 LM is refused for Qwen3-VL and a
+    Qwen3 LM for Qwen2.5-VL."""
+    r = init_drafter(models["target"], models["text_lm"], tmp_path / "d")
+    cfg = json.loads((tmp_path / "d" / "config.json").read_text())
+    assert cfg["architectures"] == ["MassvQwen3ForCausalLM"] and r.padded_rows == 64
+    assert "mrope_section" not in cfg["rope_parameters"] and r.massv.positions == "1d"
+    assert r.projector_params == 128 * 128 * 2 + 128 * 2  # mlp2x_gelu 128 -> 128 -> 128
+    init_drafter(models["target"], models["text_lm"], tmp_path / "m", positions="mrope")
+    rope = json.loads((tmp_path / "m" / "config.json").read_text())["rope_parameters"]
+    assert rope["mrope_section"] == q3.MROPE_SECTION and rope["mrope_interleaved"] is True
+    qwen2_lm = mt.build_text_lm(tmp_path / "qwen2_lm")
+    with pytest.raises(MassvConfigError, match="'qwen3' text LM"):
+        init_drafter(models["target"], qwen2_lm, tmp_path / "x")
+    qwen25 = mt.build_target(tmp_path / "qwen25", num_layers=1, vision_depth=1)
+    with pytest.raises(MassvConfigError, match="'qwen2' text LM"):
+        init_drafter(qwen25, models["text_lm"], tmp_path / "y")
+
+
+def test_pairing_refuses_mrope_layout_mismatch(models):
+    """An M-RoPE drafter must rotate like the target: a drafter with sectioned (Qwen2-VL)
+    M-RoPE on the interleaved Qwen3-VL target is refused before serving."""
+    draft, target = _hf_configs(models["sanity"], models["target"])
+    draft.rope_parameters = {**draft.rope_parameters, "mrope_interleaved": False}
+    with pytest.raises(MassvConfigError, match="mrope_interleaved"):
+        validate_pair(draft, target, target_vocab_size=2112, draft_vocab_size=2112)
+
+
+def test_pairing_refuses_drafters_that_cannot_read_deepstack_caches(models, tmp_path):
+    """A Qwen2 MASSV drafter on the Qwen3-VL target (same widths, tokenizer and M-RoPE
+    section count) would be handed [n, 384] rows for a 128-wide projector: refused before
+    serving, naming the drafter class that slices the main block."""
+    draft, target = _hf_configs(models["sanity"], models["target"])
+    draft.architectures = ["MassvQwen2ForCausalLM"]
+    with pytest.raises(MassvConfigError, match="MassvQwen3ForCausalLM"):
+        validate_pair(draft, target, target_vocab_size=2112, draft_vocab_size=2112)
+
+
+def test_main_image_embedding_slice():
+    """The drafter reads columns [0, 128) of vLLM's [n, 128 * (1 + L)] cached embedding."""
+    from vllm_massv.drafters.massv.vllm_model import main_image_embedding
+
+    cached = torch.arange(5 * 384, dtype=torch.float32).view(5, 384)
+    assert torch.equal(main_image_embedding(cached, 128), cached[:, :128])
+    assert torch.equal(main_image_embedding(cached[:, :128], 128), cached[:, :128])
+    for bad in (cached[:, :100], cached[:, :200]):
+        with pytest.raises(ValueError, match="DeepStack"):
+            main_image_embedding(bad, 128)
+
+
+def _hf_image_case(models):
+    from transformers import AutoProcessor
+
+    proc = AutoProcessor.from_pretrained(models["target"])
+    prompt = mt.image_prompt(models["target"], "Describe this image.")
+    return proc(text=[prompt], images=[mt.sample_images()["astronaut"]], return_tensors="pt")
+
+
+def test_hf_sanity_drafter_is_the_target_without_deepstack(models):
+    """transformers: the sanity drafter (`hf_model.py::MassvQwen3ForCausalLM`, interleaved
+    M-RoPE positions from `rope.mrope_positions`) fed the cached-layout [49, 384] embedding of a
+    224x224 image gives exactly the target's logits when the target's DeepStack levels are
+    zeroed, and exactly the target's on text; with DeepStack on, the logits differ."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    from vllm_massv.drafters.massv.hf_model import MassvQwen3ForCausalLM, drafter_class
+    from vllm_massv.rope import mrope_positions
+
+    target = Qwen3VLForConditionalGeneration.from_pretrained(models["target"],
+                                                             dtype=torch.float32).eval()
+    assert drafter_class(models["sanity"]) is MassvQwen3ForCausalLM
+    drafter = MassvQwen3ForCausalLM.from_pretrained(models["sanity"], dtype=torch.float32).eval()
+    inp = _hf_image_case(models)
+    _, h, w = inp["image_grid_thw"][0].tolist()
+    positions = mrope_positions(inp["input_ids"][0].tolist(), mt.IMAGE_TOKEN_ID,
+                                [(1, h // 2, w // 2)]).unsqueeze(1)
+    visual_forward = target.model.visual.forward
+
+    def without_deepstack(*args, **kwargs):
+        out = visual_forward(*args, **kwargs)
+        out.deepstack_features = [torch.zeros_like(d) for d in out.deepstack_features]
+        return out
+
+    with torch.no_grad():
+        vis = target.model.visual(inp["pixel_values"], grid_thw=inp["image_grid_thw"])
+        cached = torch.cat([vis.pooler_output, *vis.deepstack_features], dim=-1)
+        assert cached.shape == (49, 128 * (1 + LEVELS))
+        draft = drafter(input_ids=inp["input_ids"], image_embeds=cached,
+                        position_ids=positions).logits
+        with_ds = target(**inp).logits
+        target.model.visual.forward = without_deepstack
+        no_ds = target(**inp).logits
+    assert (draft - no_ds).abs().max().item() < 1e-4
+    gap = (draft - with_ds).abs().max().item()
+    agree = (draft.argmax(-1) == with_ds.argmax(-1)).float().mean().item()
+    print(f"Qwen3-VL HF sanity drafter vs target: max |logit diff| 0 without DeepStack, "
+          f"{gap:.3f} with it; argmax agreement over the 92-token image prompt {agree:.3f}")
+    assert gap > 0.1
+    from transformers import AutoTokenizer
+
+    text = mt.text_prompt(models["target"], "Count from one to ten, please.")
+    ids = torch.tensor([AutoTokenizer.from_pretrained(models["target"])(text)["input_ids"]])
+    with torch.no_grad():
+        assert (drafter(input_ids=ids).logits - target(input_ids=ids).logits).abs().max() < 1e-4
+
+
+# --- engines -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def reference(models) -> dict:
+    """The target alone (no speculation) on the mixed batch (text, one image, two images, a
+    mid-prompt image, a chunked long prompt), and vLLM's cached image embeddings."""
+    prompts = mixed_batch(models["target"])
+    with engine(models["target"], env=recorders.ENV, **QWEN3_ENGINE) as llm:
+        outs = generate(llm, prompts)
+        cached = list(llm.collective_rpc(recorders.vllm_encoder_cache)[0].values())
+    return {"prompts": prompts, "outputs": outs, "tokens": token_ids(outs), "cached": cached}
+
+
+@pytest.mark.slow
+def test_vllm_serves_qwen3_vl_target(reference):
+    """vLLM 0.32 serves the tiny Qwen3-VL target on CPU, text and image prompts; every cached
+    image embedding is [n, 128 * (1 + 2)] (main + two DeepStack levels)."""
+    assert all(len(t) == 24 for t in reference["tokens"].values())
+    assert len(set(map(tuple, reference["tokens"].values()))) > 1
+    assert reference["cached"] and all(c.shape[1] == 128 * (1 + LEVELS)
+                                       for c in reference["cached"])
+
+
+@pytest.mark.slow
+def test_training_encoder_gives_the_main_block(models, reference):
+    """`training/features.py::TargetImageEncoder` on a Qwen3-VL target returns the main
+    embedding: every image vLLM still holds in its encoder cache after the batch has its first
+    128 columns equal to the encoder's output for one of the batch's images."""
+    from vllm_massv.training.features import TargetImageEncoder
+
+    enc = TargetImageEncoder(models["target"])
+    assert enc.feature_dim == 128
+    ours = [enc.encode([im]) for im in mt.sample_images().values()]
+    worst = 0.0
+    for c in reference["cached"]:
+        errs = [(c[:, :128] - o).abs().max().item() for o in ours if o.shape == c[:, :128].shape]
+        assert errs, f"no test image gives {c.shape[0]} image tokens"
+        worst = max(worst, min(errs))
+    print(f"Qwen3-VL main image embedding over {len(reference['cached'])} cached images: "
+          f"max |vLLM - transformers| = {worst:.2e}")
+    assert worst < 1e-4
+
+
+@pytest.fixture(scope="module")
+def sanity_run(models, reference) -> dict:
+    with engine(models["target"], spec_config(models["sanity"], K), **QWEN3_ENGINE) as llm:
+        outs = generate(llm, reference["prompts"])
+    return {"outputs": outs, "tokens": token_ids(outs)}
+
+
+def _acceptance(outputs, names) -> tuple[int, int]:
+    acc = drafted = 0
+    for n in names:
+        m = outputs[n].outputs[0].spec_decode_metrics
+        acc, drafted = acc + sum(m.per_step_accepted), drafted + sum(m.per_step_drafted)
+    return acc, drafted
+
+
+@pytest.mark.slow
+def test_sanity_drafter_lossless_text_exact_images_lack_deepstack(reference, sanity_run):
+    """Inside vLLM (V1): greedy output with the sanity drafter equals the target alone on all
+    five prompts. Text drafts are all accepted (the drafter is the target there). Image
+    prompts accept less: the drafter gets the main embedding but not the DeepStack levels the
+    target adds after its first two layers at the image positions."""
+    assert sanity_run["tokens"] == reference["tokens"]
+    outs = sanity_run["outputs"]
+    t_acc, t_drafted = _acceptance(outs, ["text"])
+    images = [n for n in outs if n != "text"]
+    i_acc, i_drafted = _acceptance(outs, images)
+    print(f"Qwen3-VL sanity drafter (k={K}): text {t_acc}/{t_drafted}, image prompts "
+          f"{i_acc}/{i_drafted} = {i_acc / i_drafted:.3f}; lossless on "
+          f"{len(reference['tokens'])}/{len(reference['tokens'])} prompts")
+    assert t_drafted > 0 and t_acc == t_drafted
+    assert 0 < i_acc < i_drafted
+
+
+@pytest.fixture(scope="module")
+def zero_deepstack(models) -> dict[str, Path]:
+    """The same target with every DeepStack merger's output layer zeroed (`deepstack_merger_list
+    .*.linear_fc2` weight and bias): vLLM still caches [n, 384] rows, but the two levels are
+    exactly 0, so the target is its own main-embedding path. Plus its sanity drafter."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    root = models["root"]
+    target = root / "target_zero_deepstack"
+    shutil.copytree(models["target"], target)
+    state = load_file(target / "model.safetensors")
+    zeroed = [n for n in state if ".deepstack_merger_list." in n and ".linear_fc2." in n]
+    assert len(zeroed) == 2 * LEVELS
+    state = {n: (torch.zeros_like(t) if n in zeroed else t).contiguous() for n, t in state.items()}
+    save_file(state, target / "model.safetensors", metadata={"format": "pt"})
+    sanity = init_drafter(target, target, root / "sanity_zero_deepstack",
+                          projector="identity").out_dir
+    return {"target": target, "sanity": sanity}
+
+
+@pytest.mark.slow
+def test_sanity_drafter_accepts_all_when_deepstack_is_zero(models, zero_deepstack):
+    """Control: with the DeepStack levels zeroed in the target, the sanity drafter's image
+    drafts are all accepted inside vLLM -- the main-embedding slice, the identity projector,
+    the interleaved M-RoPE positions and the image mask in the draft layout are right, and
+    the gap of the test above is DeepStack alone."""
+    prompts = mixed_batch(zero_deepstack["target"])
+    with engine(zero_deepstack["target"], spec_config(zero_deepstack["sanity"], K),
+                **QWEN3_ENGINE) as llm:
+        outs = generate(llm, prompts)
+    images = [n for n in outs if n != "text"]
+    acc, drafted = _acceptance(outs, images)
+    t_acc, t_drafted = _acceptance(outs, ["text"])
+    print(f"Qwen3-VL sanity drafter, DeepStack zeroed in the target (k={K}): image prompts "
+          f"{acc}/{drafted} = {acc / drafted:.3f}, text {t_acc}/{t_drafted}")
+    assert drafted > 0 and acc / drafted >= 0.99

@@ -425,7 +425,9 @@ def _config(target: Path, draft: Path, spec_extra: dict | None = None, **overrid
     ({"parallel_drafting": True}, {}, ("parallel_drafting", "one draft slot per request")),
     ({"use_local_argmax_reduction": True}, {}, ("use_local_argmax_reduction", "padded vocab")),
     ({"disable_padded_drafter_batch": True}, {}, ("disable_padded_drafter_batch",)),
-], ids=["pipeline_parallel", "parallel_drafting", "local_argmax", "unpadded_batch"])
+    ({}, {"video_pruning_rate": 0.5}, ("video_pruning_rate=0.5", "EVS", "extra position")),
+], ids=["pipeline_parallel", "parallel_drafting", "local_argmax", "unpadded_batch",
+        "video_pruning"])
 def test_unsupported_modes_refused(models: TinyModels, spec_extra, overrides, fragments) -> None:
     """Refused before any engine process starts, with the reason; stock drafters are left to
     vLLM (its own checks, if any, are not ours)."""

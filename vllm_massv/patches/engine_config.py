@@ -249,6 +249,10 @@ def refuse_unsupported_modes(vllm_config: Any, drafter: Literal["MASSV", "MSD"] 
               padded batch (it raises later, inside the engine);
             * `use_heterogeneous_vocab` (vLLM 0.32/0.33, V1): skips the vocab check, and with
               it the pairing checks; MASSV drafters share the target's token ids;
+            * video token pruning (EVS, `--video-pruning-rate` > 0): pruned videos keep only some
+              of their placeholder tokens and vLLM caches extra position columns with their
+              embeddings (`multimodal/video_prune/evs.py`), which MASSV drafters, built for one embedding per
+              placeholder, do not read (a Qwen3-VL request would fail mid-serving);
             * HiSparse attention or watermarking: features of Model Runner V2 only
               (`VllmConfig.use_v2_model_runner` picks MRV2 for them), never tested with these
               drafters.
@@ -280,6 +284,13 @@ def refuse_unsupported_modes(vllm_config: Any, drafter: Literal["MASSV", "MSD"] 
         problems.append(
             "disable_padded_drafter_batch: vLLM's draft_model proposer only supports the "
             "padded drafter batch. Remove it from the speculative config.")
+    mm = getattr(getattr(vllm_config, "model_config", None), "multimodal_config", None)
+    if massv and mm is not None and (getattr(mm, "video_pruning_rate", None) or 0) > 0:
+        problems.append(
+            f"video_pruning_rate={mm.video_pruning_rate} (EVS video token pruning): MASSV "
+            "drafters take one image/video embedding per placeholder token, and pruned videos "
+            "are cached with extra position columns they do not read. Remove "
+            "--video-pruning-rate (or set it to 0).")
     v2_only = [name for name, on in (
         ("HiSparse attention", getattr(getattr(vllm_config, "attention_config", None),
                                        "hisparse_config", None) is not None),

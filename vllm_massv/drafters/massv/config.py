@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from vllm_massv import methods
 from vllm_massv.checkpoint import DrafterBlock, DrafterConfigError, archs, checkpoint_header
@@ -78,10 +78,37 @@ class MassvConfig(DrafterBlock):
         "output is cached by vLLM, so it is the only supported tap.",
     )
 
+    deepstack: bool = Field(
+        False,
+        description="Qwen3-VL targets: also add the target's DeepStack levels (the columns after "
+        "the main block of each cached image embedding) to the drafter's hidden states after "
+        "its first L decoder layers at the image positions, as the target does (vLLM "
+        "`models/qwen3_vl.py::Qwen3LLMModel.forward`). Needs projector 'identity' (the levels are "
+        "in the target's hidden width; a trained per-level projector is future work). Written to "
+        "config.json only when true.",
+    )
+
+    @model_validator(mode="after")
+    def _deepstack_needs_identity(self) -> MassvConfig:
+        if self.deepstack and self.projector != "identity":
+            raise ValueError(
+                f"deepstack: true needs projector 'identity' (got {self.projector!r}): the "
+                "DeepStack levels are added unprojected, in the target's hidden width; a trained "
+                "per-level projector is not implemented. Set deepstack to false.")
+        return self
+
     @property
     def uses_projector(self) -> bool:
         """False for a text-only (`projector: none`) drafter."""
         return self.projector != "none"
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """The block as written to config.json; `deepstack` only when true (drafters without it
+        keep the exact config.json they had before the field existed)."""
+        out = super().to_json_dict()
+        if not self.deepstack:
+            out.pop("deepstack")
+        return out
 
 
 #: Why a `positions: mrope` MASSV drafter is refused on vLLM's Model Runner V2 (before serving,
@@ -181,6 +208,16 @@ def validate_pair(draft_hf_config: Any, target_hf_config: Any, *, target_vocab_s
             f"only {DEEPSTACK_DRAFTER} reads (its first {feat_dim} columns); this drafter is "
             f"{archs(draft_hf_config)}. Build the drafter with `massv init --target <this "
             "target>` and a Qwen3 text LM.")
+    layers = getattr(draft_hf_config, "num_hidden_layers", None)
+    if cfg.deepstack and not levels:
+        raise MassvConfigError(
+            f"massv.deepstack is true but the target ({archs(target_hf_config)}) has no "
+            "DeepStack levels (vision_config.deepstack_visual_indexes); set deepstack to false.")
+    if cfg.deepstack and layers is not None and layers < levels:
+        raise MassvConfigError(
+            f"massv.deepstack: the target adds {levels} DeepStack levels after its first "
+            f"{levels} decoder layers, but the drafter has {layers} layers; set deepstack to "
+            "false.")
     draft_hidden = getattr(draft_hf_config, "hidden_size", None)
     if cfg.projector == "identity" and draft_hidden is not None and draft_hidden != feat_dim:
         raise MassvConfigError(

@@ -7,6 +7,7 @@ by √hidden (not the image rows) and attend causally everywhere. Design: docs/d
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -220,10 +221,13 @@ class MassvQwen3ForCausalLM(MassvHFDrafterMixin, Qwen3ForCausalLM):
     """transformers MASSV drafter for Qwen3-VL targets (a Qwen3 text LM). Load with
     `MassvQwen3ForCausalLM.from_pretrained(drafter_dir)`; `forward` as in
     :class:`MassvQwen2ForCausalLM`, with the target's *interleaved* M-RoPE for `positions:
-    mrope` (:class:`InterleavedMRopeRotaryEmbedding`). `image_embeds` are the target's main
-    (post-merger) image embeddings, [n, vision_feature_dim]: wider rows (vLLM's cache with the
-    DeepStack levels appended) are cut to their first `vision_feature_dim` columns, as the vLLM
-    drafter does; the levels are not injected.
+    mrope` (:class:`InterleavedMRopeRotaryEmbedding`). `image_embeds` are the target's image
+    embeddings: [n, vision_feature_dim] (main, post-merger block) or vLLM's cached layout [n,
+    vision_feature_dim * (1 + L)] with the L DeepStack levels after it. The projector reads the
+    main block. With `massv.deepstack` (identity projector) level l is added to the hidden
+    states after decoder layer l at the image positions, as the target does (transformers
+    `Qwen3VLTextModel._deepstack_process`, vLLM `Qwen3LLMModel.forward`); main-only
+    embeddings add nothing. Without it the levels are ignored.
 
     Raises:
         MassvConfigError: the config has no valid `massv` block.
@@ -249,7 +253,51 @@ class MassvQwen3ForCausalLM(MassvHFDrafterMixin, Qwen3ForCausalLM):
             image_embeds = image_embeds[..., :self.massv_config.vision_feature_dim]
         return super().embed(input_ids, image_embeds, image_mask)
 
+    def forward(self, input_ids=None, image_embeds=None, image_mask=None, inputs_embeds=None,
+                labels=None, **kwargs):
+        width = self.massv_config.vision_feature_dim
+        if (not self.massv_config.deepstack or image_embeds is None or inputs_embeds is not None
+                or image_embeds.shape[-1] == width):
+            return super().forward(input_ids, image_embeds, image_mask, inputs_embeds, labels,
+                                   **kwargs)
+        levels = image_embeds[..., width:].unflatten(-1, (-1, width)).transpose(0, 1)
+        mask = input_ids == self.massv_config.image_token_id if image_mask is None else image_mask
+        with _deepstack_hooks(self.model.layers, mask, levels):
+            return super().forward(input_ids, image_embeds, image_mask, inputs_embeds, labels,
+                                   **kwargs)
+
     _prepare_lm_kwargs = MassvQwen2ForCausalLM._prepare_lm_kwargs
+
+
+@contextlib.contextmanager
+def _deepstack_hooks(layers: nn.ModuleList, mask: torch.Tensor, levels: torch.Tensor):
+    """For the duration of one forward, add DeepStack level l to the output of decoder layer l
+    at the image positions (transformers `Qwen3VLTextModel._deepstack_process`).
+
+    Args:
+        layers: the decoder layers (each returns its [batch, seq, hidden] hidden states).
+        mask: [batch, seq] bool, the image positions (sum = n).
+        levels: [L, n, hidden], level l's rows in `mask`'s row-major order.
+    Raises:
+        ValueError: more levels than layers.
+    """
+    if levels.shape[0] > len(layers):
+        raise ValueError(f"{levels.shape[0]} DeepStack levels for {len(layers)} decoder layers")
+
+    def add_level(level: torch.Tensor):
+        def hook(module, args, hidden):
+            hidden = hidden.clone()
+            hidden[mask] = hidden[mask] + level.to(hidden.dtype)
+            return hidden
+        return hook
+
+    handles = [layers[i].register_forward_hook(add_level(levels[i]))
+               for i in range(levels.shape[0])]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 #: transformers class of each MASSV drafter architecture (the `architectures[0]` in config.json).

@@ -22,7 +22,7 @@ from vllm_massv.checkpoint import (copy_tokenizer_files, language_model_state, l
                                    qwen2_config_from_text_config, qwen3_config_from_text_config,
                                    read_safetensors_dir)
 from vllm_massv.drafters.massv.config import (PROJECTOR_PREFIX, MassvConfig, MassvConfigError,
-                                              PositionScheme, ProjectorKind,
+                                              PositionScheme, ProjectorKind, deepstack_levels,
                                               target_image_embedding_dim, target_token_ids)
 from vllm_massv.drafters.massv.projector import build_projector
 from vllm_massv.rope import has_mrope, rope_parameters_1d
@@ -72,7 +72,8 @@ class InitReport:
 def init_drafter(target: str | Path, draft_lm: str | Path, out: str | Path, *,
                  projector: ProjectorKind = "mlp2x_gelu", positions: PositionScheme | None = None,
                  projector_hidden_size: int | None = None, seed: int = 0,
-                 num_speculative_tokens: int = DEFAULT_NUM_SPECULATIVE_TOKENS) -> InitReport:
+                 num_speculative_tokens: int = DEFAULT_NUM_SPECULATIVE_TOKENS,
+                 deepstack: bool | None = None) -> InitReport:
     """Build an untrained MASSV drafter directory at `out`.
 
     Gemma3 drafters are saved with `sliding_window: null`: every layer attends over the whole
@@ -93,6 +94,9 @@ def init_drafter(target: str | Path, draft_lm: str | Path, out: str | Path, *,
         seed: seed of the projector's initialization.
         num_speculative_tokens: k written to the `speculators_config` block, which makes
             `vllm serve <out>` serve the target with this drafter (`vllm_massv.speculators`).
+        deepstack: `massv.deepstack` (add the target's DeepStack levels after the drafter's
+            first layers); default true for an `identity` projector on a DeepStack target
+            (Qwen3-VL: the sanity drafter then is the target), else false. True needs both.
     Raises:
         MassvConfigError: text-only or unsupported target, a draft LM of another family,
             tokenizers that disagree, a vocabulary larger than the target's, or an `mrope`
@@ -156,12 +160,26 @@ def init_drafter(target: str | Path, draft_lm: str | Path, out: str | Path, *,
     if cfg.get("tie_word_embeddings"):
         lm_state.pop("lm_head.weight", None)
 
+    levels = deepstack_levels(target_cfg)
+    if deepstack is None:
+        deepstack = projector == "identity" and levels > 0
+    if deepstack and not levels:
+        raise MassvConfigError(f"--deepstack: the target ({target_cfg.model_type!r}) has no "
+                               "DeepStack levels.")
+    if deepstack and int(cfg["num_hidden_layers"]) < levels:
+        raise MassvConfigError(f"--deepstack: the target adds {levels} DeepStack levels after "
+                               f"its first {levels} layers; the draft LM has only "
+                               f"{cfg['num_hidden_layers']}.")
+    if deepstack and projector != "identity":
+        raise MassvConfigError(f"--deepstack needs --projector identity (got {projector!r}): "
+                               "the levels are added unprojected; a trained per-level "
+                               "projector is not implemented.")
     massv = MassvConfig(
         vision_feature_dim=feat_dim, projector=projector,
         projector_hidden_size=projector_hidden_size if projector == "mlp2x_gelu" else None,
         orig_vocab_size=orig_vocab, image_token_id=image_id, video_token_id=video_id,
         positions=positions, target=target_name,
-        target_architecture=(target_cfg.architectures or [""])[0])
+        target_architecture=(target_cfg.architectures or [""])[0], deepstack=deepstack)
     torch.manual_seed(seed)
     proj = build_projector(massv, int(cfg["hidden_size"]))
     proj_state = {} if proj is None else {
@@ -272,11 +290,12 @@ def init_from_args(args: argparse.Namespace) -> str:
         raise MassvConfigError("--draft-lm is required for --method massv")
     report = init_drafter(args.target, args.draft_lm, args.out, projector=args.projector,
                           positions=args.positions, projector_hidden_size=args.projector_hidden,
-                          seed=args.seed, num_speculative_tokens=args.num_speculative_tokens)
+                          seed=args.seed, num_speculative_tokens=args.num_speculative_tokens,
+                          deepstack=getattr(args, "deepstack", None))
     m = report.massv
     return (f"MASSV drafter written to {report.out_dir}\n"
             f"  projector {m.projector} ({report.projector_params:,} params), positions "
-            f"{m.positions}\n"
+            f"{m.positions}{', DeepStack levels injected' if m.deepstack else ''}\n"
             f"  LM params {report.drafter_params:,}, vocab {m.orig_vocab_size} padded by "
             f"{report.padded_rows} rows\n  image token id {m.image_token_id}, "
             f"vision feature dim {m.vision_feature_dim}\n"

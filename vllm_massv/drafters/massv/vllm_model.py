@@ -18,15 +18,19 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
 from vllm.logger import init_logger
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 from vllm.model_executor.models.gemma3 import Gemma3ForCausalLM
 from vllm.model_executor.models.interfaces import SupportsMultiModalEmbeddings
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
-from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
-from vllm.model_executor.models.utils import _merge_multimodal_embeddings
+from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM, Qwen3Model
+from vllm.model_executor.models.utils import _merge_multimodal_embeddings, maybe_prefix
+from vllm.sequence import IntermediateTensors
 
-from vllm_massv.drafters.massv.config import (MassvConfig, MassvConfigError,
+from vllm_massv.drafters.massv.config import (MassvConfig, MassvConfigError, deepstack_levels,
                                               expected_projector_weight_names)
 from vllm_massv.drafters.massv.mrv2_config import MASSV_SPECULATOR_CONFIG
 from vllm_massv.drafters.massv.projector import build_projector
@@ -180,19 +184,160 @@ class MassvGemma3ForCausalLM(MassvDrafterMixin, Gemma3ForCausalLM, SupportsMulti
     speculator_config_class = MASSV_SPECULATOR_CONFIG
 
 
-class MassvQwen3ForCausalLM(MassvDrafterMixin, Qwen3ForCausalLM, SupportsMultiModalEmbeddings):
+@support_torch_compile(
+    dynamic_arg_dims={
+        "input_ids": 0,
+        "positions": -1,   # [num_tokens] or [3, num_tokens] (M-RoPE)
+        "intermediate_tensors": 0,
+        "inputs_embeds": 0,
+        "deepstack_input_embeds": 0,   # each level is [num_tokens, hidden_size]
+    }
+)
+class Qwen3DeepStackModel(Qwen3Model):
+    """vLLM's Qwen3 model with Qwen3-VL's DeepStack step: after decoder layer l < L, level l is
+    added to the hidden states (zero rows away from the image positions). The loop of vLLM
+    `models/qwen3_vl.py::Qwen3LLMModel.forward`, without pipeline parallelism (MASSV drafters
+    refuse it before serving) or EAGLE-3 aux hidden states (a drafter has none)."""
+
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
+                intermediate_tensors: IntermediateTensors | None = None,
+                inputs_embeds: torch.Tensor | None = None,
+                deepstack_input_embeds: IntermediateTensors | None = None) -> torch.Tensor:
+        """Args: as `Qwen3Model.forward`, plus `deepstack_input_embeds`: L tensors
+        `level_0` .. `level_{L-1}`, each [num_tokens, hidden_size]. Returns [num_tokens,
+        hidden_size] normed hidden states."""
+        hidden = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
+        residual = None
+        levels = len(deepstack_input_embeds) if deepstack_input_embeds is not None else 0
+        for layer_idx, layer in enumerate(self.layers):
+            hidden, residual = layer(positions, hidden, residual)
+            if layer_idx < levels:
+                hidden = hidden + deepstack_input_embeds[f"level_{layer_idx}"]
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class DeepStackLevels:
+    """The DeepStack levels of the next forward, in one persistent [L, max_tokens, hidden]
+    buffer (fixed addresses, as vLLM's Qwen3-VL keeps them: `_set_deepstack_input_embeds`).
+
+    `set` scatters each image item's level columns to the rows its `is_multimodal` mask marks
+    (rows of the forward's token layout: the draft batch); `clear` zeroes what was set, so a
+    forward without images (decode steps, dummy runs) adds zeros.
+    """
+
+    def __init__(self, levels: int, max_tokens: int, hidden_size: int, dtype: torch.dtype
+                 ) -> None:
+        self.levels = levels
+        self.buffer = torch.zeros(levels, max_tokens, hidden_size, dtype=dtype)
+        self.num_set = 0   # rows [0, num_set) may be nonzero
+
+    def set(self, multimodal_embeddings: list[torch.Tensor], is_multimodal: torch.Tensor,
+            num_tokens: int, width: int) -> None:
+        """Args:
+            multimodal_embeddings: per image item, [n_i, width * (1 + L)] (vLLM's cache).
+            is_multimodal: [num_tokens] bool, True at the sum(n_i) image positions.
+            num_tokens: rows of the next forward.
+            width: the main block's width (== hidden size: identity projector).
+        Raises:
+            ValueError: an item without exactly L levels.
+        """
+        for e in multimodal_embeddings:
+            if e.shape[-1] != width * (1 + self.levels):
+                raise ValueError(
+                    f"MASSV deepstack: image embedding of width {e.shape[-1]}, expected the "
+                    f"main block ({width}) plus {self.levels} DeepStack levels")
+        self.clear()
+        if num_tokens > self.buffer.shape[1]:
+            self.buffer = self.buffer.new_zeros(self.levels, num_tokens, self.buffer.shape[2])
+        per_level = [e[:, width:].to(self.buffer.dtype) for e in multimodal_embeddings]
+        merged = _merge_multimodal_embeddings(
+            self.buffer.new_zeros(num_tokens, self.levels * width), per_level, is_multimodal)
+        self.buffer[:, :num_tokens] = merged.view(num_tokens, self.levels, width).transpose(0, 1)
+        self.num_set = num_tokens
+
+    def clear(self) -> None:
+        if self.num_set:
+            self.buffer[:, :self.num_set].zero_()
+            self.num_set = 0
+
+    def get(self, num_tokens: int) -> IntermediateTensors:
+        """The first `num_tokens` rows of every level (views of the buffer)."""
+        if num_tokens > self.buffer.shape[1]:
+            self.buffer = self.buffer.new_zeros(self.levels, num_tokens, self.buffer.shape[2])
+        return IntermediateTensors({f"level_{i}": self.buffer[i, :num_tokens]
+                                    for i in range(self.levels)})
+
+
+class Qwen3ForCausalLMWithDeepStack(Qwen3ForCausalLM):
+    """`Qwen3ForCausalLM` whose model is :class:`Qwen3DeepStackModel` when the drafter's
+    `massv.deepstack` is true (else exactly `Qwen3ForCausalLM`). The number of levels L is the
+    target's (`len(vision_config.deepstack_visual_indexes)`, from the speculative config)."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        if not MassvConfig.from_hf_config(vllm_config.model_config.hf_config).deepstack:
+            super().__init__(vllm_config=vllm_config, prefix=prefix)
+            self.deepstack: DeepStackLevels | None = None
+            return
+        # Qwen3ForCausalLM.__init__ with the DeepStack model (as vLLM's Qwen3LLMForCausalLM)
+        super(Qwen3ForCausalLM, self).__init__()
+        config = vllm_config.model_config.hf_config
+        self.config = config
+        self.vllm_config = vllm_config
+        self.quant_config = vllm_config.quant_config
+        self.model = Qwen3DeepStackModel(vllm_config=vllm_config,
+                                         prefix=maybe_prefix(prefix, "model"))
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size,
+                                      quant_config=self.quant_config,
+                                      prefix=maybe_prefix(prefix, "lm_head"))
+        if config.tie_word_embeddings:
+            self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
+        self.logits_processor = LogitsProcessor(config.vocab_size)
+        self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
+
+        spec = vllm_config.speculative_config
+        target = getattr(spec, "target_model_config", None)
+        levels = deepstack_levels(target.hf_config) if target is not None else 0
+        if not levels:
+            raise MassvConfigError(
+                "massv.deepstack is true but the target's DeepStack levels are unknown (no "
+                "Qwen3-VL target in the speculative config); serve the drafter as a "
+                "speculative model of its Qwen3-VL target, or set deepstack to false.")
+        sched = vllm_config.scheduler_config
+        self.deepstack = DeepStackLevels(
+            levels, sched.max_num_batched_tokens + sched.max_num_seqs, config.hidden_size,
+            vllm_config.model_config.dtype)
+
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
+                intermediate_tensors: IntermediateTensors | None = None,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        if self.deepstack is None:
+            return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds)
+        num_tokens = (inputs_embeds if inputs_embeds is not None else input_ids).shape[0]
+        hidden = self.model(input_ids, positions, intermediate_tensors, inputs_embeds,
+                            deepstack_input_embeds=self.deepstack.get(num_tokens))
+        self.deepstack.clear()   # the levels belong to this forward's tokens only
+        return hidden
+
+
+class MassvQwen3ForCausalLM(MassvDrafterMixin, Qwen3ForCausalLMWithDeepStack,
+                            SupportsMultiModalEmbeddings):
     """Qwen3 text LM (per-head `q_norm` / `k_norm`) + MASSV projector, for
     `Qwen3VLForConditionalGeneration` targets. Checkpoint layout: Qwen3's own weight names plus
     `mm_projector.*`; `config.json` is a `qwen3` config with a `massv` block (`positions:
     mrope` drafters carry the target's `mrope_section` and `mrope_interleaved: true`).
 
-    The projector reads the target's *main* image embedding only. vLLM caches each Qwen3-VL
-    image as one [n_i, out_hidden_size * (1 + L)] tensor: the post-merger embedding in the first
+    The projector reads the target's *main* image embedding. vLLM caches each Qwen3-VL image as
+    one [n_i, out_hidden_size * (1 + L)] tensor: the post-merger embedding in the first
     `out_hidden_size` (= `massv.vision_feature_dim`) columns, then L DeepStack levels that the
     target adds to the hidden states after its first L decoder layers (vLLM
     `models/qwen3_vl.py::Qwen3_VisionTransformer.forward`, `_compute_deepstack_embeds`,
-    `Qwen3LLMModel.forward`). The drafter keeps the first `vision_feature_dim` columns and does
-    not inject the levels.
+    `Qwen3LLMModel.forward`). With `massv.deepstack` (identity projector; `massv init
+    --projector identity` sets it on Qwen3-VL targets) the drafter does the same:
+    `embed_input_ids` keeps the level columns at the rows `is_multimodal` marks (the draft
+    batch's image positions) and the next `forward` adds level l after decoder layer l
+    (:class:`Qwen3DeepStackModel`); calls without images clear them. Without it the levels
+    are ignored.
     """
 
     speculator_config_class = MASSV_SPECULATOR_CONFIG
@@ -204,18 +349,27 @@ class MassvQwen3ForCausalLM(MassvDrafterMixin, Qwen3ForCausalLM, SupportsMultiMo
         *,
         is_multimodal: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """As :meth:`MassvDrafterMixin.embed_input_ids`, on each item's main-embedding slice.
+        """As :meth:`MassvDrafterMixin.embed_input_ids`, on each item's main-embedding slice;
+        with `massv.deepstack`, also stages the DeepStack levels for the next `forward`.
 
         Args:
             multimodal_embeddings: per image item, [n_i, vision_feature_dim * (1 + L)] (vLLM's
                 cached Qwen3-VL embedding with L DeepStack levels) or [n_i,
-                vision_feature_dim]; only the first `vision_feature_dim` columns are used.
+                vision_feature_dim] (not with `deepstack`).
+            is_multimodal: [num_tokens] bool, the image positions in `input_ids`' layout.
         Raises:
-            ValueError: an item narrower than `vision_feature_dim`, or not a whole number of
-                `vision_feature_dim` blocks wide.
+            ValueError: an item narrower than `vision_feature_dim`, not a whole number of
+                `vision_feature_dim` blocks wide, or (deepstack) without the target's L levels.
         """
+        width = self.massv_config.vision_feature_dim
+        if self.deepstack is not None:
+            if multimodal_embeddings and is_multimodal is not None:
+                self.deepstack.set(multimodal_embeddings, is_multimodal, input_ids.shape[0],
+                                   width)
+            else:
+                self.deepstack.clear()
         if multimodal_embeddings:
-            multimodal_embeddings = [main_image_embedding(e, self.massv_config.vision_feature_dim)
+            multimodal_embeddings = [main_image_embedding(e, width)
                                      for e in multimodal_embeddings]
         return super().embed_input_ids(input_ids, multimodal_embeddings,
                                        is_multimodal=is_multimodal)

@@ -190,15 +190,22 @@ QWEN2_TEXT_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers",
                      "head_dim")
 
 
-def qwen2_config_from_text_config(text_cfg: Any) -> dict[str, Any]:
-    """A Qwen2 config dict with every numeric setting of a VLM's text config (a transformers
-    `PretrainedConfig`)."""
+def _text_lm_config(text_cfg: Any, fields: tuple[str, ...], model_type: str) -> dict[str, Any]:
+    """A `model_type` text-LM config dict with `fields` (those set) of a VLM's text config (a
+    transformers `PretrainedConfig`), its vocab size, tied-embedding flag and dtype; no sliding
+    window."""
     src = text_cfg.to_dict()
-    cfg = {k: src[k] for k in QWEN2_TEXT_FIELDS if k in src and src[k] is not None}
-    cfg.update(vocab_size=src["vocab_size"], model_type="qwen2",
+    cfg = {k: src[k] for k in fields if k in src and src[k] is not None}
+    cfg.update(vocab_size=src["vocab_size"], model_type=model_type,
                tie_word_embeddings=bool(src.get("tie_word_embeddings", False)),
                use_sliding_window=False, dtype=src.get("dtype") or src.get("torch_dtype"))
     return cfg
+
+
+def qwen2_config_from_text_config(text_cfg: Any) -> dict[str, Any]:
+    """A Qwen2 config dict with every numeric setting of a VLM's text config (a transformers
+    `PretrainedConfig`)."""
+    return _text_lm_config(text_cfg, QWEN2_TEXT_FIELDS, "qwen2")
 
 
 #: Qwen3 config fields copied from a Qwen3-VL text config (sanity drafters): Qwen2's plus the
@@ -210,9 +217,4 @@ def qwen3_config_from_text_config(text_cfg: Any) -> dict[str, Any]:
     """A Qwen3 config dict with every numeric setting of a Qwen3-VL text config (a transformers
     `Qwen3VLTextConfig`; its rope parameters keep `mrope_section` / `mrope_interleaved`, which
     the caller rewrites for the drafter's position scheme)."""
-    src = text_cfg.to_dict()
-    cfg = {k: src[k] for k in QWEN3_TEXT_FIELDS if k in src and src[k] is not None}
-    cfg.update(vocab_size=src["vocab_size"], model_type="qwen3",
-               tie_word_embeddings=bool(src.get("tie_word_embeddings", False)),
-               use_sliding_window=False, dtype=src.get("dtype") or src.get("torch_dtype"))
-    return cfg
+    return _text_lm_config(text_cfg, QWEN3_TEXT_FIELDS, "qwen3")

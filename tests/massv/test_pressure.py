@@ -335,32 +335,30 @@ def target_run(models, prompts):
     return res
 
 
+def massv_run(models, prompts, drafter: str, k: int, groups: list[str]) -> dict[str, Any]:
+    """One MASSV engine with `drafter` (a `TinyModels` field), k drafts, `BLOCKS` KV blocks and
+    the step recorder, serving the pressure `groups` (`serve`); its recorded events added."""
+    t = time.monotonic()
+    with engine(models.target, spec_config(getattr(models, drafter), k), env=recorders.ENV,
+                num_gpu_blocks_override=BLOCKS, **ENGINE) as llm:
+        llm.collective_rpc(_install_step_recorder)
+        res = serve(llm, prompts, groups)
+        res["events"] = llm.collective_rpc(_read_step_recorder)[0]
+    print(f"\nMASSV {drafter}, {BLOCKS} blocks: {res['times']} s, {time.monotonic() - t:.1f} s "
+          f"with start-up; preemptions {res['preemptions']}")
+    return res
+
+
 @pytest.fixture(scope="module")
 def massv_1d(models, prompts, target_run):
     """MASSV, 1-D identity drafter, k = 3, `BLOCKS` KV blocks, with the step recorder."""
-    t = time.monotonic()
-    with engine(models.target, spec_config(models.sanity_1d, K_1D), env=recorders.ENV,
-                num_gpu_blocks_override=BLOCKS, **ENGINE) as llm:
-        llm.collective_rpc(_install_step_recorder)
-        res = serve(llm, prompts, ["short"])
-        res["events"] = llm.collective_rpc(_read_step_recorder)[0]
-    print(f"\nMASSV 1-D, {BLOCKS} blocks: {res['times']} s, {time.monotonic() - t:.1f} s with "
-          f"start-up; preemptions {res['preemptions']}")
-    return res
+    return massv_run(models, prompts, "sanity_1d", K_1D, ["short"])
 
 
 @pytest.fixture(scope="module")
 def massv_mrope(models, prompts, target_run):
     """MASSV, M-RoPE identity (sanity) drafter, k = 4, `BLOCKS` KV blocks, the step recorder."""
-    t = time.monotonic()
-    with engine(models.target, spec_config(models.sanity, K_MROPE), env=recorders.ENV,
-                num_gpu_blocks_override=BLOCKS, **ENGINE) as llm:
-        llm.collective_rpc(_install_step_recorder)
-        res = serve(llm, prompts, ["long"])
-        res["events"] = llm.collective_rpc(_read_step_recorder)[0]
-    print(f"\nMASSV M-RoPE, {BLOCKS} blocks: {res['times']} s, {time.monotonic() - t:.1f} s "
-          f"with start-up; preemptions {res['preemptions']}")
-    return res
+    return massv_run(models, prompts, "sanity", K_MROPE, ["long"])
 
 
 def replay_1d(models, massv_1d, prompts: dict[str, dict], outputs: dict) -> tuple[int, int, int]:

@@ -119,6 +119,23 @@ class MRopeRotaryEmbedding(nn.Module):
         return cos, sin
 
 
+def mrope_rotary(base: nn.Module, config) -> nn.Module:
+    """`base` (a 1-D rotary embedding) wrapped for the target's M-RoPE positions, as the
+    config's `rope_parameters` give them: `mrope_section`, and `mrope_interleaved` (Qwen3-VL)
+    or not (Qwen2-VL / Qwen2.5-VL).
+
+    Raises:
+        ValueError: `rope_parameters` has no `mrope_section`.
+    """
+    rope = config.rope_parameters or {}
+    section = rope.get("mrope_section")
+    if not section:
+        raise ValueError("massv.positions='mrope' but rope_parameters has no mrope_section")
+    wrapper = (InterleavedMRopeRotaryEmbedding if rope.get("mrope_interleaved")
+               else MRopeRotaryEmbedding)
+    return wrapper(base, section)
+
+
 class MassvQwen2ForCausalLM(MassvHFDrafterMixin, Qwen2ForCausalLM):
     """transformers MASSV drafter. Load with `MassvQwen2ForCausalLM.from_pretrained(drafter_dir)`.
 
@@ -136,10 +153,7 @@ class MassvQwen2ForCausalLM(MassvHFDrafterMixin, Qwen2ForCausalLM):
         super().__init__(config)
         self._init_massv(config)
         if self.massv_config.positions == "mrope":
-            section = (config.rope_parameters or {}).get("mrope_section")
-            if not section:
-                raise ValueError("massv.positions='mrope' but rope_parameters has no mrope_section")
-            self.model.rotary_emb = MRopeRotaryEmbedding(self.model.rotary_emb, section)
+            self.model.rotary_emb = mrope_rotary(self.model.rotary_emb, config)
         self.post_init()
 
     def _prepare_lm_kwargs(self, inputs_embeds, kwargs):
@@ -239,13 +253,7 @@ class MassvQwen3ForCausalLM(MassvHFDrafterMixin, Qwen3ForCausalLM):
         super().__init__(config)
         self._init_massv(config)
         if self.massv_config.positions == "mrope":
-            rope = config.rope_parameters or {}
-            section = rope.get("mrope_section")
-            if not section:
-                raise ValueError("massv.positions='mrope' but rope_parameters has no mrope_section")
-            wrapper = (InterleavedMRopeRotaryEmbedding if rope.get("mrope_interleaved")
-                       else MRopeRotaryEmbedding)
-            self.model.rotary_emb = wrapper(self.model.rotary_emb, section)
+            self.model.rotary_emb = mrope_rotary(self.model.rotary_emb, config)
         self.post_init()
 
     def embed(self, input_ids, image_embeds=None, image_mask=None):

@@ -5,6 +5,10 @@ What vLLM caches per image (the drafter's projector input):
 * Qwen2(.5)-VL: the vision tower's output *after the patch merger* (vLLM
   `models/qwen2_5_vl.py::embed_multimodal`): [n_tokens, out_hidden_size],
   n_tokens = grid_t * grid_h * grid_w / spatial_merge_size**2, one row per `<|image_pad|>`.
+* Qwen3-VL: the main (post-merger) embedding followed by the L DeepStack levels, one
+  `out_hidden_size` block each (vLLM `models/qwen3_vl.py::Qwen3_VisionTransformer.forward`,
+  `torch.cat([hidden_states] + deepstack_feature_lists, dim=1)`): [n_tokens,
+  out_hidden_size * (1 + L)]. A drafter's `massv.feature_tap` picks the columns it reads.
 * Gemma3: SigLIP's last hidden state (post-layernorm) through the VLM's
   `Gemma3MultiModalProjector` (avg-pool to `mm_tokens_per_image`, RMSNorm, projection to the
   text width; vLLM `models/gemma3_mm.py::_process_image_input`): [mm_tokens_per_image,
@@ -23,7 +27,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from vllm_massv.drafters.massv.config import MassvConfigError
+from vllm_massv.drafters.massv.config import MassvConfigError, deepstack_levels
 from vllm_massv.drafters.massv.init import FAMILIES, drafter_family
 from vllm_massv.rope import mrope_positions
 from vllm_massv.training.data import load_image
@@ -60,6 +64,7 @@ class TargetImageEncoder:
         config = AutoConfig.from_pretrained(self.target)
         gemma3 = drafter_family(config) is FAMILIES["gemma3"]  # raises for other targets
         self.image_processor = AutoImageProcessor.from_pretrained(self.target)
+        self._levels = 0
         if gemma3:
             if getattr(self.image_processor, "do_pan_and_scan", None):
                 raise ValueError(f"{self.target}: the image processor has do_pan_and_scan on; "
@@ -68,19 +73,23 @@ class TargetImageEncoder:
             self._feature_dim = int(config.text_config.hidden_size)
         else:
             self.visual = _load_vision_tower(self.target, config, dtype)
-            self._feature_dim = int(self.visual.config.out_hidden_size)
+            self._levels = deepstack_levels(config)
+            self._feature_dim = int(self.visual.config.out_hidden_size) * (1 + self._levels)
         self.visual = self.visual.to(device).eval()
         self.dtype, self.device = dtype, torch.device(device)
         self.cache_dir = Path(cache_dir) if cache_dir else None
         if self.cache_dir:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
+        salt = [str(self.target.resolve()), str(dtype), self.image_processor.to_dict()]
+        if self._levels:
+            salt.append(f"deepstack-levels:{self._levels}")   # full cached rows since issue 24
         self._cache_salt = hashlib.sha256(json.dumps(
-            [str(self.target.resolve()), str(dtype), self.image_processor.to_dict()],
-            sort_keys=True, default=str).encode()).hexdigest()
+            salt, sort_keys=True, default=str).encode()).hexdigest()
 
     @property
     def feature_dim(self) -> int:
-        """Width of the embeddings (the projector's input)."""
+        """Width of the embeddings vLLM caches per image token (for Qwen3-VL the main block plus
+        the DeepStack levels; the drafter reads the columns its `massv.feature_tap` names)."""
         return self._feature_dim
 
     @torch.no_grad()
@@ -100,7 +109,10 @@ class TargetImageEncoder:
                 feats = feats.flatten(0, 1)
             else:
                 grid = inputs["image_grid_thw"]
-                feats = self.visual(pixels, grid_thw=grid.to(self.device)).pooler_output
+                output = self.visual(pixels, grid_thw=grid.to(self.device))
+                feats = output.pooler_output
+                if self._levels:   # Qwen3-VL: vLLM's cached row, main block then the levels
+                    feats = torch.cat([feats, *output.deepstack_features], dim=-1)
                 sizes = (grid.prod(-1) // self.visual.spatial_merge_size ** 2).tolist()
             for i, f in zip(todo, torch.split(feats.cpu(), sizes)):
                 out[i] = f
@@ -145,8 +157,7 @@ def _load_vision_tower(target: Path, config, dtype: torch.dtype) -> torch.nn.Mod
         from transformers.models.qwen2_vl.modeling_qwen2_vl import (
             Qwen2VisionTransformerPretrainedModel as VisionModel)
     elif config.model_type == "qwen3_vl":
-        # its `pooler_output` is the main (post-merger) embedding, the first out_hidden_size
-        # columns of what vLLM caches; the DeepStack levels (`deepstack_features`) are not used
+        # `pooler_output` is the main (post-merger) embedding, `deepstack_features` the levels
         from transformers.models.qwen3_vl.modeling_qwen3_vl import (
             Qwen3VLVisionModel as VisionModel)
     else:

@@ -25,10 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="massv: MASSV drafter from --draft-lm; msd: 1-layer MSD head (arXiv "
                    "2505.14260) for a Qwen2-VL/Qwen2.5-VL target, served with method 'eagle'; "
                    "eagle3: vLLM's EAGLE-3 head (speculators format), served with method 'eagle3'")
-    p.add_argument("--target", required=True, help="target VLM directory or hub name (Qwen2-VL/Qwen2.5-VL or Gemma3)")
+    p.add_argument("--target", required=True, help="target VLM directory or hub name (Qwen2-VL/Qwen2.5-VL, Qwen3-VL or Gemma3)")
     p.add_argument("--draft-lm", default=None,
-                   help="(massv) text LM of the target's family (Qwen2 for Qwen targets, "
-                   "gemma3_text for Gemma3), or the target itself (sanity drafter)")
+                   help="(massv) text LM of the target's family (Qwen2 for Qwen2(.5)-VL, Qwen3 for "
+                   "Qwen3-VL, gemma3_text for Gemma3), or the target itself (sanity drafter)")
     p.add_argument("--out", required=True, help="output drafter directory")
     p.add_argument("--projector", default="mlp2x_gelu",
                    choices=["mlp2x_gelu", "linear", "identity", "none"])
@@ -40,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deepstack", action=argparse.BooleanOptionalAction, default=None,
                    help="(massv, Qwen3-VL targets) add the target's DeepStack levels after the "
                    "drafter's first layers (default: on for --projector identity, else off)")
+    p.add_argument("--feature-tap", choices=["post_merger", "post_merger_deepstack"],
+                   default="post_merger",
+                   help="(massv) what the projector reads of the target's cached image "
+                   "embedding: the main post-merger embedding, or (Qwen3-VL) the main embedding "
+                   "and its DeepStack levels")
     p.add_argument("--no-decouple", action="store_true",
                    help="(msd) turn decoupled visual tokens off: the EAGLE-1-style ablation")
     p.add_argument("--aux-layers", default=None, metavar="A,B,C",

@@ -17,6 +17,13 @@ stored and every batch is new.
   ``<|image_pad|>`` tokens and no pixels: it learns the phrasing and the text-only tasks, and can
   only guess the image content.
 
+``--family qwen3_vl`` (issue 24) builds the Qwen3-VL testbed instead (``models/qwen3-vl/``): a
+``Qwen3VLForConditionalGeneration`` target (text: hidden 192, 4 layers, 4 heads of 48, 2 KV
+heads, FFN 512, interleaved M-RoPE [8, 8, 8], vocab 832; vision: depth 3, hidden 128, patch 14,
+merge 2, DeepStack taps [0, 1] -> vLLM caches [25, 192 x 3] per 140x140 image) and a blind
+``Qwen3ForCausalLM`` (as ``blind`` plus ``q_norm`` / ``k_norm``, head_dim 32), same tokenizer
+and task. Smaller than the Qwen2.5-VL target (4 layers, not 6) so that it trains in one sitting.
+
 Both use AdamW with a warm-up and a cosine schedule over a wall-clock budget (``--minutes``), and
 save the model every few minutes, so an interrupted run still leaves a usable checkpoint.
 Never run two trainings at once on a 2-core machine: each gets about 3x slower.
@@ -46,6 +53,7 @@ import torch
 
 from benchmarks.testbed import task
 from vllm_massv import testing
+from vllm_massv.testing import qwen3_vl
 
 #: Tokenizer size; the target's embedding is padded to TARGET_VOCAB (like Qwen2.5-VL's 151936 rows
 #: for a 151665-entry tokenizer) so the drafter pairing exercises vocab padding.
@@ -55,6 +63,14 @@ TARGET_ARCH = dict(hidden_size=192, num_layers=6, num_heads=4, intermediate_size
                    vision_hidden_size=192, vision_depth=2, max_pixels=224 * 224)
 BLIND_ARCH = dict(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
                   intermediate_size=256, tie_word_embeddings=True)
+QWEN3_VL_TARGET_ARCH = dict(hidden_size=192, num_layers=4, num_heads=4, num_kv_heads=2,
+                            head_dim=48, intermediate_size=512, mrope_section=[8, 8, 8],
+                            vision_hidden_size=128, vision_depth=3,
+                            deepstack_visual_indexes=[0, 1], patch_size=14,
+                            max_pixels=224 * 224)
+QWEN3_BLIND_ARCH = dict(hidden_size=128, num_layers=2, num_heads=4, head_dim=32,
+                        intermediate_size=256)
+FAMILIES = ("qwen2_5_vl", "qwen3_vl")
 CORPUS_SAMPLES = 3000
 SAVE_EVERY_S = 300.0
 
@@ -188,31 +204,36 @@ def _save(model: Any, out_dir: Path) -> None:
 
 
 def build_target(out_dir: Path, *, minutes: float, batch_size: int = 32, lr: float = 2e-3,
-                 seed: int = 0, resume: bool = False) -> dict[str, Any]:
-    """Initialise (``testing.build_target`` with the testbed sizes) and train the target;
-    ``resume`` continues from the model in ``out_dir`` (a fresh schedule and sample stream)."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
+                 seed: int = 0, resume: bool = False,
+                 family: str = "qwen2_5_vl") -> dict[str, Any]:
+    """Initialise (``testing.build_target`` / ``build_qwen3_vl_target`` with the testbed sizes
+    of ``family``) and train the target; ``resume`` continues from the model in ``out_dir`` (a
+    fresh schedule and sample stream)."""
+    from transformers import AutoModelForImageTextToText
 
     if not resume:
-        testing.build_target(out_dir, seed=seed, vocab_size=TARGET_VOCAB, weight_scale=1.0,
-                             tokenizer_corpus=tokenizer_corpus(),
-                             tokenizer_vocab_size=TOKENIZER_VOCAB, **TARGET_ARCH)
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(out_dir), dtype=torch.float32)
+        build, arch = ((testing.build_target, TARGET_ARCH) if family == "qwen2_5_vl"
+                       else (qwen3_vl.build_qwen3_vl_target, QWEN3_VL_TARGET_ARCH))
+        build(out_dir, seed=seed, vocab_size=TARGET_VOCAB, weight_scale=1.0,
+              tokenizer_corpus=tokenizer_corpus(), tokenizer_vocab_size=TOKENIZER_VOCAB, **arch)
+    model = AutoModelForImageTextToText.from_pretrained(str(out_dir), dtype=torch.float32)
     return train(model, Batcher(out_dir, with_images=True), out_dir, minutes=minutes,
                  batch_size=batch_size, lr=lr, seed=seed + (100 if resume else 0))
 
 
 def build_blind(out_dir: Path, *, minutes: float, batch_size: int = 48, lr: float = 3e-3,
-                seed: int = 1, resume: bool = False) -> dict[str, Any]:
-    """Initialise (``testing.build_text_lm``) and train the blind text LM (``resume``: as for
-    :func:`build_target`)."""
-    from transformers import Qwen2ForCausalLM
+                seed: int = 1, resume: bool = False,
+                family: str = "qwen2_5_vl") -> dict[str, Any]:
+    """Initialise (``testing.build_text_lm``, or ``build_qwen3_text_lm`` for ``qwen3_vl``) and
+    train the blind text LM (``resume``: as for :func:`build_target`)."""
+    from transformers import AutoModelForCausalLM
 
     if not resume:
-        testing.build_text_lm(out_dir, seed=seed, vocab_size=TOKENIZER_VOCAB, weight_scale=1.0,
-                              tokenizer_corpus=tokenizer_corpus(),
-                              tokenizer_vocab_size=TOKENIZER_VOCAB, **BLIND_ARCH)
-    model = Qwen2ForCausalLM.from_pretrained(str(out_dir), dtype=torch.float32)
+        build, arch = ((testing.build_text_lm, BLIND_ARCH) if family == "qwen2_5_vl"
+                       else (qwen3_vl.build_qwen3_text_lm, QWEN3_BLIND_ARCH))
+        build(out_dir, seed=seed, vocab_size=TOKENIZER_VOCAB, weight_scale=1.0,
+              tokenizer_corpus=tokenizer_corpus(), tokenizer_vocab_size=TOKENIZER_VOCAB, **arch)
+    model = AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=torch.float32)
     return train(model, Batcher(out_dir, with_images=False), out_dir, minutes=minutes,
                  batch_size=batch_size, lr=lr, seed=seed + 1000 + (100 if resume else 0))
 
@@ -268,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--batch-size", type=int)
         p.add_argument("--lr", type=float)
         p.add_argument("--threads", type=int, default=2)
+        p.add_argument("--family", choices=FAMILIES, default="qwen2_5_vl",
+                       help="target family of the testbed (qwen3_vl: models/qwen3-vl/)")
         p.add_argument("--resume", action="store_true",
                        help="continue training the model already in --out")
     p = sub.add_parser("eval")
@@ -283,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     kwargs = {k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr)) if v is not None}
     build = build_target if args.cmd == "target" else build_blind
-    summary = build(args.out, minutes=args.minutes, resume=args.resume, **kwargs)
+    summary = build(args.out, minutes=args.minutes, resume=args.resume, family=args.family,
+                    **kwargs)
     path = args.out / "train_summary.json"
     old = json.loads(path.read_text()) if args.resume and path.is_file() else {"runs": []}
     runs = old.get("runs", [old])

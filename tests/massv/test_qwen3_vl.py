@@ -298,23 +298,27 @@ def test_vllm_serves_qwen3_vl_target(reference):
 
 
 @pytest.mark.slow
-def test_training_encoder_gives_the_main_block(models, reference):
-    """`training/features.py::TargetImageEncoder` on a Qwen3-VL target returns the main
-    embedding: every image vLLM still holds in its encoder cache after the batch has its first
-    128 columns equal to the encoder's output for one of the batch's images."""
+def test_training_encoder_gives_vllms_cached_rows(models, reference):
+    """`training/features.py::TargetImageEncoder` on a Qwen3-VL target returns exactly the rows
+    vLLM caches, main embedding and both DeepStack levels: every image vLLM still holds in its
+    encoder cache after the batch equals the encoder's output for one of the batch's images
+    (all 384 columns; a `feature_tap: post_merger` drafter reads the first 128)."""
     from vllm_massv.training.features import TargetImageEncoder
 
     enc = TargetImageEncoder(models["target"])
-    assert enc.feature_dim == 128
+    assert enc.feature_dim == 128 * (1 + LEVELS)
     ours = [enc.encode([im]) for im in mt.sample_images().values()]
-    worst = 0.0
+    worst = {"main": 0.0, "levels": 0.0}
     for c in reference["cached"]:
-        errs = [(c[:, :128] - o).abs().max().item() for o in ours if o.shape == c[:, :128].shape]
+        errs = [((c[:, :128] - o[:, :128]).abs().max().item(),
+                 (c[:, 128:] - o[:, 128:]).abs().max().item())
+                for o in ours if o.shape == c.shape]
         assert errs, f"no test image gives {c.shape[0]} image tokens"
-        worst = max(worst, min(errs))
-    print(f"Qwen3-VL main image embedding over {len(reference['cached'])} cached images: "
-          f"max |vLLM - transformers| = {worst:.2e}")
-    assert worst < 1e-4
+        best = min(errs, key=max)
+        worst = {"main": max(worst["main"], best[0]), "levels": max(worst["levels"], best[1])}
+    print(f"Qwen3-VL cached image rows over {len(reference['cached'])} images: max |vLLM - "
+          f"transformers| main {worst['main']:.2e}, DeepStack levels {worst['levels']:.2e}")
+    assert max(worst.values()) < 1e-4
 
 
 def _run(models, reference, drafter: str) -> dict:

@@ -40,6 +40,7 @@ from vllm_massv.testing.tokenizer import (
     VIDEO_TOKEN_ID,
     VISION_END_TOKEN_ID,
     VISION_START_TOKEN_ID,
+    TOKENIZER_VOCAB_SIZE,
     build_tokenizer,
     write_chat_template,
 )
@@ -63,23 +64,34 @@ def build_qwen3_vl_target(
     hidden_size: int = HIDDEN_SIZE,
     num_layers: int = 3,
     num_heads: int = 4,
+    num_kv_heads: int = 2,
     head_dim: int = 32,
+    intermediate_size: int | None = None,
+    mrope_section: list[int] | None = None,
     vision_hidden_size: int = 128,
     vision_depth: int = 3,
     deepstack_visual_indexes: list[int] | None = None,
+    patch_size: int = PATCH_SIZE,
     max_pixels: int = 256 * 256,
     weight_scale: float = 4.0,
     dtype: torch.dtype = torch.float32,
+    tokenizer_corpus: list[str] | None = None,
+    tokenizer_vocab_size: int = TOKENIZER_VOCAB_SIZE,
 ) -> Path:
     """Build a tiny random ``Qwen3VLForConditionalGeneration`` in ``out_dir``.
 
     Text (``qwen3_vl_text``): ``hidden_size`` 128, ``num_layers`` 3, 4 heads of ``head_dim``
-    32, 2 KV heads, intermediate 256, interleaved M-RoPE :data:`MROPE_SECTION` (rope_theta
-    5e6), untied ``lm_head``, vocab 2112 (the tokenizer has 2048). Vision
-    (``qwen3_vl_vision``): ``vision_depth`` 3 blocks, hidden 128, 2 heads, intermediate 256,
-    patch 16, spatial merge 2, temporal patch 2, 256 learned position embeddings (16x16 grid),
-    ``out_hidden_size`` = ``hidden_size``, DeepStack taps ``deepstack_visual_indexes``
-    (default [0, 1]): vLLM caches ``[n, 128 * 3]`` per image.
+    32, ``num_kv_heads`` 2, intermediate ``2 * hidden_size`` unless given, interleaved M-RoPE
+    ``mrope_section`` (default :data:`MROPE_SECTION` for head_dim 32, else [24, 20, 20]'s
+    proportions; rope_theta 5e6), untied ``lm_head``, vocab 2112 (the tokenizer has 2048).
+    Vision (``qwen3_vl_vision``): ``vision_depth`` 3 blocks, hidden 128, 2 heads, intermediate
+    ``2 * vision_hidden_size``, ``patch_size`` 16 (one merged token per ``2 * patch_size``
+    pixels square), spatial merge 2, temporal patch 2, 256 learned position embeddings (16x16
+    grid, interpolated), ``out_hidden_size`` = ``hidden_size``, DeepStack taps
+    ``deepstack_visual_indexes`` (default [0, 1]): vLLM caches ``[n, 128 * 3]`` per image.
+    The CPU testbed (``benchmarks/testbed/models.py``) overrides the sizes and trains the
+    tokenizer on its task text (``tokenizer_corpus``, ``tokenizer_vocab_size``: as for
+    :func:`vllm_massv.testing.build_target`).
 
     Weights: transformers' init under ``torch.manual_seed(seed)``, >=2-D non-embedding weights
     x ``weight_scale``; safetensors in ``dtype``. Also writes the shared tokenizer, a
@@ -93,13 +105,17 @@ def build_qwen3_vl_target(
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(out_dir)
+    tokenizer = build_tokenizer(out_dir, corpus=tokenizer_corpus,
+                                vocab_size=tokenizer_vocab_size)
     half = head_dim // 2
-    section = MROPE_SECTION if half == 16 else _scaled_section(half)
+    section = (list(mrope_section) if mrope_section is not None
+               else MROPE_SECTION if half == 16 else _scaled_section(half))
     text_config = {
         "vocab_size": vocab_size, "hidden_size": hidden_size,
-        "intermediate_size": 2 * hidden_size, "num_hidden_layers": num_layers,
-        "num_attention_heads": num_heads, "num_key_value_heads": 2, "head_dim": head_dim,
+        "intermediate_size": intermediate_size or 2 * hidden_size,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": num_heads, "num_key_value_heads": num_kv_heads,
+        "head_dim": head_dim,
         "hidden_act": "silu", "max_position_embeddings": 4096, "rms_norm_eps": 1e-6,
         "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0,
                             "mrope_section": section, "mrope_interleaved": True},
@@ -109,7 +125,7 @@ def build_qwen3_vl_target(
     vision_config = {
         "depth": vision_depth, "hidden_size": vision_hidden_size, "num_heads": 2,
         "intermediate_size": 2 * vision_hidden_size, "hidden_act": "gelu_pytorch_tanh",
-        "in_channels": 3, "patch_size": PATCH_SIZE, "spatial_merge_size": 2,
+        "in_channels": 3, "patch_size": patch_size, "spatial_merge_size": 2,
         "temporal_patch_size": 2, "out_hidden_size": hidden_size,
         "num_position_embeddings": 256,
         "deepstack_visual_indexes": list(deepstack_visual_indexes
@@ -126,7 +142,7 @@ def build_qwen3_vl_target(
         {"bos_token_id": PAD_TOKEN_ID, "eos_token_id": EOS_TOKEN_ID,
          "pad_token_id": PAD_TOKEN_ID}, indent=2, sort_keys=True) + "\n")
 
-    pixel = {"patch_size": PATCH_SIZE, "merge_size": 2, "temporal_patch_size": 2,
+    pixel = {"patch_size": patch_size, "merge_size": 2, "temporal_patch_size": 2,
              "image_mean": _MEAN_STD, "image_std": _MEAN_STD}
     size = {"shortest_edge": 64 * 64, "longest_edge": max_pixels}
     processor = Qwen3VLProcessor(
@@ -167,19 +183,24 @@ def _write_processor_files(out_dir: Path, pixel: dict[str, Any], size: dict[str,
 
 def build_qwen3_text_lm(out_dir: str | Path, *, seed: int = 1, vocab_size: int = 2048,
                         hidden_size: int = 128, num_layers: int = 2, num_heads: int = 4,
-                        head_dim: int = 32, weight_scale: float = 4.0,
-                        dtype: torch.dtype = torch.float32) -> Path:
+                        head_dim: int = 32, intermediate_size: int | None = None,
+                        weight_scale: float = 4.0, dtype: torch.dtype = torch.float32,
+                        tokenizer_corpus: list[str] | None = None,
+                        tokenizer_vocab_size: int = TOKENIZER_VOCAB_SIZE) -> Path:
     """Build a tiny random ``Qwen3ForCausalLM`` (the stand-in for Qwen3-1.7B as a MASSV draft
     LM): vocab 2048 (the target has 2112), ``hidden_size`` 128, 2 layers, 4 heads of 32, 2 KV
-    heads, intermediate 256, 1-D RoPE (theta 1e6), tied embeddings, ``q_norm`` / ``k_norm``;
-    the shared tokenizer. Returns ``out_dir`` as a ``Path``."""
+    heads, intermediate ``2 * hidden_size`` unless given, 1-D RoPE (theta 1e6), tied
+    embeddings, ``q_norm`` / ``k_norm``; the shared tokenizer (``tokenizer_corpus`` /
+    ``tokenizer_vocab_size`` as for :func:`build_qwen3_vl_target`). Returns ``out_dir`` as a
+    ``Path``."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    build_tokenizer(out_dir)
+    build_tokenizer(out_dir, corpus=tokenizer_corpus, vocab_size=tokenizer_vocab_size)
     config = Qwen3Config(
-        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        vocab_size=vocab_size, hidden_size=hidden_size,
+        intermediate_size=intermediate_size or 2 * hidden_size,
         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=2,
         head_dim=head_dim, hidden_act="silu", max_position_embeddings=4096, rms_norm_eps=1e-6,
         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},

@@ -25,6 +25,7 @@ MASSV_CONFIG_KEY = "massv"
 PROJECTOR_PREFIX = "mm_projector"
 ProjectorKind = Literal["mlp2x_gelu", "linear", "identity", "none"]
 PositionScheme = Literal["1d", "mrope"]
+FeatureTap = Literal["post_merger", "post_merger_deepstack"]
 
 
 class MassvConfigError(DrafterConfigError):
@@ -46,7 +47,8 @@ class MassvConfig(DrafterBlock):
     vision_feature_dim: int = Field(
         ..., gt=0,
         description="Width of the target's image embeddings fed to the projector: the post-merger "
-        "vision output that vLLM caches (Qwen2.5-VL: vision_config.out_hidden_size, 3584 for 7B).",
+        "vision output that vLLM caches (Qwen2.5-VL: vision_config.out_hidden_size, 3584 for 7B; "
+        "Qwen3-VL with feature_tap 'post_merger_deepstack': out_hidden_size * (1 + L)).",
     )
     projector: ProjectorKind = Field(
         "mlp2x_gelu",
@@ -72,10 +74,14 @@ class MassvConfig(DrafterBlock):
     )
     target: str = Field("", description="Name or path of the target VLM the drafter was built for.")
     target_architecture: str = Field("", description="The target's architecture class name.")
-    feature_tap: Literal["post_merger"] = Field(
+    feature_tap: FeatureTap = Field(
         "post_merger",
-        description="Which target vision output the projector consumes. Only the post-merger "
-        "output is cached by vLLM, so it is the only supported tap.",
+        description="Which of the image embeddings vLLM caches the projector consumes: "
+        "'post_merger' = the main (post-merger) embedding, out_hidden_size wide (every target); "
+        "'post_merger_deepstack' = Qwen3-VL's whole cached row, the main embedding followed by "
+        "its L DeepStack levels (out_hidden_size * (1 + L) wide; vLLM "
+        "`models/qwen3_vl.py::Qwen3_VisionTransformer.forward`). Only cached outputs can be "
+        "tapped: vLLM keeps no other vision-tower state.",
     )
 
     deepstack: bool = Field(
@@ -90,6 +96,10 @@ class MassvConfig(DrafterBlock):
 
     @model_validator(mode="after")
     def _deepstack_needs_identity(self) -> MassvConfig:
+        if self.feature_tap != "post_merger" and self.projector in ("identity", "none"):
+            raise ValueError(
+                f"feature_tap {self.feature_tap!r} needs a trained projector ('mlp2x_gelu' or "
+                f"'linear'), not {self.projector!r}")
         if self.deepstack and self.projector != "identity":
             raise ValueError(
                 f"deepstack: true needs projector 'identity' (got {self.projector!r}): the "
@@ -127,18 +137,20 @@ def is_massv_hf_config(hf_config: Any) -> bool:
     return any(a in methods.METHODS["massv"].vllm_architectures for a in names)
 
 
-def target_image_embedding_dim(target_hf_config: Any) -> int:
-    """Width of the image embeddings vLLM caches for a target VLM (the projector's input).
+def target_image_embedding_dim(target_hf_config: Any, feature_tap: str = "post_merger") -> int:
+    """Width of the image embeddings a MASSV projector reads from what vLLM caches for a target.
 
     Qwen2-VL / Qwen2.5-VL: `vision_config.out_hidden_size` (post-merger; vLLM
-    `models/qwen2_5_vl.py::embed_multimodal`). Qwen3-VL: the same, the *main* embedding's width;
-    vLLM caches `out_hidden_size * (1 + len(deepstack_visual_indexes))` columns per image token
-    (`models/qwen3_vl.py`), of which a MASSV drafter reads the first `out_hidden_size`
-    (`vllm_model.py::MassvQwen3ForCausalLM`). Others: the text hidden size (the VLM's own
-    multimodal projector maps into it, e.g. Gemma3).
+    `models/qwen2_5_vl.py::embed_multimodal`). Qwen3-VL: the same, the *main* embedding's width,
+    for `feature_tap` 'post_merger'; vLLM caches `out_hidden_size * (1 + L)` columns per image
+    token, L = `len(deepstack_visual_indexes)` (`models/qwen3_vl.py`), all of which
+    'post_merger_deepstack' reads (`vllm_model.py::MassvQwen3ForCausalLM` slices the rest
+    off otherwise). Others: the text hidden size (the VLM's own multimodal projector maps into
+    it, e.g. Gemma3).
 
     Raises:
-        MassvConfigError: the target has no vision tower (a text-only model).
+        MassvConfigError: the target has no vision tower (a text-only model), or
+            'post_merger_deepstack' on a target without DeepStack levels.
     """
     vision = getattr(target_hf_config, "vision_config", None)
     if vision is None:
@@ -147,9 +159,16 @@ def target_image_embedding_dim(target_hf_config: Any) -> int:
             "vision-language targets. For a text-only target use a plain draft model "
             "(`method: draft_model` with a stock architecture) instead of a MASSV drafter.")
     out = getattr(vision, "out_hidden_size", None)
-    if out is not None:
-        return int(out)
-    return int(target_hf_config.get_text_config().hidden_size)
+    width = int(out if out is not None else target_hf_config.get_text_config().hidden_size)
+    if feature_tap == "post_merger":
+        return width
+    levels = deepstack_levels(target_hf_config)
+    if not levels:
+        raise MassvConfigError(
+            f"feature_tap {feature_tap!r} reads DeepStack levels, which the target "
+            f"({archs(target_hf_config)}) does not have (Qwen3-VL targets do); use "
+            "'post_merger' (massv init --feature-tap post_merger).")
+    return width * (1 + levels)
 
 
 #: The MASSV drafter that reads a DeepStack target's cached image embeddings (Qwen3-VL).
@@ -191,7 +210,7 @@ def validate_pair(draft_hf_config: Any, target_hf_config: Any, *, target_vocab_s
         MassvConfigError: with a message that names the fix.
     """
     cfg = MassvConfig.from_hf_config(draft_hf_config)
-    feat_dim = target_image_embedding_dim(target_hf_config)
+    feat_dim = target_image_embedding_dim(target_hf_config, cfg.feature_tap)
     image_id, video_id = target_token_ids(target_hf_config)
     if cfg.uses_projector and cfg.vision_feature_dim != feat_dim:
         raise MassvConfigError(
@@ -200,12 +219,13 @@ def validate_pair(draft_hf_config: Any, target_hf_config: Any, *, target_vocab_s
             f"({cfg.target or 'unknown'}); rebuild it with `massv init --target <this target>` "
             "and retrain the projector.")
     levels = deepstack_levels(target_hf_config)
+    main = target_image_embedding_dim(target_hf_config)
     if cfg.uses_projector and levels and DEEPSTACK_DRAFTER not in (
             getattr(draft_hf_config, "architectures", None) or []):
         raise MassvConfigError(
             f"the target ({archs(target_hf_config)}) caches each image token as "
-            f"{feat_dim} * (1 + {levels}) columns (main embedding + DeepStack levels), which "
-            f"only {DEEPSTACK_DRAFTER} reads (its first {feat_dim} columns); this drafter is "
+            f"{main} * (1 + {levels}) columns (main embedding + DeepStack levels), which "
+            f"only {DEEPSTACK_DRAFTER} reads; this drafter is "
             f"{archs(draft_hf_config)}. Build the drafter with `massv init --target <this "
             "target>` and a Qwen3 text LM.")
     layers = getattr(draft_hf_config, "num_hidden_layers", None)

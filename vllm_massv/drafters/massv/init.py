@@ -21,7 +21,8 @@ from safetensors.torch import save_file
 from vllm_massv.checkpoint import (copy_tokenizer_files, language_model_state, local_dir,
                                    qwen2_config_from_text_config, qwen3_config_from_text_config,
                                    read_safetensors_dir)
-from vllm_massv.drafters.massv.config import (PROJECTOR_PREFIX, MassvConfig, MassvConfigError,
+from vllm_massv.drafters.massv.config import (PROJECTOR_PREFIX, FeatureTap, MassvConfig,
+                                              MassvConfigError,
                                               PositionScheme, ProjectorKind, deepstack_levels,
                                               target_image_embedding_dim, target_token_ids)
 from vllm_massv.drafters.massv.projector import build_projector
@@ -73,7 +74,8 @@ def init_drafter(target: str | Path, draft_lm: str | Path, out: str | Path, *,
                  projector: ProjectorKind = "mlp2x_gelu", positions: PositionScheme | None = None,
                  projector_hidden_size: int | None = None, seed: int = 0,
                  num_speculative_tokens: int = DEFAULT_NUM_SPECULATIVE_TOKENS,
-                 deepstack: bool | None = None) -> InitReport:
+                 deepstack: bool | None = None,
+                 feature_tap: FeatureTap = "post_merger") -> InitReport:
     """Build an untrained MASSV drafter directory at `out`.
 
     Gemma3 drafters are saved with `sliding_window: null`: every layer attends over the whole
@@ -97,6 +99,10 @@ def init_drafter(target: str | Path, draft_lm: str | Path, out: str | Path, *,
         deepstack: `massv.deepstack` (add the target's DeepStack levels after the drafter's
             first layers); default true for an `identity` projector on a DeepStack target
             (Qwen3-VL: the sanity drafter then is the target), else false. True needs both.
+        feature_tap: `massv.feature_tap`, the columns of vLLM's cached image embedding the
+            projector reads: `post_merger` (the main embedding, every target) or
+            `post_merger_deepstack` (Qwen3-VL: the main embedding and its DeepStack levels,
+            a trained projector only).
     Raises:
         MassvConfigError: text-only or unsupported target, a draft LM of another family,
             tokenizers that disagree, a vocabulary larger than the target's, or an `mrope`
@@ -107,7 +113,11 @@ def init_drafter(target: str | Path, draft_lm: str | Path, out: str | Path, *,
     target_name = str(target)  # a hub name stays a name (the verifier vLLM downloads)
     target, draft_lm, out = local_dir(target), local_dir(draft_lm), Path(out)
     target_cfg = AutoConfig.from_pretrained(target)
-    feat_dim = target_image_embedding_dim(target_cfg)   # raises for a text-only target
+    if feature_tap != "post_merger" and projector in ("identity", "none"):
+        raise MassvConfigError(f"--feature-tap {feature_tap} needs a trained projector "
+                               f"(mlp2x_gelu or linear), not --projector {projector}.")
+    # raises for a text-only target, or DeepStack columns on a target without them
+    feat_dim = target_image_embedding_dim(target_cfg, feature_tap)
     image_id, video_id = target_token_ids(target_cfg)
     target_text = target_cfg.get_text_config()
     family = drafter_family(target_cfg)
@@ -179,7 +189,8 @@ def init_drafter(target: str | Path, draft_lm: str | Path, out: str | Path, *,
         projector_hidden_size=projector_hidden_size if projector == "mlp2x_gelu" else None,
         orig_vocab_size=orig_vocab, image_token_id=image_id, video_token_id=video_id,
         positions=positions, target=target_name,
-        target_architecture=(target_cfg.architectures or [""])[0], deepstack=deepstack)
+        target_architecture=(target_cfg.architectures or [""])[0], deepstack=deepstack,
+        feature_tap=feature_tap)
     torch.manual_seed(seed)
     proj = build_projector(massv, int(cfg["hidden_size"]))
     proj_state = {} if proj is None else {
@@ -291,12 +302,13 @@ def init_from_args(args: argparse.Namespace) -> str:
     report = init_drafter(args.target, args.draft_lm, args.out, projector=args.projector,
                           positions=args.positions, projector_hidden_size=args.projector_hidden,
                           seed=args.seed, num_speculative_tokens=args.num_speculative_tokens,
-                          deepstack=getattr(args, "deepstack", None))
+                          deepstack=getattr(args, "deepstack", None),
+                          feature_tap=getattr(args, "feature_tap", None) or "post_merger")
     m = report.massv
     return (f"MASSV drafter written to {report.out_dir}\n"
             f"  projector {m.projector} ({report.projector_params:,} params), positions "
             f"{m.positions}{', DeepStack levels injected' if m.deepstack else ''}\n"
             f"  LM params {report.drafter_params:,}, vocab {m.orig_vocab_size} padded by "
             f"{report.padded_rows} rows\n  image token id {m.image_token_id}, "
-            f"vision feature dim {m.vision_feature_dim}\n"
+            f"vision feature dim {m.vision_feature_dim} ({m.feature_tap})\n"
             + serve_hint(report.out_dir, m.target, "draft_model", args.num_speculative_tokens))

@@ -327,12 +327,13 @@ class MassvQwen3ForCausalLM(MassvDrafterMixin, Qwen3ForCausalLMWithDeepStack,
     `mm_projector.*`; `config.json` is a `qwen3` config with a `massv` block (`positions:
     mrope` drafters carry the target's `mrope_section` and `mrope_interleaved: true`).
 
-    The projector reads the target's *main* image embedding. vLLM caches each Qwen3-VL image as
-    one [n_i, out_hidden_size * (1 + L)] tensor: the post-merger embedding in the first
-    `out_hidden_size` (= `massv.vision_feature_dim`) columns, then L DeepStack levels that the
-    target adds to the hidden states after its first L decoder layers (vLLM
+    vLLM caches each Qwen3-VL image as one [n_i, out_hidden_size * (1 + L)] tensor: the
+    post-merger embedding in the first `out_hidden_size` columns, then L DeepStack levels that
+    the target adds to the hidden states after its first L decoder layers (vLLM
     `models/qwen3_vl.py::Qwen3_VisionTransformer.forward`, `_compute_deepstack_embeds`,
-    `Qwen3LLMModel.forward`). With `massv.deepstack` (identity projector; `massv init
+    `Qwen3LLMModel.forward`). The projector reads the first `massv.vision_feature_dim`
+    columns: the main embedding (`feature_tap: post_merger`) or the whole row
+    (`post_merger_deepstack`). With `massv.deepstack` (identity projector; `massv init
     --projector identity` sets it on Qwen3-VL targets) the drafter does the same:
     `embed_input_ids` keeps the level columns at the rows `is_multimodal` marks (the draft
     batch's image positions) and the next `forward` adds level l after decoder layer l
@@ -349,8 +350,10 @@ class MassvQwen3ForCausalLM(MassvDrafterMixin, Qwen3ForCausalLMWithDeepStack,
         *,
         is_multimodal: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """As :meth:`MassvDrafterMixin.embed_input_ids`, on each item's main-embedding slice;
-        with `massv.deepstack`, also stages the DeepStack levels for the next `forward`.
+        """As :meth:`MassvDrafterMixin.embed_input_ids`, on each item's first
+        `vision_feature_dim` columns (the main embedding, or the whole row for `feature_tap:
+        post_merger_deepstack`); with `massv.deepstack`, also stages the DeepStack levels for
+        the next `forward`.
 
         Args:
             multimodal_embeddings: per image item, [n_i, vision_feature_dim * (1 + L)] (vLLM's

@@ -176,9 +176,13 @@ def testbed_methods(paths: dict[str, Path]) -> list[Method]:
     methods = [Method("none", "none"), Method("ngram", "ngram"),
                Method("blind (stock draft_model)", "draft_model", str(paths["blind-stock"])),
                Method("blind (projector none)", "massv", str(paths["drafter-blind"])),
-               Method("blind distilled (no image)", "massv", str(models / "drafter-distilled")),
-               Method("MASSV phase 1", "massv", str(models / "drafter-phase1")),
-               Method("MASSV", "massv", str(models / "drafter-massv"))]
+               Method("blind distilled (no image)", "massv", str(models / "drafter-distilled"))]
+    if (models / "drafter-phase1").is_dir():
+        methods.append(Method("MASSV phase 1", "massv", str(models / "drafter-phase1")))
+    methods.append(Method("MASSV", "massv", str(models / "drafter-massv")))
+    if (models / "drafter-massv-deepstack").is_dir():   # the Qwen3-VL testbed
+        methods.append(Method("MASSV (DeepStack levels)", "massv",
+                              str(models / "drafter-massv-deepstack")))
     if (models / "drafter-massv-mrope").is_dir():
         methods.append(Method("MASSV (M-RoPE positions)", "massv",
                               str(models / "drafter-massv-mrope")))

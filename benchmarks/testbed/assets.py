@@ -17,6 +17,12 @@
 The untrained text-only baseline, ``massv init --projector none`` of the blind LM, has no
 trained weights of its own; :func:`ensure` derives it into the cache.
 
+``benchmarks/testbed/qwen3-vl/models/`` is the Qwen3-VL testbed (issue 24; same task, same
+tokenizer, ``build.sh`` with ``FAMILY=qwen3_vl``): a 4-layer Qwen3-VL ``target/`` with DeepStack,
+a blind Qwen3 LM ``blind/``, ``drafter-massv/`` (the projector reads the main image embedding),
+``drafter-massv-deepstack/`` (it reads the main embedding and both DeepStack levels) and
+``drafter-distilled/``. :func:`ensure` takes either testbed folder.
+
 :func:`pad_target` makes the target as expensive per token, relative to the 2-layer drafter, as
 Qwen2.5-VL-7B is to Qwen2.5-1.5B (c ≈ 0.2), without changing a single output: it appends decoder
 layers whose attention output projection (``o_proj``) and MLP down projection (``down_proj``) are
@@ -51,16 +57,18 @@ CACHE = ROOT / ".cache" / "testbed"
 PAD_LAYERS = 56
 #: Held-out split sizes built by :func:`ensure` (train/val are not needed to benchmark).
 TEST_SPLIT = {"n_train": 0, "n_val": 0, "n_test": 200}
-_LAYER_PREFIX = "model.layers."
+#: Decoder-layer key prefixes: Qwen2.5-VL checkpoints (as the testbed's are saved) and Qwen3-VL.
+_LAYER_PREFIXES = ("model.layers.", "model.language_model.layers.")
 _ZEROED = ("self_attn.o_proj.weight", "mlp.down_proj.weight")
 
 
 def pad_target(src: str | Path, dst: str | Path, extra_layers: int) -> Path:
-    """Write ``src`` (a Qwen2.5-VL checkpoint) to ``dst`` with ``extra_layers`` zero-output
-    decoder layers appended after the last one. Returns ``dst``.
+    """Write ``src`` (a Qwen2.5-VL or Qwen3-VL checkpoint) to ``dst`` with ``extra_layers``
+    zero-output decoder layers appended after the last one. Returns ``dst``.
 
     Raises:
-        ValueError: ``extra_layers`` < 0 or ``src`` is not a single-file Qwen2.5-VL checkpoint.
+        ValueError: ``extra_layers`` < 0 or ``src`` is not a single-file Qwen2.5-VL / Qwen3-VL
+            checkpoint.
     """
     from safetensors.torch import load_file, save_file
 
@@ -73,7 +81,10 @@ def pad_target(src: str | Path, dst: str | Path, extra_layers: int) -> Path:
         raise ValueError(f"{src} is not a single-file Qwen2.5-VL checkpoint")
     n = text["num_hidden_layers"]
     tensors = load_file(str(src / "model.safetensors"))
-    last = f"{_LAYER_PREFIX}{n - 1}."
+    prefix = next((p for p in _LAYER_PREFIXES if f"{p}0.input_layernorm.weight" in tensors), None)
+    if prefix is None:
+        raise ValueError(f"{src}: no decoder layers under {_LAYER_PREFIXES}")
+    last = f"{prefix}{n - 1}."
     template = {k[len(last):]: v for k, v in tensors.items() if k.startswith(last)}
     if not all(z in template for z in _ZEROED):
         raise ValueError(f"{src}: layer {n - 1} lacks {_ZEROED}")
@@ -82,14 +93,15 @@ def pad_target(src: str | Path, dst: str | Path, extra_layers: int) -> Path:
             value = value.clone()
             if name in _ZEROED:
                 value.zero_()
-            tensors[f"{_LAYER_PREFIX}{i}.{name}"] = value
+            tensors[f"{prefix}{i}.{name}"] = value
     if dst.exists():
         shutil.rmtree(dst)
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("model.safetensors", "train_*"))
     save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
     total = n + extra_layers
     text["num_hidden_layers"] = total
-    text["max_window_layers"] = total
+    if "max_window_layers" in text:
+        text["max_window_layers"] = total
     if "layer_types" in text:
         text["layer_types"] = (text["layer_types"] + [text["layer_types"][-1]] * extra_layers)
     config["massv_testbed_padding"] = {
@@ -99,18 +111,23 @@ def pad_target(src: str | Path, dst: str | Path, extra_layers: int) -> Path:
     return dst
 
 
-def ensure(testbed: str | Path = TESTBED, cache: str | Path = CACHE,
+def ensure(testbed: str | Path = TESTBED, cache: str | Path | None = None,
            pad_layers: int = PAD_LAYERS) -> dict[str, Path]:
     """Paths of the testbed: ``models`` (checked in), ``target`` (padded, built into ``cache``
     when missing or stale), ``data`` (the test split) and ``drafter-blind`` (the text-only
-    baseline), the last two built when missing.
+    baseline), the last two built when missing. ``testbed``: this folder (Qwen2.5-VL) or
+    ``qwen3-vl/``; ``cache`` defaults to ``.cache/testbed`` (``.cache/testbed/qwen3-vl`` for
+    the Qwen3-VL testbed).
 
     Raises:
         FileNotFoundError: ``testbed/models/target`` does not exist (run build.sh first).
     """
     from benchmarks.testbed import task
 
-    models, cache = Path(testbed) / "models", Path(cache)
+    testbed = Path(testbed)
+    if cache is None:
+        cache = CACHE if testbed.resolve() == TESTBED else CACHE / testbed.name
+    models, cache = testbed / "models", Path(cache)
     src = models / "target"
     if not (src / "config.json").is_file():
         raise FileNotFoundError(f"{src} is missing: build the testbed models with "

@@ -7,16 +7,33 @@
 #   STAGES="drafters" bash benchmarks/testbed/build.sh   # only the MASSV drafters
 #   STAGES="msd" bash benchmarks/testbed/build.sh        # only the MSD drafters
 #   STAGES="eagle3" bash benchmarks/testbed/build.sh     # only the EAGLE-3 head
+#   FAMILY=qwen3_vl bash benchmarks/testbed/build.sh    # the Qwen3-VL testbed (qwen3-vl/models;
+#                     about 70 min: target 28 min, blind LM 5 min, then as below without the
+#                     M-RoPE ablation, MSD and EAGLE-3; plus the DeepStack-input drafter)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 MASSV=${MASSV:-.venv/bin/massv}
-M=benchmarks/testbed/models
-W=${WORK:-.cache/testbed/build}
-STAGES=${STAGES:-"target blind data generate drafters msd eagle3"}
-TARGET_MINUTES=${TARGET_MINUTES:-36}
-TARGET_MORE_MINUTES=${TARGET_MORE_MINUTES:-20}   # a continuation at lr 1.5e-3 (as checked in)
-BLIND_MINUTES=${BLIND_MINUTES:-6}
+FAMILY=${FAMILY:-qwen2_5_vl}
+if [[ $FAMILY == qwen3_vl ]]; then
+  M=benchmarks/testbed/qwen3-vl/models
+  W=${WORK:-.cache/testbed/build-qwen3-vl}
+  STAGES=${STAGES:-"target blind data generate drafters"}
+  TARGET_MINUTES=${TARGET_MINUTES:-28}
+  TARGET_MORE_MINUTES=${TARGET_MORE_MINUTES:-0}
+  BLIND_MINUTES=${BLIND_MINUTES:-5}
+  # projector inputs compared: the main image embedding / main + DeepStack levels (issue 24)
+  VARIANTS=${VARIANTS:-"1d:post_merger: 1d:post_merger_deepstack:-deepstack"}
+else
+  M=benchmarks/testbed/models
+  W=${WORK:-.cache/testbed/build}
+  STAGES=${STAGES:-"target blind data generate drafters msd eagle3"}
+  TARGET_MINUTES=${TARGET_MINUTES:-36}
+  TARGET_MORE_MINUTES=${TARGET_MORE_MINUTES:-20}   # a continuation at lr 1.5e-3 (as checked in)
+  BLIND_MINUTES=${BLIND_MINUTES:-6}
+  # positions compared: 1-D (the MASSV drafter) and the target's M-RoPE (the ablation)
+  VARIANTS=${VARIANTS:-"1d:post_merger: mrope:post_merger:-mrope"}
+fi
 N_DISTILL=${N_DISTILL:-8000}
 # Phase 2 (sdvit) epochs, also for the distilled control: 6 since issue 14 (held-out agreement
 # 0.966 -> 0.974, vLLM tau on image prompts 4.35 -> 4.64 at k = 4; 3 epochs before, see
@@ -37,11 +54,15 @@ install_head() {
 
 # 1. The target VLM and the blind text LM (plain PyTorch + transformers, fresh samples).
 if has target; then
-  $PY -m benchmarks.testbed.models target --out $M/target --minutes "$TARGET_MINUTES"
-  $PY -m benchmarks.testbed.models target --out $M/target --minutes "$TARGET_MORE_MINUTES" \
-    --lr 1.5e-3 --resume
+  $PY -m benchmarks.testbed.models target --family "$FAMILY" --out $M/target \
+    --minutes "$TARGET_MINUTES"
+  if [[ $TARGET_MORE_MINUTES != 0 ]]; then
+    $PY -m benchmarks.testbed.models target --family "$FAMILY" --out $M/target \
+      --minutes "$TARGET_MORE_MINUTES" --lr 1.5e-3 --resume
+  fi
 fi
-has blind && $PY -m benchmarks.testbed.models blind --out $M/blind --minutes "$BLIND_MINUTES"
+has blind && $PY -m benchmarks.testbed.models blind --family "$FAMILY" --out $M/blind \
+  --minutes "$BLIND_MINUTES"
 
 # 2. Distillation prompts: the train split (held-out scenes never appear in it).
 has data && $PY benchmarks/testbed/task.py --out "$W/data" --train "$N_DISTILL" --val 200 --test 200
@@ -51,13 +72,14 @@ has generate && $MASSV generate --target $M/target --llava-json "$W/data/train.j
   --out "$W/distill" --max-tokens 96 --dtype float32 --enforce-eager --max-num-seqs 64 \
   --max-num-batched-tokens 4096 --shard-size 1000 --no-progress
 
-# 4. Drafters, with massv itself (1-D positions; the M-RoPE variant is the ablation).
+# 4. Drafters, with massv itself: each VARIANT is POSITIONS:FEATURE_TAP:SUFFIX (the first one,
+#    without a suffix, is drafter-massv; phase 1 is kept for it).
 if has drafters; then
   FEAT="$W/features"
-  for POS in 1d mrope; do
-    SUFFIX=$([[ $POS == mrope ]] && echo "-mrope" || echo "")
+  for V in $VARIANTS; do
+    IFS=: read -r POS TAP SUFFIX <<< "$V"
     $MASSV init --target $M/target --draft-lm $M/blind --out "$W/init-massv$SUFFIX" \
-      --projector mlp2x_gelu --positions $POS
+      --projector mlp2x_gelu --positions $POS --feature-tap $TAP
     $MASSV train --phase align --drafter "$W/init-massv$SUFFIX" --data "$W/distill" \
       --target $M/target --out "$W/phase1$SUFFIX" --epochs 1 --batch-size 32 --lr 2e-3 \
       --feature-cache "$FEAT"
@@ -71,8 +93,12 @@ if has drafters; then
   $MASSV train --phase sdvit --drafter "$W/drafter-blind" --data "$W/distill" \
     --target $M/target --out "$W/distilled" --epochs "$SDVIT_EPOCHS" --batch-size 32 --lr 1e-3 \
     --feature-cache "$FEAT"
-  for pair in phase1:drafter-phase1 massv:drafter-massv massv-mrope:drafter-massv-mrope \
-              distilled:drafter-distilled; do
+  PAIRS="phase1:drafter-phase1 distilled:drafter-distilled"
+  for V in $VARIANTS; do
+    IFS=: read -r _ _ SUFFIX <<< "$V"
+    PAIRS="$PAIRS massv$SUFFIX:drafter-massv$SUFFIX"
+  done
+  for pair in $PAIRS; do
     rm -rf "$M/${pair#*:}"
     mkdir -p "$M/${pair#*:}"
     cp "$W/${pair%%:*}"/{config.json,generation_config.json,model.safetensors,tokenizer.json,tokenizer_config.json,train_summary.json,train_log.jsonl,README.md} "$M/${pair#*:}/"

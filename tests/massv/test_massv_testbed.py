@@ -25,7 +25,7 @@ from benchmarks.testbed import assets
 from tests.support.engine import engine, generate, greedy, prompt_images, token_ids
 from tests.support.profile import RUNNER
 from tests.support.replay import assert_replay_equal
-from tests.support.testbed import TARGET, held_out_prompts
+from tests.support.testbed import TARGET, eos_ids, held_out_prompts, image_tau
 
 pytestmark = [pytest.mark.slow, pytest.mark.both_runners]
 
@@ -58,27 +58,6 @@ def massv(prompts, target_alone) -> dict:
         return generate(llm, prompts, greedy(MAX_TOKENS))
 
 
-def image_tau(outputs: dict, prompts: dict, eos: set[int]) -> tuple[float, float]:
-    """tau (1 + accepted / verify steps, vLLM's convention) over the image questions: over the
-    answers (the verify steps that start at or before the answer's first EOS token: what a
-    request that stops at EOS sees) and over all 48 tokens (the tests generate past EOS, where
-    the trained target continues out of distribution)."""
-    answer = [0, 0]
-    whole = [0, 0]
-    for name, out in outputs.items():
-        if not prompt_images(prompts[name]):
-            continue
-        tokens = list(out.outputs[0].token_ids)
-        end = next((i for i, t in enumerate(tokens) if t in eos), len(tokens))
-        m = 1
-        for a in out.outputs[0].spec_decode_metrics.per_step_accepted:
-            if m <= end:
-                answer[0], answer[1] = answer[0] + a, answer[1] + 1
-            whole[0], whole[1] = whole[0] + a, whole[1] + 1
-            m += a + 1
-    return 1 + answer[0] / answer[1], 1 + whole[0] / whole[1]
-
-
 @pytest.fixture(scope="module")
 def text_only(prompts) -> dict:
     spec = {"method": "draft_model", "model": str(TEXT_ONLY), "num_speculative_tokens": K}
@@ -108,13 +87,10 @@ def test_accepted_counts_equal_replay(massv, prompts) -> None:
 @pytest.mark.skipif(RUNNER != "v1", reason="one runner suffices: tau is runner-independent "
                     "(equal replays above)")
 def test_massv_beats_text_only_on_images(massv, text_only, prompts, target_alone) -> None:
-    from transformers import GenerationConfig
-
     assert token_ids(text_only) == target_alone
     cfg = json.loads((TEXT_ONLY / "config.json").read_text())
     assert cfg["massv"]["projector"] == "none"  # the control sees no image
-    eos = GenerationConfig.from_pretrained(TARGET).eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos])
+    eos = eos_ids(TARGET)
     (ours, ours_all), (control, control_all) = (image_tau(massv, prompts, eos),
                                                 image_tau(text_only, prompts, eos))
     print(f"image questions, k = {K}, tau over the answers: MASSV {ours:.3f} vs text-only "

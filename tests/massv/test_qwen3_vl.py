@@ -7,7 +7,8 @@ two DeepStack levels) and adds level l to the hidden states after decoder layer 
 positions (vLLM `models/qwen3_vl.py::_compute_deepstack_embeds`, `Qwen3LLMModel.forward`).
 
 A MASSV drafter's projector reads the main embedding (the first 128 columns;
-`vllm_model.py::MassvQwen3ForCausalLM`). The identity ("sanity") drafter -- the target's own LM,
+`vllm_model.py::MassvQwen3ForCausalLM`) or, with `feature_tap: post_merger_deepstack`, the
+whole cached row; the training encoder returns exactly vLLM's rows. The identity ("sanity") drafter -- the target's own LM,
 its interleaved M-RoPE positions, identity projector -- gets `massv.deepstack: true` from
 `massv init`: it adds the two level blocks after its first two layers at the image positions as
 the target does, and is then the target itself (image drafts all accepted). The same drafter
@@ -125,6 +126,44 @@ def test_init_with_qwen3_text_lm(models, tmp_path):
                                          )["massv"]
     with pytest.raises(MassvConfigError, match="no DeepStack levels"):
         init_drafter(qwen25, qwen25, tmp_path / "q25_ds", projector="identity", deepstack=True)
+
+
+def test_feature_tap_with_deepstack_levels(models, tmp_path):
+    """`--feature-tap post_merger_deepstack`: the projector reads vLLM's whole cached row (main
+    + 2 levels, 384 wide); the transformers drafter projects all of it (changing a level column
+    changes its logits, which a `post_merger` drafter ignores); refused with identity / none
+    projectors, on a target without levels, and against a target whose rows are narrower."""
+    from vllm_massv.drafters.massv.hf_model import drafter_class
+
+    r = init_drafter(models["target"], models["text_lm"], tmp_path / "all",
+                     feature_tap="post_merger_deepstack")
+    assert (r.massv.feature_tap, r.massv.vision_feature_dim) == ("post_merger_deepstack", 384)
+    assert r.projector_params == 384 * 128 + 128 + 128 * 128 + 128
+    main = init_drafter(models["target"], models["text_lm"], tmp_path / "main")
+    assert (main.massv.feature_tap, main.massv.vision_feature_dim) == ("post_merger", 128)
+    draft, target = _hf_configs(tmp_path / "all", models["target"])
+    validate_pair(draft, target, target_vocab_size=2112, draft_vocab_size=2112)
+    ids = torch.tensor([[5, 6] + [mt.IMAGE_TOKEN_ID] * 4 + [7]])
+    rows = torch.randn(4, 384)
+    moved = rows.clone()
+    moved[:, 200] += 3.0                    # a column of DeepStack level 1
+    for name, changes in (("all", True), ("main", False)):
+        m = drafter_class(tmp_path / name).from_pretrained(tmp_path / name).eval()
+        with torch.no_grad():
+            a, b = (m(input_ids=ids, image_embeds=e).logits for e in (rows, moved))
+        assert (not torch.equal(a, b)) is changes, name
+    for projector in ("identity", "none"):
+        with pytest.raises(MassvConfigError, match="needs a trained projector"):
+            init_drafter(models["target"], models["text_lm"], tmp_path / projector,
+                         projector=projector, feature_tap="post_merger_deepstack")
+    qwen25 = mt.build_target(tmp_path / "qwen25", num_layers=1, vision_depth=1)
+    with pytest.raises(MassvConfigError, match="does not have"):
+        init_drafter(qwen25, mt.build_text_lm(tmp_path / "lm2"), tmp_path / "x",
+                     feature_tap="post_merger_deepstack")
+    fewer = _hf_configs(tmp_path / "all", models["target"])[1]
+    fewer.vision_config.deepstack_visual_indexes = [0]
+    with pytest.raises(MassvConfigError, match="projector input dim 384 != .* 256"):
+        validate_pair(draft, fewer, target_vocab_size=2112, draft_vocab_size=2112)
 
 
 def test_pairing_refuses_mrope_layout_mismatch(models):

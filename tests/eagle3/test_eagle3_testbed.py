@@ -21,7 +21,7 @@ from benchmarks.testbed import assets
 from tests.support import recorders
 from tests.support.engine import engine, prompt_images
 from tests.support.replay import (Eagle3Replay, chunk_end_overrides, draft_logprob_diffs,
-                                  emitted_accepted)
+                                  emitted_accepted, matched_drafts)
 from tests.support.testbed import TARGET, held_out_prompts
 
 pytestmark = [pytest.mark.slow, pytest.mark.both_runners]
@@ -89,9 +89,7 @@ def test_accepted_counts_equal_replay(run, prompts, twin, features) -> None:
             if m >= len(tokens):
                 break
             drafts, _ = replay(seq, states, None, p, p + m, drafted)
-            a = 0
-            while a < drafted and m + a < len(tokens) and drafts[a] == tokens[m + a]:
-                a += 1
+            a = matched_drafts(drafts, tokens, m, drafted)
             expected.append(a)
             m += a + 1
         got = emitted_accepted(metrics.per_step_accepted, len(tokens))[: len(expected)]

@@ -54,12 +54,19 @@ def greedy_acceptance(tokens: list[int], drafted_per_step: list[int],
         proposals = propose(m, drafted)
         if proposals_out is not None:
             proposals_out.append(proposals)
-        a = 0
-        while a < drafted and m + a < len(tokens) and proposals[a] == tokens[m + a]:
-            a += 1
+        a = matched_drafts(proposals, tokens, m, drafted)
         accepted.append(a)
         m += a + 1
     return accepted
+
+
+def matched_drafts(proposals: list[int], tokens: list[int], m: int, drafted: int) -> int:
+    """How many of a verify step's first `drafted` draft tokens (drafted after output[:m]) equal
+    the emitted tokens `tokens[m:]`, up to the first that differs: the greedy accepted count."""
+    a = 0
+    while a < drafted and m + a < len(tokens) and proposals[a] == tokens[m + a]:
+        a += 1
+    return a
 
 
 def verify_steps(out, seq_len: int) -> Iterator[tuple[int, int, int]]:
@@ -150,9 +157,7 @@ def massv_replay(drafter, prompt_ids, output_ids, image_embeds, drafted_per_step
         proposals = propose(m, drafted, rows)
         if proposals_out is not None:
             proposals_out.append(proposals)
-        a = 0
-        while a < drafted and m + a < len(tokens) and proposals[a] == tokens[m + a]:
-            a += 1
+        a = matched_drafts(proposals, tokens, m, drafted)
         if a != vllm_a:
             j = min(a, vllm_a)
             row = rows[j]

@@ -46,6 +46,18 @@ def image_tau(outputs: dict, prompts: dict, eos: set[int]) -> tuple[float, float
     return 1 + answer[0] / answer[1], 1 + whole[0] / whole[1]
 
 
+def image_tau_vs_text_only(massv: dict, text_only: dict, prompts: dict, target: Path,
+                           text_only_dir: Path) -> tuple[tuple[float, float], tuple[float, float]]:
+    """:func:`image_tau` of a MASSV run and of its text-only control's run on the same prompts,
+    ((answers, all tokens) each), after checking that the control sees no image."""
+    import json
+
+    cfg = json.loads((text_only_dir / "config.json").read_text())
+    assert cfg["massv"]["projector"] == "none"  # the control sees no image
+    eos = eos_ids(target)
+    return image_tau(massv, prompts, eos), image_tau(text_only, prompts, eos)
+
+
 def eos_ids(target: Path) -> set[int]:
     """The target's EOS token ids (generation_config.json)."""
     from transformers import GenerationConfig

@@ -41,10 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="(massv, Qwen3-VL targets) add the target's DeepStack levels after the "
                    "drafter's first layers (default: on for --projector identity, else off)")
     p.add_argument("--feature-tap", choices=["post_merger", "post_merger_deepstack"],
-                   default="post_merger",
+                   default=None,
                    help="(massv) what the projector reads of the target's cached image "
                    "embedding: the main post-merger embedding, or (Qwen3-VL) the main embedding "
-                   "and its DeepStack levels")
+                   "and its DeepStack levels (default: the latter for a trained projector on a "
+                   "DeepStack target, chosen by testbed tau; else the former)")
     p.add_argument("--no-decouple", action="store_true",
                    help="(msd) turn decoupled visual tokens off: the EAGLE-1-style ablation")
     p.add_argument("--aux-layers", default=None, metavar="A,B,C",

@@ -180,9 +180,9 @@ def testbed_methods(paths: dict[str, Path]) -> list[Method]:
     if (models / "drafter-phase1").is_dir():
         methods.append(Method("MASSV phase 1", "massv", str(models / "drafter-phase1")))
     methods.append(Method("MASSV", "massv", str(models / "drafter-massv")))
-    if (models / "drafter-massv-deepstack").is_dir():   # the Qwen3-VL testbed
-        methods.append(Method("MASSV (DeepStack levels)", "massv",
-                              str(models / "drafter-massv-deepstack")))
+    if (models / "drafter-massv-main").is_dir():   # the Qwen3-VL testbed's other projector input
+        methods.append(Method("MASSV (main embedding only)", "massv",
+                              str(models / "drafter-massv-main")))
     if (models / "drafter-massv-mrope").is_dir():
         methods.append(Method("MASSV (M-RoPE positions)", "massv",
                               str(models / "drafter-massv-mrope")))

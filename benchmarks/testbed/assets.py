@@ -19,9 +19,10 @@ trained weights of its own; :func:`ensure` derives it into the cache.
 
 ``benchmarks/testbed/qwen3-vl/models/`` is the Qwen3-VL testbed (issue 24; same task, same
 tokenizer, ``build.sh`` with ``FAMILY=qwen3_vl``): a 4-layer Qwen3-VL ``target/`` with DeepStack,
-a blind Qwen3 LM ``blind/``, ``drafter-massv/`` (the projector reads the main image embedding),
-``drafter-massv-deepstack/`` (it reads the main embedding and both DeepStack levels) and
-``drafter-distilled/``. :func:`ensure` takes either testbed folder.
+a blind Qwen3 LM ``blind/``, ``drafter-phase1/``, ``drafter-massv/`` (the projector reads the
+main image embedding and both DeepStack levels: chosen on the val split), ``drafter-massv-main/``
+(the main embedding only) and ``drafter-distilled/``. :func:`ensure` takes either testbed
+folder.
 
 :func:`pad_target` makes the target as expensive per token, relative to the 2-layer drafter, as
 Qwen2.5-VL-7B is to Qwen2.5-1.5B (c ≈ 0.2), without changing a single output: it appends decoder

@@ -109,7 +109,9 @@ def test_init_with_qwen3_text_lm(models, tmp_path):
     with pytest.raises(MassvConfigError, match="--deepstack needs --projector identity"):
         init_drafter(models["target"], models["text_lm"], tmp_path / "ds", deepstack=True)
     assert "mrope_section" not in cfg["rope_parameters"] and r.massv.positions == "1d"
-    assert r.projector_params == 128 * 128 * 2 + 128 * 2  # mlp2x_gelu 128 -> 128 -> 128
+    # the default projector input on a DeepStack target: main embedding + both levels
+    assert r.massv.feature_tap == "post_merger_deepstack"
+    assert r.projector_params == 384 * 128 + 128 * 128 + 128 * 2  # mlp2x_gelu 384 -> 128 -> 128
     init_drafter(models["target"], models["text_lm"], tmp_path / "m", positions="mrope")
     rope = json.loads((tmp_path / "m" / "config.json").read_text())["rope_parameters"]
     assert rope["mrope_section"] == q3.MROPE_SECTION and rope["mrope_interleaved"] is True
@@ -129,18 +131,23 @@ def test_init_with_qwen3_text_lm(models, tmp_path):
 
 
 def test_feature_tap_with_deepstack_levels(models, tmp_path):
-    """`--feature-tap post_merger_deepstack`: the projector reads vLLM's whole cached row (main
-    + 2 levels, 384 wide); the transformers drafter projects all of it (changing a level column
-    changes its logits, which a `post_merger` drafter ignores); refused with identity / none
-    projectors, on a target without levels, and against a target whose rows are narrower."""
+    """`--feature-tap post_merger_deepstack` (the default for trained projectors on DeepStack
+    targets): the projector reads vLLM's whole cached row (main + 2 levels, 384 wide); the
+    transformers drafter projects all of it (changing a level column changes its logits, which
+    a `post_merger` drafter ignores); refused with identity / none projectors, on a target
+    without levels, and against a target whose rows are narrower."""
     from vllm_massv.drafters.massv.hf_model import drafter_class
 
     r = init_drafter(models["target"], models["text_lm"], tmp_path / "all",
                      feature_tap="post_merger_deepstack")
     assert (r.massv.feature_tap, r.massv.vision_feature_dim) == ("post_merger_deepstack", 384)
     assert r.projector_params == 384 * 128 + 128 + 128 * 128 + 128
-    main = init_drafter(models["target"], models["text_lm"], tmp_path / "main")
+    main = init_drafter(models["target"], models["text_lm"], tmp_path / "main",
+                        feature_tap="post_merger")
     assert (main.massv.feature_tap, main.massv.vision_feature_dim) == ("post_merger", 128)
+    # identity / none keep the main embedding by default (nothing to project the levels)
+    assert init_drafter(models["target"], models["text_lm"], tmp_path / "none",
+                        projector="none").massv.feature_tap == "post_merger"
     draft, target = _hf_configs(tmp_path / "all", models["target"])
     validate_pair(draft, target, target_vocab_size=2112, draft_vocab_size=2112)
     ids = torch.tensor([[5, 6] + [mt.IMAGE_TOKEN_ID] * 4 + [7]])

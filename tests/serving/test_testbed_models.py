@@ -52,9 +52,9 @@ def test_checked_in_models_are_complete_and_small() -> None:
 
 QWEN3_VL = assets.TESTBED / "qwen3-vl" / "models"
 QWEN3_VL_DRAFTERS = {"drafter-distilled": ("none", "post_merger"),
-                     "drafter-phase1": ("mlp2x_gelu", "post_merger"),
-                     "drafter-massv": ("mlp2x_gelu", "post_merger"),
-                     "drafter-massv-deepstack": ("mlp2x_gelu", "post_merger_deepstack")}
+                     "drafter-phase1": ("mlp2x_gelu", "post_merger_deepstack"),
+                     "drafter-massv": ("mlp2x_gelu", "post_merger_deepstack"),
+                     "drafter-massv-main": ("mlp2x_gelu", "post_merger")}
 
 
 def test_qwen3_vl_testbed_is_complete_and_small() -> None:

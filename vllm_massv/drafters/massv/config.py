@@ -80,8 +80,9 @@ class MassvConfig(DrafterBlock):
         "'post_merger' = the main (post-merger) embedding, out_hidden_size wide (every target); "
         "'post_merger_deepstack' = Qwen3-VL's whole cached row, the main embedding followed by "
         "its L DeepStack levels (out_hidden_size * (1 + L) wide; vLLM "
-        "`models/qwen3_vl.py::Qwen3_VisionTransformer.forward`). Only cached outputs can be "
-        "tapped: vLLM keeps no other vision-tower state.",
+        "`models/qwen3_vl.py::Qwen3_VisionTransformer.forward`; `massv init`'s default for "
+        "trained projectors on DeepStack targets, chosen by testbed tau). Only cached outputs "
+        "can be tapped: vLLM keeps no other vision-tower state.",
     )
 
     deepstack: bool = Field(

@@ -75,7 +75,7 @@ def init_drafter(target: str | Path, draft_lm: str | Path, out: str | Path, *,
                  projector_hidden_size: int | None = None, seed: int = 0,
                  num_speculative_tokens: int = DEFAULT_NUM_SPECULATIVE_TOKENS,
                  deepstack: bool | None = None,
-                 feature_tap: FeatureTap = "post_merger") -> InitReport:
+                 feature_tap: FeatureTap | None = None) -> InitReport:
     """Build an untrained MASSV drafter directory at `out`.
 
     Gemma3 drafters are saved with `sliding_window: null`: every layer attends over the whole
@@ -102,7 +102,10 @@ def init_drafter(target: str | Path, draft_lm: str | Path, out: str | Path, *,
         feature_tap: `massv.feature_tap`, the columns of vLLM's cached image embedding the
             projector reads: `post_merger` (the main embedding, every target) or
             `post_merger_deepstack` (Qwen3-VL: the main embedding and its DeepStack levels,
-            a trained projector only).
+            a trained projector only). Default: `post_merger_deepstack` for a trained
+            projector on a DeepStack target -- chosen on the Qwen3-VL testbed's validation
+            split, image tau 4.63 against 4.40 for the main embedding alone
+            (`benchmarks/results/cpu-testbed-qwen3-vl-val.md`) -- else `post_merger`.
     Raises:
         MassvConfigError: text-only or unsupported target, a draft LM of another family,
             tokenizers that disagree, a vocabulary larger than the target's, or an `mrope`
@@ -113,6 +116,10 @@ def init_drafter(target: str | Path, draft_lm: str | Path, out: str | Path, *,
     target_name = str(target)  # a hub name stays a name (the verifier vLLM downloads)
     target, draft_lm, out = local_dir(target), local_dir(draft_lm), Path(out)
     target_cfg = AutoConfig.from_pretrained(target)
+    levels = deepstack_levels(target_cfg)
+    if feature_tap is None:
+        trained = projector in ("mlp2x_gelu", "linear")
+        feature_tap = "post_merger_deepstack" if levels and trained else "post_merger"
     if feature_tap != "post_merger" and projector in ("identity", "none"):
         raise MassvConfigError(f"--feature-tap {feature_tap} needs a trained projector "
                                f"(mlp2x_gelu or linear), not --projector {projector}.")
@@ -170,7 +177,6 @@ def init_drafter(target: str | Path, draft_lm: str | Path, out: str | Path, *,
     if cfg.get("tie_word_embeddings"):
         lm_state.pop("lm_head.weight", None)
 
-    levels = deepstack_levels(target_cfg)
     if deepstack is None:
         deepstack = projector == "identity" and levels > 0
     if deepstack and not levels:
@@ -303,7 +309,7 @@ def init_from_args(args: argparse.Namespace) -> str:
                           positions=args.positions, projector_hidden_size=args.projector_hidden,
                           seed=args.seed, num_speculative_tokens=args.num_speculative_tokens,
                           deepstack=getattr(args, "deepstack", None),
-                          feature_tap=getattr(args, "feature_tap", None) or "post_merger")
+                          feature_tap=getattr(args, "feature_tap", None))
     m = report.massv
     return (f"MASSV drafter written to {report.out_dir}\n"
             f"  projector {m.projector} ({report.projector_params:,} params), positions "

@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="massv: MASSV drafter from --draft-lm; msd: 1-layer MSD head (arXiv "
                    "2505.14260) for a Qwen2-VL/Qwen2.5-VL target, served with method 'eagle'; "
                    "eagle3: vLLM's EAGLE-3 head (speculators format), served with method 'eagle3'")
-    p.add_argument("--target", required=True, help="target VLM directory or hub name (Qwen2-VL/Qwen2.5-VL, Qwen3-VL or Gemma3)")
+    p.add_argument("--target", required=True, help="target VLM directory or hub name "
+                   "(Qwen2-VL/Qwen2.5-VL, Qwen3-VL or Gemma3)")
     p.add_argument("--draft-lm", default=None,
                    help="(massv) text LM of the target's family (Qwen2 for Qwen2(.5)-VL, Qwen3 for "
                    "Qwen3-VL, gemma3_text for Gemma3), or the target itself (sanity drafter)")

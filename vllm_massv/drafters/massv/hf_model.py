@@ -239,8 +239,8 @@ class MassvQwen3ForCausalLM(MassvHFDrafterMixin, Qwen3ForCausalLM):
     embeddings: [n, vision_feature_dim] (main, post-merger block) or vLLM's cached layout [n,
     vision_feature_dim * (1 + L)] with the L DeepStack levels after it. The projector reads the
     first `vision_feature_dim` columns (the main block, or the whole row for `feature_tap:
-    post_merger_deepstack`). With `massv.deepstack` (identity projector) level l is added to the hidden
-    states after decoder layer l at the image positions, as the target does (transformers
+    post_merger_deepstack`). With `massv.deepstack` (identity projector) level l is added to the
+    hidden states after decoder layer l at the image positions, as the target does (transformers
     `Qwen3VLTextModel._deepstack_process`, vLLM `Qwen3LLMModel.forward`); main-only
     embeddings add nothing. Without it the levels are ignored.
 

@@ -9,9 +9,10 @@ positions (vLLM `models/qwen3_vl.py::_compute_deepstack_embeds`, `Qwen3LLMModel.
 A MASSV drafter's projector reads the main embedding (the first 128 columns;
 `vllm_model.py::MassvQwen3ForCausalLM`) or, with `feature_tap: post_merger_deepstack`, the
 whole cached row; the training encoder returns exactly vLLM's rows. The identity ("sanity")
-drafter -- the target's own LM, its interleaved M-RoPE positions, identity projector -- gets `massv.deepstack: true` from
-`massv init`: it adds the two level blocks after its first two layers at the image positions as
-the target does, and is then the target itself (image drafts all accepted). The same drafter
+drafter -- the target's own LM, its interleaved M-RoPE positions, identity projector -- gets
+`massv.deepstack: true` from `massv init`: it adds the two level blocks after its first two
+layers at the image positions as the target does, and is then the target itself (image drafts
+all accepted). The same drafter
 with `deepstack: false` is the target *without* DeepStack: exact on text, 27% accepted on
 image prompts. Engines: the target alone, the deepstack sanity drafter, the one without, and a
 control target with zeroed DeepStack (~2 min on 2 CPU cores).

@@ -13,9 +13,11 @@ drafter -- the target's own LM, its interleaved M-RoPE positions, identity proje
 `massv.deepstack: true` from `massv init`: it adds the two level blocks after its first two
 layers at the image positions as the target does, and is then the target itself (image drafts
 all accepted). The same drafter
-with `deepstack: false` is the target *without* DeepStack: exact on text, 27% accepted on
-image prompts. Engines: the target alone, the deepstack sanity drafter, the one without, and a
-control target with zeroed DeepStack (~2 min on 2 CPU cores).
+with `deepstack: false` is the target *without* DeepStack: in transformers it differs from the
+target on image prompts and equals the target with its levels zeroed (27% of its image drafts
+were accepted in vLLM when measured, issue 24; that engine and the zeroed-target control were
+dropped from the suite once the deepstack drafter's 100% made them redundant). Engines: the
+target alone and the deepstack sanity drafter (~1 min on 2 CPU cores).
 """
 
 from __future__ import annotations
@@ -379,11 +381,6 @@ def sanity_run(models, reference) -> dict:
     return _run(models, reference, "sanity")
 
 
-@pytest.fixture(scope="module")
-def no_deepstack_run(models, reference) -> dict:
-    return _run(models, reference, "sanity_no_deepstack")
-
-
 def _acceptance(outputs, names) -> tuple[int, int]:
     acc = drafted = 0
     for n in names:
@@ -411,57 +408,3 @@ def test_deepstack_sanity_drafter_is_the_target(reference, sanity_run):
           f"{i_acc}/{i_drafted} = {i_acc / i_drafted:.3f}; lossless on {n}/{n} prompts")
     assert t_drafted > 0 and t_acc == t_drafted
     assert i_drafted > 0 and i_acc / i_drafted >= 0.99
-
-
-@pytest.mark.slow
-def test_sanity_drafter_without_deepstack_lacks_the_levels(reference, no_deepstack_run):
-    """Contrast: the same drafter with `deepstack: false` stays lossless and exact on text, but
-    image prompts accept less (0.27 when written): it gets the main embedding and not the
-    DeepStack levels the target adds after its first two layers at the image positions."""
-    assert no_deepstack_run["tokens"] == reference["tokens"]
-    (t_acc, t_drafted), (i_acc, i_drafted) = _text_and_images(no_deepstack_run)
-    print(f"Qwen3-VL sanity drafter without deepstack (k={K}): text {t_acc}/{t_drafted}, image "
-          f"prompts {i_acc}/{i_drafted} = {i_acc / i_drafted:.3f}")
-    assert t_drafted > 0 and t_acc == t_drafted
-    assert 0 < i_acc < i_drafted
-
-
-@pytest.fixture(scope="module")
-def zero_deepstack(models) -> dict[str, Path]:
-    """The same target with every DeepStack merger's output layer zeroed (`deepstack_merger_list
-    .*.linear_fc2` weight and bias): vLLM still caches [n, 384] rows, but the two levels are
-    exactly 0, so the target is its own main-embedding path. Plus its sanity drafter without
-    deepstack."""
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    root = models["root"]
-    target = root / "target_zero_deepstack"
-    shutil.copytree(models["target"], target)
-    state = load_file(target / "model.safetensors")
-    zeroed = [n for n in state if ".deepstack_merger_list." in n and ".linear_fc2." in n]
-    assert len(zeroed) == 2 * LEVELS
-    state = {n: (torch.zeros_like(t) if n in zeroed else t).contiguous() for n, t in state.items()}
-    save_file(state, target / "model.safetensors", metadata={"format": "pt"})
-    sanity = init_drafter(target, target, root / "sanity_zero_deepstack",
-                          projector="identity", deepstack=False).out_dir
-    return {"target": target, "sanity": sanity}
-
-
-@pytest.mark.slow
-def test_sanity_drafter_accepts_all_when_deepstack_is_zero(models, zero_deepstack):
-    """Control: with the DeepStack levels zeroed in the target, the sanity drafter without
-    deepstack has its image drafts all accepted inside vLLM -- the main-embedding slice, the
-    identity projector, the interleaved M-RoPE positions and the image mask in the draft
-    layout are right, and the no-deepstack gap above is DeepStack alone."""
-    prompts = mixed_batch(zero_deepstack["target"])
-    with engine(zero_deepstack["target"], spec_config(zero_deepstack["sanity"], K),
-                **QWEN3_ENGINE) as llm:
-        outs = generate(llm, prompts)
-    images = [n for n in outs if n != "text"]
-    acc, drafted = _acceptance(outs, images)
-    t_acc, t_drafted = _acceptance(outs, ["text"])
-    print(f"Qwen3-VL sanity drafter, DeepStack zeroed in the target (k={K}): image prompts "
-          f"{acc}/{drafted} = {acc / drafted:.3f}, text {t_acc}/{t_drafted}")
-    assert drafted > 0 and acc / drafted >= 0.99

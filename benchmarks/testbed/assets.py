@@ -79,7 +79,7 @@ def pad_target(src: str | Path, dst: str | Path, extra_layers: int) -> Path:
     config = json.loads((src / "config.json").read_text())
     text = config.get("text_config")
     if text is None or not (src / "model.safetensors").is_file():
-        raise ValueError(f"{src} is not a single-file Qwen2.5-VL checkpoint")
+        raise ValueError(f"{src} is not a single-file Qwen2.5-VL / Qwen3-VL checkpoint")
     n = text["num_hidden_layers"]
     tensors = load_file(str(src / "model.safetensors"))
     prefix = next((p for p in _LAYER_PREFIXES if f"{p}0.input_layernorm.weight" in tensors), None)

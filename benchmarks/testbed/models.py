@@ -17,7 +17,7 @@ stored and every batch is new.
   ``<|image_pad|>`` tokens and no pixels: it learns the phrasing and the text-only tasks, and can
   only guess the image content.
 
-``--family qwen3_vl`` (issue 24) builds the Qwen3-VL testbed instead (``models/qwen3-vl/``): a
+``--family qwen3_vl`` (issue 24) builds the Qwen3-VL testbed instead (``qwen3-vl/models/``): a
 ``Qwen3VLForConditionalGeneration`` target (text: hidden 192, 4 layers, 4 heads of 48, 2 KV
 heads, FFN 512, interleaved M-RoPE [8, 8, 8], vocab 832; vision: depth 3, hidden 128, patch 14,
 merge 2, DeepStack taps [0, 1] -> vLLM caches [25, 192 x 3] per 140x140 image) and a blind
@@ -70,7 +70,12 @@ QWEN3_VL_TARGET_ARCH = dict(hidden_size=192, num_layers=4, num_heads=4, num_kv_h
                             max_pixels=224 * 224)
 QWEN3_BLIND_ARCH = dict(hidden_size=128, num_layers=2, num_heads=4, head_dim=32,
                         intermediate_size=256)
-FAMILIES = ("qwen2_5_vl", "qwen3_vl")
+#: Per testbed family: (target builder, its sizes, blind-LM builder, its sizes).
+FAMILIES = {
+    "qwen2_5_vl": (testing.build_target, TARGET_ARCH, testing.build_text_lm, BLIND_ARCH),
+    "qwen3_vl": (qwen3_vl.build_qwen3_vl_target, QWEN3_VL_TARGET_ARCH,
+                 qwen3_vl.build_qwen3_text_lm, QWEN3_BLIND_ARCH),
+}
 CORPUS_SAMPLES = 3000
 SAVE_EVERY_S = 300.0
 
@@ -212,8 +217,7 @@ def build_target(out_dir: Path, *, minutes: float, batch_size: int = 32, lr: flo
     from transformers import AutoModelForImageTextToText
 
     if not resume:
-        build, arch = ((testing.build_target, TARGET_ARCH) if family == "qwen2_5_vl"
-                       else (qwen3_vl.build_qwen3_vl_target, QWEN3_VL_TARGET_ARCH))
+        build, arch = FAMILIES[family][:2]
         build(out_dir, seed=seed, vocab_size=TARGET_VOCAB, weight_scale=1.0,
               tokenizer_corpus=tokenizer_corpus(), tokenizer_vocab_size=TOKENIZER_VOCAB, **arch)
     model = AutoModelForImageTextToText.from_pretrained(str(out_dir), dtype=torch.float32)
@@ -229,8 +233,7 @@ def build_blind(out_dir: Path, *, minutes: float, batch_size: int = 48, lr: floa
     from transformers import AutoModelForCausalLM
 
     if not resume:
-        build, arch = ((testing.build_text_lm, BLIND_ARCH) if family == "qwen2_5_vl"
-                       else (qwen3_vl.build_qwen3_text_lm, QWEN3_BLIND_ARCH))
+        build, arch = FAMILIES[family][2:]
         build(out_dir, seed=seed, vocab_size=TOKENIZER_VOCAB, weight_scale=1.0,
               tokenizer_corpus=tokenizer_corpus(), tokenizer_vocab_size=TOKENIZER_VOCAB, **arch)
     model = AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=torch.float32)
@@ -289,8 +292,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--batch-size", type=int)
         p.add_argument("--lr", type=float)
         p.add_argument("--threads", type=int, default=2)
-        p.add_argument("--family", choices=FAMILIES, default="qwen2_5_vl",
-                       help="target family of the testbed (qwen3_vl: models/qwen3-vl/)")
+        p.add_argument("--family", choices=list(FAMILIES), default="qwen2_5_vl",
+                       help="target family of the testbed (qwen3_vl: qwen3-vl/models/)")
         p.add_argument("--resume", action="store_true",
                        help="continue training the model already in --out")
     p = sub.add_parser("eval")

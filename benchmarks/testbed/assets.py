@@ -47,6 +47,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 TESTBED = Path(__file__).resolve().parent
 MODELS = TESTBED / "models"
+#: The Qwen3-VL testbed (issue 24): same task and tokenizer, its own models and cache.
+QWEN3_VL_MODELS = TESTBED / "qwen3-vl" / "models"
 CACHE = ROOT / ".cache" / "testbed"
 #: Zero-output decoder layers appended to the 6-layer target (see module docstring). Chosen so
 #: that a draft token costs about 0.2 target decode steps *inside vLLM's speculative loop* on the

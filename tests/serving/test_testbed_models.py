@@ -50,7 +50,7 @@ def test_checked_in_models_are_complete_and_small() -> None:
         assert verifier == "benchmarks/testbed/models/target", name
 
 
-QWEN3_VL = assets.TESTBED / "qwen3-vl" / "models"
+QWEN3_VL = assets.QWEN3_VL_MODELS
 QWEN3_VL_DRAFTERS = {"drafter-distilled": ("none", "post_merger"),
                      "drafter-phase1": ("mlp2x_gelu", "post_merger_deepstack"),
                      "drafter-massv": ("mlp2x_gelu", "post_merger_deepstack"),

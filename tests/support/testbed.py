@@ -10,8 +10,7 @@ from benchmarks.testbed import assets, task
 from tests.support.engine import prompt_images
 
 TARGET = assets.MODELS / "target"
-#: The Qwen3-VL testbed's models (issue 24).
-QWEN3_VL_MODELS = assets.TESTBED / "qwen3-vl" / "models"
+QWEN3_VL_MODELS = assets.QWEN3_VL_MODELS
 
 
 def held_out_prompts(data_dir: Path, n: int, target: Path = TARGET) -> dict[str, dict]:

@@ -24,6 +24,8 @@ MASSV_CONFIG_KEY = "massv"
 #: Weight-name prefix of the projector in a drafter checkpoint (`mm_projector.linear_1.weight`).
 PROJECTOR_PREFIX = "mm_projector"
 ProjectorKind = Literal["mlp2x_gelu", "linear", "identity", "none"]
+#: Projectors with trained weights (the others: `identity` passes widths through, `none` has none).
+TRAINED_PROJECTORS = ("mlp2x_gelu", "linear")
 PositionScheme = Literal["1d", "mrope"]
 FeatureTap = Literal["post_merger", "post_merger_deepstack"]
 
@@ -97,7 +99,7 @@ class MassvConfig(DrafterBlock):
 
     @model_validator(mode="after")
     def _deepstack_needs_identity(self) -> MassvConfig:
-        if self.feature_tap != "post_merger" and self.projector in ("identity", "none"):
+        if self.feature_tap != "post_merger" and self.projector not in TRAINED_PROJECTORS:
             raise ValueError(
                 f"feature_tap {self.feature_tap!r} needs a trained projector ('mlp2x_gelu' or "
                 f"'linear'), not {self.projector!r}")

@@ -21,9 +21,9 @@ from safetensors.torch import save_file
 from vllm_massv.checkpoint import (copy_tokenizer_files, language_model_state, local_dir,
                                    qwen2_config_from_text_config, qwen3_config_from_text_config,
                                    read_safetensors_dir)
-from vllm_massv.drafters.massv.config import (PROJECTOR_PREFIX, FeatureTap, MassvConfig,
-                                              MassvConfigError,
-                                              PositionScheme, ProjectorKind, deepstack_levels,
+from vllm_massv.drafters.massv.config import (PROJECTOR_PREFIX, TRAINED_PROJECTORS, FeatureTap,
+                                              MassvConfig, MassvConfigError, PositionScheme,
+                                              ProjectorKind, deepstack_levels,
                                               target_image_embedding_dim, target_token_ids)
 from vllm_massv.drafters.massv.projector import build_projector
 from vllm_massv.rope import has_mrope, rope_parameters_1d
@@ -117,10 +117,10 @@ def init_drafter(target: str | Path, draft_lm: str | Path, out: str | Path, *,
     target, draft_lm, out = local_dir(target), local_dir(draft_lm), Path(out)
     target_cfg = AutoConfig.from_pretrained(target)
     levels = deepstack_levels(target_cfg)
+    trained = projector in TRAINED_PROJECTORS
     if feature_tap is None:
-        trained = projector in ("mlp2x_gelu", "linear")
         feature_tap = "post_merger_deepstack" if levels and trained else "post_merger"
-    if feature_tap != "post_merger" and projector in ("identity", "none"):
+    if feature_tap != "post_merger" and not trained:
         raise MassvConfigError(f"--feature-tap {feature_tap} needs a trained projector "
                                f"(mlp2x_gelu or linear), not --projector {projector}.")
     # raises for a text-only target, or DeepStack columns on a target without them
